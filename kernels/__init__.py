@@ -1,0 +1,1 @@
+"""Triton kernels of patfast (installed as patfast.kernels) and their eager PyTorch reference."""

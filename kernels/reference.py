@@ -1,0 +1,127 @@
+"""Eager PyTorch reference of every patfast op: the truth for tests, the CPU path, the benchmark baseline.
+
+Readable on purpose: each function is the formula of SPEC sections 1-3 written with stock torch ops, the way the
+official PAT code computes it. The Triton kernels (hcl.py, kd.py, raa.py beside this file) must match these.
+
+``upcast=True`` computes in float32 when an input is 16-bit (float16 / bfloat16), like flash-attention's
+``layer_norm_ref``: use it as the higher-precision truth when judging a 16-bit kernel, and ``upcast=False`` (the
+default, plain eager PyTorch in the input dtype) to measure PyTorch's own 16-bit error. The two losses are then
+returned as float32 scalars (as autocast does for mse_loss / kl_div); ``raa_attention_ref`` casts its output back
+to the dtype of ``tokens``.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["hcl_loss_ref", "kd_loss_ref", "raa_attention_ref", "tokens_to_map", "HCL_LEVELS", "LAYER_NORM_EPS"]
+
+HCL_LEVELS = (4, 2, 1)  # pooled pyramid levels of HCL, each used only when level < map height
+LAYER_NORM_EPS = 1e-5
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _upcast(x: torch.Tensor, upcast: bool) -> torch.Tensor:
+    return x.float() if upcast and x.dtype in _HALF_DTYPES else x
+
+
+def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) tokens -> (B, C, h, w) map, h = floor(sqrt(L)), w = L // h ("b (h w) c -> b c h w").
+
+    Token ``r * w + c`` becomes pixel (r, c). L must equal h * w: drop any class token first.
+    """
+    b, length, c = x.shape
+    h = math.isqrt(length)
+    w = length // h if h > 0 else 0
+    if h * w != length:
+        raise ValueError(
+            f"cannot view {length} tokens as an h x w map with h = floor(sqrt(L)) = {h}: L must equal h * (L // h); "
+            "remove the class token (or other prefix tokens) first"
+        )
+    return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+def hcl_loss_ref(feat_s: torch.Tensor, feat_t: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
+    """Hierarchical context loss of one stage (SPEC section 2) -> scalar.
+
+    feat_s, feat_t: (B, C, H, W) maps or (B, L, C) tokens (viewed as maps by ``tokens_to_map``), same shape.
+    loss = ( mse(fs, ft) + sum_l w_l * mse(pool_l(fs), pool_l(ft)) ) / (1 + sum_l w_l)
+    over levels l in (4, 2, 1) with l < H (H = map height, whatever W is), w = 1/2, 1/4, 1/8 in the order the
+    levels are used; pool_l = adaptive_avg_pool2d(., l) (overlapping bins when l does not divide the size); mse
+    averages over every element. Differentiable in both inputs (the teacher side is not detached).
+    """
+    fs = _upcast(feat_s, upcast)
+    ft = _upcast(feat_t, upcast)
+    if fs.dim() == 3:
+        fs, ft = tokens_to_map(fs), tokens_to_map(ft)
+    height = fs.shape[2]
+    loss = F.mse_loss(fs, ft)
+    weight, total = 1.0, 1.0
+    for level in HCL_LEVELS:
+        if level >= height:
+            continue
+        weight /= 2.0
+        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(fs, level), F.adaptive_avg_pool2d(ft, level))
+        total += weight
+    return loss / total
+
+
+def kd_loss_ref(
+    logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0, *, upcast: bool = False
+) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) summed over classes, mean over the batch, times T^2 -> scalar.
+
+    logits_s, logits_t: (B, K). Exactly the official code's
+    ``kl_div(log_softmax(s/T), softmax(t/T), reduction="batchmean") * T**2``, computed with log-space targets
+    (``log_target=True``): the same values, and gradients to logits_t stay finite where a target probability
+    underflows to 0 (the probability-space form gives NaN there).
+    """
+    s = _upcast(logits_s, upcast)
+    t = _upcast(logits_t, upcast)
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+
+
+def raa_attention_ref(
+    tokens: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor,
+    kv_weight: torch.Tensor,
+    kv_bias: torch.Tensor,
+    pos: torch.Tensor,
+    num_heads: int,
+    *,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Region-aware attention core (SPEC section 3) -> (B, N, D).
+
+    tokens (B, N, D); norm_weight, norm_bias (D,); q_weight (D, D), q_bias (D,); kv_weight (2D, D), kv_bias (2D,);
+    pos broadcastable to (B, N, D): (1, N, D) in the paper variant, (B, 1, D) in the official one.
+    xn = LayerNorm(tokens) (eps 1e-5); q = xn Wq^T + bq + pos; [k | v] = xn Wkv^T + bkv (k = first D features);
+    k = k + pos; per head (head_dim = D // num_heads, head h = features h*hd:(h+1)*hd):
+    softmax(q k^T * head_dim^-0.5) v; heads merged back to (B, N, D). No output projection, no residual.
+    """
+    dtype = tokens.dtype
+    x, nw, nb, qw, qb, kvw, kvb, p = (
+        _upcast(t, upcast) for t in (tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos)
+    )
+    b, n, d = x.shape
+    head_dim = d // num_heads
+
+    xn = F.layer_norm(x, (d,), nw, nb, LAYER_NORM_EPS)
+    q = F.linear(xn, qw, qb) + p
+    k, v = F.linear(xn, kvw, kvb).split(d, dim=-1)
+    k = k + p
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, heads, N, head_dim)
+        return t.reshape(b, n, num_heads, head_dim).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    attn = torch.softmax((q @ k.transpose(-2, -1)) * head_dim**-0.5, dim=-1)  # (B, heads, N, N)
+    out = (attn @ v).transpose(1, 2).reshape(b, n, d)
+    return out.to(dtype)

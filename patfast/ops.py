@@ -1,0 +1,169 @@
+"""The public functional ops of patfast, with backend dispatch.
+
+``hcl_loss(feat_s, feat_t)`` -> scalar
+    Hierarchical context loss of one stage (SPEC section 2). feat_s, feat_t: (B, C, H, W) maps or (B, L, C) tokens
+    (viewed as (B, C, h, L // h) maps, h = floor(sqrt(L)); L must be h * (L // h), so drop class tokens first).
+    MSE at full resolution plus MSE of adaptive-average-pooled maps at levels 4, 2, 1 (each only when
+    level < H), weighted 1, 1/2, 1/4, 1/8 and divided by the total weight.
+``kd_loss(logits_s, logits_t, temperature=1.0)`` -> scalar
+    T^2 * KL(softmax(logits_t / T) || softmax(logits_s / T)), summed over classes and averaged over the batch
+    (``kl_div(..., reduction="batchmean")``). logits: (B, K).
+``raa_attention(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)`` -> (B, N, D)
+    The region-aware attention core (SPEC section 3): LayerNorm (eps 1e-5) -> q = Linear(q_weight (D, D), q_bias),
+    [k | v] = Linear(kv_weight (2D, D), kv_bias (2D,)); q += pos, k += pos with pos broadcastable to (B, N, D)
+    ((1, N, D) paper variant, (B, 1, D) official); softmax(q k^T / sqrt(D / num_heads)) v per head, heads merged.
+
+Every op takes ``backend="auto" | "reference" | "triton"``. "reference" runs the eager PyTorch code of
+``patfast.kernels.reference``; "triton" runs the fused Triton kernel (also on CPU tensors under TRITON_INTERPRET=1);
+"auto" picks Triton for CUDA tensors when that op has a Triton kernel, and the reference otherwise (so CPU tensors
+never reach Triton, which also keeps torch.compile on CPU working). All ops are differentiable in every input that
+requires grad, in every backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+from collections.abc import Callable
+
+import torch
+
+from patfast.kernels import reference
+
+__all__ = ["hcl_loss", "kd_loss", "raa_attention", "BACKENDS"]
+
+BACKENDS = ("auto", "reference", "triton")
+
+_REFERENCE_IMPLS: dict[str, Callable] = {
+    "hcl_loss": reference.hcl_loss_ref,
+    "kd_loss": reference.kd_loss_ref,
+    "raa_attention": reference.raa_attention_ref,
+}
+
+# Triton implementations, as "module:function" so that importing patfast.ops never imports triton.
+# Adding a kernel is one line here, e.g.  "hcl_loss": "patfast.kernels.hcl:hcl_loss",
+_TRITON_IMPLS: dict[str, str] = {}
+
+
+def triton_ops() -> list[str]:
+    """Names of the ops that have a Triton kernel."""
+    return sorted(_TRITON_IMPLS)
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _load(target: str) -> Callable:
+    module_name, _, fn_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), fn_name)
+
+
+def _select(op: str, backend: str, device: torch.device) -> Callable:
+    """The implementation of ``op`` that ``backend`` asks for, for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
+    triton_target = _TRITON_IMPLS.get(op)
+    if backend == "triton":
+        if triton_target is None:
+            raise NotImplementedError(
+                f"{op}: backend='triton' is not available yet: the Triton kernel lands with issue #3/#4; "
+                "use backend='reference' (or 'auto', which falls back to it)"
+            )
+        return _load(triton_target)
+    if backend == "auto" and triton_target is not None and device.type == "cuda" and _triton_available():
+        return _load(triton_target)
+    return _REFERENCE_IMPLS[op]
+
+
+def _check_backend_arg(op: str, backend: object) -> None:
+    if not isinstance(backend, str):
+        raise ValueError(f"{op}: backend must be a string, one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+
+
+def hcl_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Hierarchical context loss of one stage -> scalar. feat_s, feat_t: (B, C, H, W) or (B, L, C), same shape."""
+    _check_backend_arg("hcl_loss", backend)
+    if feat_s.shape != feat_t.shape:
+        raise ValueError(
+            f"hcl_loss: student and teacher features must have the same shape, got {tuple(feat_s.shape)} and "
+            f"{tuple(feat_t.shape)} (align the student to the teacher first)"
+        )
+    if feat_s.dim() not in (3, 4):
+        raise ValueError(
+            f"hcl_loss: expected (B, C, H, W) maps or (B, L, C) tokens, got a rank-{feat_s.dim()} tensor of shape "
+            f"{tuple(feat_s.shape)}"
+        )
+    if feat_s.numel() == 0:
+        raise ValueError(f"hcl_loss: inputs are empty (shape {tuple(feat_s.shape)})")
+    if feat_s.dim() == 3:
+        length = feat_s.shape[1]
+        h = math.isqrt(length)
+        if length % h:
+            raise ValueError(
+                f"hcl_loss: {length} tokens cannot be viewed as a map of height floor(sqrt(L)) = {h} "
+                f"(L must be a multiple of it); remove the class token or other prefix tokens first"
+            )
+    return _select("hcl_loss", backend, feat_s.device)(feat_s, feat_t)
+
+
+def kd_loss(
+    logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0, *, backend: str = "auto"
+) -> torch.Tensor:
+    """T^2 * batch-mean KL(softmax(logits_t/T) || softmax(logits_s/T)) -> scalar. logits: (B, K), same shape."""
+    _check_backend_arg("kd_loss", backend)
+    if logits_s.shape != logits_t.shape:
+        raise ValueError(
+            f"kd_loss: student and teacher logits must have the same shape, got {tuple(logits_s.shape)} and "
+            f"{tuple(logits_t.shape)}"
+        )
+    if logits_s.dim() != 2:
+        raise ValueError(f"kd_loss: expected (B, num_classes) logits, got shape {tuple(logits_s.shape)}")
+    if logits_s.numel() == 0:
+        raise ValueError(f"kd_loss: logits are empty (shape {tuple(logits_s.shape)})")
+    if not temperature > 0:
+        raise ValueError(f"kd_loss: temperature must be positive, got {temperature}")
+    return _select("kd_loss", backend, logits_s.device)(logits_s, logits_t, temperature)
+
+
+def raa_attention(
+    tokens: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor,
+    kv_weight: torch.Tensor,
+    kv_bias: torch.Tensor,
+    pos: torch.Tensor,
+    num_heads: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LayerNorm -> q, [k|v] Linear -> +pos on q and k -> per-head softmax attention -> (B, N, D). See module doc."""
+    _check_backend_arg("raa_attention", backend)
+    if tokens.dim() != 3:
+        raise ValueError(f"raa_attention: expected tokens of shape (B, N, D), got shape {tuple(tokens.shape)}")
+    b, n, d = tokens.shape
+    if not isinstance(num_heads, int) or num_heads <= 0 or d % num_heads:
+        raise ValueError(
+            f"raa_attention: the width D = {d} must be divisible by num_heads, got num_heads = {num_heads!r}"
+        )
+    expected = {
+        "norm_weight": (norm_weight, (d,)),
+        "norm_bias": (norm_bias, (d,)),
+        "q_weight": (q_weight, (d, d)),
+        "q_bias": (q_bias, (d,)),
+        "kv_weight": (kv_weight, (2 * d, d)),
+        "kv_bias": (kv_bias, (2 * d,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"raa_attention: {name} must have shape {shape} for D = {d}, got {tuple(tensor.shape)}")
+    if pos.dim() != 3 or any(p not in (1, full) for p, full in zip(pos.shape, (b, n, d))) or pos.shape[2] != d:
+        raise ValueError(
+            f"raa_attention: pos must be broadcastable to (B, N, D) = {(b, n, d)} with a full last dimension, "
+            f"e.g. (1, {n}, {d}) (paper) or ({b}, 1, {d}) (official); got {tuple(pos.shape)}"
+        )
+    fn = _select("raa_attention", backend, tokens.device)
+    return fn(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)

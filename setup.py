@@ -1,0 +1,28 @@
+from setuptools import setup
+
+setup(
+    name="patfast",
+    version="0.1.0",
+    description="Fast heterogeneous knowledge distillation with PAT (Perspective-Aware Teaching)",
+    python_requires=">=3.10",
+    # kernels/ is installed as patfast.kernels; there is no top-level "kernels" package.
+    packages=["patfast", "patfast.models", "patfast.distill", "patfast.data", "patfast.train",
+              "patfast.kernels"],
+    package_dir={"patfast": "patfast", "patfast.kernels": "kernels"},
+    package_data={"patfast": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "timm>=1.0.9",
+        "numpy",
+        "scikit-learn",
+        "pyyaml",
+        "safetensors",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark", "pytest-timeout", "ruff"],
+        "dali": ["nvidia-dali-cuda130"],
+    },
+    entry_points={"console_scripts": ["patfast = patfast.cli:main"]},
+)
