@@ -1,0 +1,71 @@
+"""PAT (Perspective-Aware Teaching): RAA + aligners on the student side, AFP prompts in the teacher, four losses.
+
+L = w_gt CE(z_S, y) + w_kd T^2 KL(z_T || z_S at T) + w_fd sum_i HCL(align_i(RAA(F_S))_i, F'_T,i)
+    + w_reg KL(z_T || z'_T)
+z_T: clean teacher (no prompts, no graph); z'_T, F'_T: the prompted teacher forward (graph through the frozen
+teacher into the prompt blocks). SPEC sections 1-4; the variant switches in variant.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from patfast import ops
+from patfast.distill.aligners import stage_aligner
+from patfast.distill.base import Distiller
+from patfast.distill.prompts import PromptBlock
+from patfast.distill.raa import RegionAwareAttention
+from patfast.distill.variant import PatVariant
+from patfast.models.stages import StageTaps
+from patfast.models.teacher import Teacher
+
+
+class PAT(Distiller):
+    def __init__(self, student: nn.Module, student_taps: StageTaps, teacher: Teacher, *,
+                 variant: PatVariant | None = None, afp_stages: Sequence[int] = (1, 2, 3, 4), dim: int = 512,
+                 num_heads: int = 8, queries_per_stage: int = 16, temperature: float = 1.0, w_kd: float = 1.0,
+                 w_fd: float = 1.0, w_reg: float = 1.0, backend: str = "auto", **kw):
+        super().__init__(student, **kw)
+        self.student_taps = student_taps
+        self.teacher = teacher
+        self.variant = variant = variant or PatVariant()
+        self.afp_stages = tuple(sorted(set(afp_stages)))
+        self.temperature, self.w_kd, self.w_fd, self.w_reg = temperature, w_kd, w_fd, w_reg
+        self.backend = backend
+        self.raa = RegionAwareAttention(student_taps.stage_shapes, dim, num_heads, queries_per_stage,
+                                        pos_by_batch_index=variant.pos_by_batch_index, backend=backend)
+        targets = teacher.taps.stage_shapes
+        self.aligners = nn.ModuleList(stage_aligner(dim, t, self.raa.queries) for t in targets)
+        self.prompts = nn.ModuleDict({
+            str(i): PromptBlock(teacher.taps.prompt_shapes[i - 1], targets[i - 1], se_gate_only=variant.se_gate_only)
+            for i in self.afp_stages})
+        teacher.taps.set_prompts([self.prompts[str(i)] if str(i) in self.prompts else None for i in range(1, 5)])
+
+    def forward(self, images, targets, *, first_batch: bool = False):
+        bug_mode = self.training and first_batch and self.variant.teacher_train_first_batch
+        if bug_mode:
+            self.teacher.model_mode(True)
+        try:
+            logits_t = self.teacher.clean(images)
+            logits_pt, feats_t = self.teacher.prompted(images)
+        finally:
+            if bug_mode:
+                self.teacher.model_mode(False)
+        logits = self.student(images)
+        aligned = [a(q) for a, q in zip(self.aligners, self.raa(self.student_taps.features()))]
+        fd = sum(ops.hcl_loss(a, f, backend=self.backend) for a, f in zip(aligned, feats_t))
+        if self.training:
+            for i in self.afp_stages:  # feedback for the NEXT step (a different batch: intended)
+                self.prompts[str(i)].feedback = (aligned[i - 1] - feats_t[i - 1]).detach()
+        return logits, {
+            "loss_gt": self.gt_loss(logits, targets),
+            "loss_kd": self.w_kd * ops.kd_loss(logits, logits_t, self.temperature, backend=self.backend),
+            "loss_fd": self.w_fd * fd,
+            "loss_reg": self.w_reg * ops.kd_loss(logits_pt, logits_t, 1.0, backend=self.backend),
+        }
+
+    def feedback_state(self) -> dict[str, torch.Tensor | None]:
+        return {i: p.feedback for i, p in self.prompts.items()}

@@ -1,0 +1,118 @@
+"""Creating timm models and moving their weights in and out of files, with user-facing errors."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+
+import timm
+import torch
+from torch import nn
+
+from patfast.errors import UserError
+
+
+def create_model(name: str, num_classes: int, img_size: int, **kwargs) -> nn.Module:
+    """A timm model by name, randomly initialised, with `num_classes` outputs, built for `img_size` inputs.
+
+    Models that take an `img_size` argument (ViT, Swin, Mixer...) are built for that size; the others (CNNs) accept
+    any size as they are.
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
+        raise UserError(f"unknown timm model '{name}'{hint}")
+    if img_size <= 0 or num_classes <= 0:
+        raise UserError(f"cannot build {name} with {num_classes} classes for {img_size}px images")
+    try:
+        try:
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except (AssertionError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot build {name} for {img_size}x{img_size} images: {e}") from None
+    stride = max((f["reduction"] for f in getattr(model, "feature_info", []) or []), default=1)
+    if img_size < stride:
+        raise UserError(f"image size {img_size} is too small for {name}: its deepest stage reduces the input "
+                        f"{stride}x, so use --img-size {stride} or more")
+    return model
+
+
+def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict, metadata) from a .safetensors file or a torch file, never executing pickled code.
+
+    Torch files may hold the weights directly or under "state_dict", "model", "student" or "model_ema";
+    a "module." prefix (DDP) is removed.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        return state, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path} safely (weights only): {first}") from None
+    meta: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "student", "model_ema"):
+            if key in obj and isinstance(obj[key], dict):
+                meta = {k: str(v) for k, v in obj.get("meta", {}).items()} if isinstance(obj.get("meta"), dict) else {}
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path} holds no state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    return state, meta
+
+
+def load_weights(model: nn.Module, path: str, *, what: str = "model") -> dict[str, str]:
+    """Load a checkpoint into `model` strictly (mismatches are a UserError naming keys or shapes); returns metadata."""
+    state, meta = read_state_dict(path)
+    load_state(model, state, source=path, what=what, meta=meta)
+    return meta
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, what: str = "model",
+               meta: dict | None = None) -> None:
+    """model.load_state_dict(state) with the mismatches (missing, unexpected, other shapes) named in a UserError."""
+    meta = meta or {}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"shape mismatch in {len(shapes)} tensors (checkpoint vs model), "
+                         f"e.g. {'; '.join(shapes[:2])}")
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
+        made_for = f" (it was saved for {meta['model']})" if "model" in meta else ""
+        raise UserError(f"{what} checkpoint {source} does not fit the model{made_for}: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def save_weights(model: nn.Module, path: str, metadata: dict) -> None:
+    """Write the model's weights to a .safetensors file (atomically) with string metadata (model name, classes...)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    tmp = path + ".tmp"
+    save_file(state, tmp, metadata=meta)
+    os.replace(tmp, path)
