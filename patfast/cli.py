@@ -1,0 +1,141 @@
+"""`patfast train | teacher | eval | info`.
+
+Every mistake a user can make ends with one line `patfast: error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+from patfast.errors import UserError
+
+COMMANDS = {
+    "train": "distil a student from a teacher (PAT, KD) or train it alone; no arguments: the bundled digits demo",
+    "teacher": "train or fine-tune a teacher on the same data",
+    "eval": "evaluate a checkpoint (student.safetensors, teacher.safetensors or last.pth) on a test split",
+    "info": "versions, device and the available backends",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2, no usage block
+        raise UserError(f"{self.prog.removeprefix('patfast ')}: {message}" if " " in self.prog else message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from patfast.train.config import add_options
+
+    parser = _Parser(prog="patfast", description="Fast heterogeneous knowledge distillation with PAT.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name != "info":
+            add_options(p, name)
+    return parser
+
+
+def _token_student(name: str) -> bool:
+    """Whether a timm model works on tokens (ViT/MLP family): its recipe is then the ViT one."""
+    from patfast.models.create import create_model
+    from patfast.models.stages import works_on_tokens
+
+    try:
+        return works_on_tokens(create_model(name, 10, 224))
+    except UserError:
+        return False  # an unknown name is reported later, with the rest of the setup
+
+
+def cmd_train(args, command: str) -> int:
+    from patfast.train.config import resolve
+    from patfast.train.loop import run
+
+    cfg = resolve(args, command, student_is_tokens=_token_student)
+    run(cfg, command)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from patfast.data import load_data, make_loader
+    from patfast.models.create import create_model, load_state, read_state_dict
+    from patfast.train.config import resolve
+    from patfast.train.loop import amp_dtype, evaluate, resolve_device
+
+    cfg = resolve(args, "eval")
+    if not cfg.get("checkpoint"):
+        raise UserError("eval: --checkpoint is required")
+    path = cfg["checkpoint"]
+    if path.endswith(".pth"):  # last.pth of a run: the student part of the distiller
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {path} safely (weights only): {str(e).splitlines()[0]}") from None
+        if not isinstance(state, dict) or "distiller" not in state:
+            raise UserError(f"{path} is not a patfast training state (last.pth)")
+        run_cfg = state.get("config", {})
+        weights = {k.removeprefix("student."): v for k, v in state["distiller"].items() if k.startswith("student.")}
+        meta = {"model": run_cfg.get("student") or run_cfg.get("teacher"), "img_size": run_cfg.get("img_size")}
+    else:
+        weights, meta = read_state_dict(path)
+    name = cfg.get("model") or meta.get("model")
+    if not name:
+        raise UserError(f"{path} does not say which model it holds: pass --model")
+    img_size = cfg["img_size"] if args.img_size is not None else int(meta.get("img_size") or cfg["img_size"])
+    device = resolve_device(cfg["device"])
+    dataset = load_data(cfg["data"])
+    model = create_model(name, dataset.num_classes, img_size)
+    load_state(model, weights, source=path, meta=meta)
+    loader = make_loader(dataset, "test", batch_size=cfg["batch_size"], img_size=img_size, train=False,
+                         seed=cfg["seed"], workers=cfg["workers"], crop_pct=cfg["crop_pct"])
+    model.to(device)
+    top1, top5 = evaluate(model, loader, device, amp_dtype("auto", device), cfg["progress"])
+    print(f"{name} on {cfg['data']} test split ({len(loader.dataset)} images, {img_size}px): "
+          f"top-1 {top1:.2f}%  top-5 {top5:.2f}%")
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    from patfast import ops
+    from patfast.train.report import environment
+
+    env = environment()
+    for key in ("patfast", "python", "torch", "timm", "triton", "cuda"):
+        print(f"{key:<18} {env[key]}")
+    print(f"{'device':<18} {env.get('gpu', 'no CUDA GPU')} (CPU threads: {env['cpu_threads']})")
+    triton_ops = ", ".join(ops.triton_ops()) or "no kernels yet"
+    print(f"{'op backends':<18} reference (all ops); triton: {triton_ops}"
+          + ("" if torch.cuda.is_available() else " (CPU: auto uses reference)"))
+    dali = importlib.util.find_spec("nvidia.dali") is not None if importlib.util.find_spec("nvidia") else False
+    print(f"{'data backends':<18} torch; dali: {'installed' if dali else 'not installed'} (not wired yet)")
+    print(f"{'bundled data':<18} digits (scikit-learn, 1,797 images, 10 classes)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            raise UserError(f"choose a command: {', '.join(COMMANDS)}")
+        if args.command in ("train", "teacher"):
+            return cmd_train(args, args.command)
+        if args.command == "eval":
+            return cmd_eval(args)
+        return cmd_info(args)
+    except UserError as e:
+        print(f"patfast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("patfast: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Run configuration: built-in defaults < recipe < data-set defaults < YAML file (`--config`) < command line.
+
+Flags are kebab-case (`--batch-size`), config keys snake_case (`batch_size`); the resolved configuration is written
+to args.yaml. Every mistake in it is a UserError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from patfast.errors import UserError
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # snake_case key
+    type: type | None  # float, int, str, bool; None = comma list of str; "ints" = comma list of int
+    default: object
+    help: str
+    commands: tuple[str, ...] = ("train", "teacher")
+    choices: tuple = ()
+    list_of: type | None = None
+    extra: dict = field(default_factory=dict)
+
+
+RECIPES = {
+    # SPEC section 7: CNN students / ViT-MLP students. Keys absent here keep their built-in defaults.
+    "cnn": {"opt": "sgd", "lr": 0.05, "weight_decay": 2e-3, "min_lr": 1e-3, "warmup_epochs": 3, "clip_grad": 0.0},
+    "vit": {"opt": "adamw", "lr": 5e-4, "weight_decay": 0.05, "min_lr": 1e-5, "warmup_epochs": 20, "clip_grad": 5.0,
+            "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0},
+}
+
+# The bundled default: small images, short schedule, a pair that trains in minutes on 2 CPU cores.
+DATA_DEFAULTS = {
+    "digits": {"teacher": "convnext_atto", "student": "resnet18", "img_size": 32, "batch_size": 64, "epochs": 15,
+               "teacher_epochs": 20, "warmup_epochs": 1, "crop_scale": [0.5, 1.0], "hflip": 0.0,
+               "model_ema_decay": 0.99, "auto_augment": "", "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0},
+}
+
+OPTIONS = [
+    Option("config", str, None, "YAML file of defaults (snake_case keys); the command line overrides it"),
+    Option("data", str, "digits", "digits (bundled) | cifar10:DIR | cifar100:DIR | imagefolder:DIR",
+           ("train", "teacher", "eval")),
+    Option("teacher", str, "swin_tiny_patch4_window7_224", "teacher timm model name"),
+    Option("student", str, "resnet18", "student timm model name", ("train",)),
+    Option("model", str, None, "model to evaluate (default: from the checkpoint's metadata)", ("eval",)),
+    Option("teacher_checkpoint", str, None, "teacher weights (.safetensors or a torch file); on the bundled data a "
+           "teacher is trained and cached when omitted", ("train",)),
+    Option("init_checkpoint", str, None, "start from these weights (fine-tune)", ("teacher",)),
+    Option("checkpoint", str, None, "weights to evaluate (.safetensors or last.pth)", ("eval",)),
+    Option("teacher_mean", float, None, "mean the teacher was trained with (3 values; default: its checkpoint's or "
+           "the data's)", ("train",), list_of=float),
+    Option("teacher_std", float, None, "std the teacher was trained with (3 values)", ("train",), list_of=float),
+    Option("distiller", str, "pat", "pat | kd | none", ("train",), choices=("pat", "kd", "none")),
+    Option("pat_variant", str, "paper", "paper | official (SPEC section 6)", ("train",), choices=("paper", "official")),
+    Option("pat_afp_stage", int, [1, 2, 3, 4], "teacher stages that get a feedback prompt", ("train",), list_of=int),
+    Option("pat_dim", int, 512, "RAA width", ("train",)),
+    Option("pat_heads", int, 8, "RAA heads", ("train",)),
+    Option("student_stages", str, None, "4 student module names whose outputs are the stage features",
+           ("train",), list_of=str),
+    Option("teacher_stages", str, None, "4 teacher module names whose outputs are the stage features",
+           ("train",), list_of=str),
+    Option("teacher_prompt_points", str, None, "4 teacher module names whose inputs get the prompts",
+           ("train",), list_of=str),
+    Option("gt_weight", float, 1.0, "weight of the ground-truth CE (w_gt)", ("train",)),
+    Option("kd_weight", float, 1.0, "weight of the logit KD term (alpha)", ("train",)),
+    Option("fd_weight", float, 1.0, "weight of the feature (HCL) term (beta)", ("train",)),
+    Option("reg_weight", float, 1.0, "weight of the prompt regularisation KL (gamma)", ("train",)),
+    Option("kd_temperature", float, 1.0, "KD temperature", ("train",)),
+    Option("backend", str, "auto", "op backend: auto | reference | triton", ("train",),
+           choices=("auto", "reference", "triton")),
+    Option("recipe", str, "auto", "hyper-parameter recipe: auto (by student type) | cnn | vit",
+           choices=("auto", "cnn", "vit")),
+    Option("epochs", int, 300, "training epochs"),
+    Option("teacher_epochs", int, 30, "epochs when `train` has to train the bundled-data teacher first", ("train",)),
+    Option("batch_size", int, 128, "batch size (per process)", ("train", "teacher", "eval")),
+    Option("img_size", int, 224, "input size", ("train", "teacher", "eval")),
+    Option("opt", str, None, "sgd | adamw (default: from the recipe)", choices=("sgd", "adamw")),
+    Option("lr", float, None, "peak learning rate"),
+    Option("min_lr", float, None, "final learning rate of the cosine schedule"),
+    Option("warmup_epochs", float, None, "linear warm-up epochs"),
+    Option("weight_decay", float, None, "weight decay (not on 1-D parameters)"),
+    Option("momentum", float, 0.9, "SGD momentum"),
+    Option("clip_grad", float, None, "clip the gradient norm at this value (0: off)"),
+    Option("smoothing", float, 0.1, "label smoothing"),
+    Option("crop_scale", float, [0.08, 1.0], "random-resized-crop scale range (2 values)", list_of=float),
+    Option("hflip", float, 0.5, "horizontal flip probability"),
+    Option("auto_augment", str, "", "RandAugment policy, e.g. rand-m9-mstd0.5-inc1 ('' off)"),
+    Option("reprob", float, 0.0, "random erasing probability"),
+    Option("mixup", float, 0.0, "mixup alpha (0 off)"),
+    Option("cutmix", float, 0.0, "cutmix alpha (0 off)"),
+    Option("crop_pct", float, 0.875, "eval: resize to img_size/crop_pct, then centre crop",
+           ("train", "teacher", "eval")),
+    Option("model_ema", bool, True, "keep and evaluate an EMA of the student"),
+    Option("model_ema_decay", float, 0.9998, "EMA decay per step"),
+    Option("amp", str, "auto", "auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16 (with a grad scaler)",
+           choices=("auto", "none", "bf16", "fp16")),
+    Option("workers", int, 0, "data loader worker processes", ("train", "teacher", "eval")),
+    Option("seed", int, 0, "random seed", ("train", "teacher", "eval")),
+    Option("deterministic", bool, False, "deterministic algorithms (slower)"),
+    Option("out", str, None, "output directory (default: runs/<command>-<time>)", ("train", "teacher")),
+    Option("device", str, "auto", "auto | cpu | cuda | cuda:N", ("train", "teacher", "eval")),
+    Option("progress", bool, True, "show progress bars", ("train", "teacher", "eval")),
+]
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+    """Add the command's flags; every default is None so that we can tell what the user set."""
+    for o in OPTIONS:
+        if command not in o.commands:
+            continue
+        if o.type is bool:
+            parser.add_argument(flag(o.name), dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"{o.help} (default: {o.default})")
+        else:
+            parser.add_argument(flag(o.name), dest=o.name, default=None, metavar=o.name.split("_")[-1].upper(),
+                                help=f"{o.help} (default: {_show(o.default)})")
+
+
+def _show(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _convert(o: Option, value, source: str):
+    """A value from the command line (str) or YAML (any) -> the option's type; UserError when it does not fit."""
+    what = f"{flag(o.name)}" if source == "command line" else f"'{o.name}' in {source}"
+    try:
+        if o.list_of is not None:
+            items = value if isinstance(value, (list, tuple)) else [s for s in str(value).split(",") if s.strip()]
+            return [o.list_of(str(s).strip()) if o.list_of is not str else str(s).strip() for s in items]
+        if value is None:
+            return None
+        if o.type is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if o.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return o.type(value) if o.type is not str else str(value)
+    except (TypeError, ValueError):
+        kind = f"a comma list of {o.list_of.__name__}" if o.list_of else o.type.__name__
+        raise UserError(f"{what} must be {kind}, got {value!r}") from None
+
+
+def read_yaml(path: str, command: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in BY_NAME or name == "config":
+            raise UserError(f"unknown key '{key}' in config file {path}")
+        if command not in BY_NAME[name].commands:
+            continue  # a config shared between commands may hold keys of the other one
+        out[name] = _convert(BY_NAME[name], value, path)
+    return out
+
+
+def data_kind(data: str) -> str:
+    return str(data).split(":", 1)[0]
+
+
+def resolve(args: argparse.Namespace, command: str, *, student_is_tokens=None) -> dict:
+    """The resolved configuration of a run as a plain dict (what args.yaml holds).
+
+    student_is_tokens: callable(model_name) -> bool, used by recipe "auto" (token students get the ViT recipe).
+    """
+    cli = {k: _convert(BY_NAME[k], v, "command line") for k, v in vars(args).items()
+           if k in BY_NAME and v is not None}
+    file_cfg = read_yaml(cli["config"], command) if cli.get("config") else {}
+    user = {**file_cfg, **cli}
+    cfg = {o.name: o.default for o in OPTIONS if command in o.commands}
+    kind = data_kind(user.get("data", cfg.get("data", "digits")))
+    data_defaults = {k: v for k, v in DATA_DEFAULTS.get(kind, {}).items() if k in cfg}
+    if command == "teacher" and "teacher" in data_defaults:
+        data_defaults["epochs"] = DATA_DEFAULTS[kind].get("teacher_epochs", data_defaults.get("epochs"))
+    recipe = user.get("recipe", "auto")
+    if recipe == "auto":
+        model = user.get("student" if command == "train" else "teacher",
+                         data_defaults.get("student" if command == "train" else "teacher",
+                                           cfg.get("student" if command == "train" else "teacher")))
+        recipe = "vit" if (student_is_tokens and model and student_is_tokens(model)) else "cnn"
+    cfg.update({k: v for k, v in RECIPES[recipe].items() if k in cfg})
+    if user.get("opt") and user.get("opt") != RECIPES[recipe]["opt"]:
+        # an explicit optimiser brings its own recipe's rates unless they are given too
+        other = "vit" if recipe == "cnn" else "cnn"
+        cfg.update({k: RECIPES[other][k] for k in ("lr", "weight_decay", "min_lr") if k in cfg})
+    cfg.update(data_defaults)
+    cfg.update(user)
+    cfg["recipe"] = recipe
+    for o in OPTIONS:
+        if o.choices and o.name in cfg and cfg[o.name] is not None and cfg[o.name] not in o.choices:
+            raise UserError(f"{flag(o.name)} must be one of {', '.join(o.choices)}, got '{cfg[o.name]}'")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: dict) -> None:
+    def positive(name, allow_zero=False):
+        if name in cfg and cfg[name] is not None and (cfg[name] < 0 or (cfg[name] == 0 and not allow_zero)):
+            raise UserError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {cfg[name]}")
+
+    for name in ("epochs", "batch_size", "img_size", "lr", "teacher_epochs", "pat_dim", "pat_heads",
+                 "kd_temperature", "model_ema_decay"):
+        positive(name)
+    for name in ("min_lr", "warmup_epochs", "weight_decay", "momentum", "clip_grad", "smoothing", "mixup", "cutmix",
+                 "reprob", "hflip", "workers", "gt_weight", "kd_weight", "fd_weight", "reg_weight"):
+        positive(name, allow_zero=True)
+    for name in ("hflip", "reprob", "smoothing"):
+        if name in cfg and cfg[name] > 1:
+            raise UserError(f"{flag(name)} must be a probability in [0, 1], got {cfg[name]}")
+    if "model_ema_decay" in cfg and cfg["model_ema_decay"] >= 1:
+        raise UserError(f"--model-ema-decay must be < 1, got {cfg['model_ema_decay']}")
+    if "crop_pct" in cfg and not 0 < cfg["crop_pct"] <= 1:
+        raise UserError(f"--crop-pct must be in (0, 1], got {cfg['crop_pct']}")
+    if "crop_scale" in cfg:
+        cs = cfg["crop_scale"]
+        if len(cs) != 2 or not 0 < cs[0] <= cs[1] <= 1:
+            raise UserError(f"--crop-scale takes two values 0 < lo <= hi <= 1, got {_show(cs)}")
+    if "pat_afp_stage" in cfg:
+        bad = [s for s in cfg["pat_afp_stage"] if s not in (1, 2, 3, 4)]
+        if bad or not cfg["pat_afp_stage"] or len(set(cfg["pat_afp_stage"])) != len(cfg["pat_afp_stage"]):
+            raise UserError(f"--pat-afp-stage takes distinct stages among 1,2,3,4, got {_show(cfg['pat_afp_stage'])}")
+    if "pat_dim" in cfg and cfg["pat_dim"] % cfg["pat_heads"]:
+        raise UserError(f"--pat-dim {cfg['pat_dim']} is not divisible by --pat-heads {cfg['pat_heads']}")
+    for name in ("teacher_mean", "teacher_std"):
+        if cfg.get(name) is not None and len(cfg[name]) != 3:
+            raise UserError(f"{flag(name)} takes 3 values, got {_show(cfg[name])}")
+    for name in ("student_stages", "teacher_stages", "teacher_prompt_points"):
+        if cfg.get(name) is not None and len(cfg[name]) != 4:
+            raise UserError(f"{flag(name)} takes exactly 4 module names, got {len(cfg[name])}")
+    if cfg.get("warmup_epochs") is not None and cfg.get("epochs") and cfg["warmup_epochs"] > cfg["epochs"]:
+        cfg["warmup_epochs"] = cfg["epochs"]  # short runs: warm up over the whole run at most

@@ -1,0 +1,280 @@
+"""The training run: data, models, distiller, optimiser; epochs of training and evaluation; the output files.
+
+One function serves `patfast train` (a student, distilled or alone) and `patfast teacher` (a model alone).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from patfast.data import load_data, make_loader
+from patfast.data.mixup import make_mixup
+from patfast.distill.base import Vanilla
+from patfast.distill.build import build_distiller
+from patfast.errors import UserError
+from patfast.models.create import create_model, load_weights, save_weights
+from patfast.train import checkpoint as ckpt
+from patfast.train.optim import WarmupCosine, make_optimizer
+from patfast.train.report import EpochTable, Log, SummaryCsv, header, plot_curves
+
+TERMS = {"none": ["loss_gt"], "kd": ["loss_gt", "loss_kd"], "pat": ["loss_gt", "loss_kd", "loss_fd", "loss_reg"]}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: unknown device '{name}' (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: unsupported device type '{device.type}' (auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def prepare_out(out: str | None, command: str) -> str:
+    out = out or os.path.join("runs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("summary.csv", "last.pth")):
+        raise UserError(f"output directory {out} already holds a run; choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to output directory {out}: {e.strerror or e}") from None
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
+             progress: bool = False, desc: str = "eval") -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of `model` over the loader."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    k = min(5, loader.num_classes)
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            logits = model(x)
+        top = logits.float().topk(k, dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(dim=1).sum().item()
+        total += y.numel()
+    model.train(was_training)
+    return 100.0 * correct1 / total, 100.0 * correct5 / total
+
+
+def _teacher_stats(cfg: dict, meta: dict, dataset) -> tuple[list[float], list[float]]:
+    def pick(key):
+        if cfg.get(f"teacher_{key}") is not None:
+            return cfg[f"teacher_{key}"]
+        if key in meta:
+            return [float(v) for v in yaml.safe_load(meta[key])]
+        return list(getattr(dataset, key))
+    return pick("mean"), pick("std")
+
+
+def run(cfg: dict, command: str, log: Log | None = None) -> dict:
+    """Train according to the resolved config; returns the final figures. command: "train" or "teacher"."""
+    device = resolve_device(cfg["device"])
+    seed_everything(cfg["seed"], cfg["deterministic"])
+    dtype = amp_dtype(cfg["amp"], device)
+    out = prepare_out(cfg.get("out"), command)
+    own_log = log is None
+    log = log or Log(os.path.join(out, "log.txt"))
+    try:
+        return _run(cfg, command, device, dtype, out, log)
+    finally:
+        if own_log:
+            log.close()
+
+
+def _run(cfg, command, device, dtype, out, log) -> dict:
+    header(log, device, cfg)
+    with open(os.path.join(out, "args.yaml"), "w") as f:
+        yaml.safe_dump({"command": command, **cfg}, f, sort_keys=False)
+    dataset = load_data(cfg["data"])
+    loader_args = {"batch_size": cfg["batch_size"], "img_size": cfg["img_size"], "device": "cpu",
+                   "seed": cfg["seed"], "workers": cfg["workers"], "crop_pct": cfg["crop_pct"]}
+    train_loader = make_loader(dataset, "train", train=True, crop_scale=tuple(cfg["crop_scale"]),
+                               hflip=cfg["hflip"], auto_augment=cfg["auto_augment"] or None, re_prob=cfg["reprob"],
+                               **loader_args)
+    test_loader = make_loader(dataset, "test", train=False, **loader_args)
+    k = dataset.num_classes
+
+    teacher_top = None
+    if command == "teacher":
+        role, name, distiller_name = "teacher", cfg["teacher"], "none"
+        model = create_model(name, k, cfg["img_size"])
+        if cfg.get("init_checkpoint"):
+            load_weights(model, cfg["init_checkpoint"], what="initial")
+        distiller = Vanilla(model, smoothing=cfg["smoothing"])
+    else:
+        role, name, distiller_name = "student", cfg["student"], cfg["distiller"]
+        student = create_model(name, k, cfg["img_size"])
+        teacher_model, meta = None, {}
+        if distiller_name != "none":
+            from patfast.train.teacher_cache import teacher_checkpoint
+
+            path = cfg.get("teacher_checkpoint") or teacher_checkpoint(cfg, log)
+            teacher_model = create_model(cfg["teacher"], k, cfg["img_size"])
+            meta = load_weights(teacher_model, path, what="teacher")
+            log(f"teacher: {cfg['teacher']} from {path}")
+        t_mean, t_std = _teacher_stats(cfg, meta, dataset)
+        distiller = build_distiller(
+            distiller_name, student, teacher_model, img_size=cfg["img_size"], data_mean=dataset.mean,
+            data_std=dataset.std, teacher_mean=t_mean, teacher_std=t_std, variant=cfg["pat_variant"],
+            afp_stages=cfg["pat_afp_stage"], student_stages=cfg["student_stages"],
+            teacher_stages=cfg["teacher_stages"], teacher_prompt_points=cfg["teacher_prompt_points"],
+            smoothing=cfg["smoothing"], w_gt=cfg["gt_weight"], w_kd=cfg["kd_weight"], w_fd=cfg["fd_weight"],
+            w_reg=cfg["reg_weight"], temperature=cfg["kd_temperature"], dim=cfg["pat_dim"],
+            num_heads=cfg["pat_heads"], backend=cfg["backend"])
+    distiller.to(device)
+    show_bars = cfg["progress"] and sys.stderr.isatty()  # bars only where a person watches; the table is the log
+    model = distiller.student
+    params = distiller.trainable_parameters()
+    n_student = sum(p.numel() for p in model.parameters())
+    n_extra = sum(p.numel() for p in params) - n_student
+    what = f"{distiller_name}" + (f" ({cfg['pat_variant']} variant)" if distiller_name == "pat" else "")
+    log(f"data: {cfg['data']} ({len(train_loader)} train batches of {cfg['batch_size']}, {k} classes, "
+        f"{cfg['img_size']}px) | "
+        f"{role}: {name} ({n_student / 1e6:.2f}M params) | distiller: {what}"
+        + (f" (+{n_extra / 1e6:.2f}M trainable params)" if n_extra else ""))
+    if getattr(distiller, "teacher", None) is not None:
+        teacher_top = evaluate(distiller.teacher.model, test_loader, device, dtype, show_bars, "teacher eval")
+        log(f"teacher test accuracy: top-1 {teacher_top[0]:.2f}%  top-5 {teacher_top[1]:.2f}%")
+
+    optimizer = make_optimizer(params, cfg["opt"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
+    steps_per_epoch = len(train_loader)
+    schedule = WarmupCosine(optimizer, cfg["lr"], cfg["min_lr"], round(cfg["warmup_epochs"] * steps_per_epoch),
+                            cfg["epochs"] * steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    ema = None
+    if cfg["model_ema"]:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg["model_ema_decay"])
+    mixup = make_mixup(cfg["mixup"], cfg["cutmix"], cfg["smoothing"], k)
+    terms = TERMS[distiller_name]
+    columns = ["epoch", "lr", "train_loss", *terms, "eval_top1", "eval_top5", "ema_top1", "ema_top5", "img_per_s",
+               "epoch_s"]
+    summary = SummaryCsv(os.path.join(out, "summary.csv"), columns)
+    table = EpochTable(log, terms)
+    rows, best, step = [], {"top1": -1.0, "epoch": 0, "which": ""}, 0
+    distiller.train()
+    for epoch in range(1, cfg["epochs"] + 1):
+        train_loader.set_epoch(epoch)
+        t0 = time.perf_counter()
+        sums = {t: torch.zeros((), device=device) for t in terms}
+        seen = 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=not show_bars,
+                   dynamic_ncols=True)
+        for i, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            lr = schedule.step(step)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                _, losses = distiller(x, y, first_batch=i == 0)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg["clip_grad"]:
+                torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if ema is not None:
+                ema.update(model, step=step)
+            for t in terms:
+                sums[t] += losses[t].detach().float()
+            seen += x.shape[0]
+            step += 1
+            if cfg["progress"] and (i % 10 == 0 or i == steps_per_epoch - 1):
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        bar.close()
+        train_s = time.perf_counter() - t0
+        means = {t: float(sums[t]) / max(1, i + 1) for t in terms}
+        if not all(math.isfinite(v) for v in means.values()):
+            bad = [t for t, v in means.items() if not math.isfinite(v)]
+            log(f"warning: non-finite loss term(s) in epoch {epoch}: {', '.join(bad)}")
+        top1, top5 = evaluate(model, test_loader, device, dtype)
+        ema_top = evaluate(ema.module, test_loader, device, dtype) if ema is not None else (None, None)
+        row = {"epoch": epoch, "lr": lr, "train_loss": sum(means.values()), **means, "eval_top1": top1,
+               "eval_top5": top5, "ema_top1": ema_top[0], "ema_top5": ema_top[1], "img_per_s": seen / train_s,
+               "epoch_s": time.perf_counter() - t0}
+        rows.append(row)
+        summary.append(row)
+        table.row(row)
+        for which, acc in (("raw", top1), ("ema", ema_top[0])):
+            if acc is not None and acc > best["top1"]:
+                best = {"top1": acc, "epoch": epoch, "which": which}
+        state = ckpt.training_state(distiller, optimizer, scaler, ema, epoch=epoch, step=step, best=best, config=cfg)
+        ckpt.atomic_save(state, os.path.join(out, "last.pth"))
+        plot_curves(rows, terms, os.path.join(out, "curves.png"),
+                    f"{role} {name} | {what} | {cfg['data']}")
+
+    meta = {"model": name, "num_classes": k, "img_size": cfg["img_size"], "mean": list(dataset.mean),
+            "std": list(dataset.std), "data": cfg["data"], "top1": rows[-1]["eval_top1"]}
+    weights = os.path.join(out, f"{role}.safetensors")
+    save_weights(model, weights, meta)
+    if ema is not None:
+        save_weights(ema.module, os.path.join(out, f"{role}_ema.safetensors"), {**meta, "top1": rows[-1]["ema_top1"]})
+    result = {"out": out, "weights": weights, "role": role, "model": name, "distiller": what, "last": rows[-1],
+              "best": best, "teacher_top1": teacher_top[0] if teacher_top else None,
+              "teacher_top5": teacher_top[1] if teacher_top else None}
+    final_table(log, cfg, result, len(test_loader.dataset) if hasattr(test_loader, "dataset") else None)
+    return result
+
+
+def final_table(log: Log, cfg: dict, r: dict, n_test: int | None) -> None:
+    last = r["last"]
+    log("")
+    log(f"== result on the {cfg['data']} test split" + (f" ({n_test} images)" if n_test else "") + " ==")
+    log(f"{'model':<60} {'top-1':>7} {'top-5':>7}")
+    if r["teacher_top1"] is not None:
+        log(f"{'teacher ' + cfg['teacher']:<60} {r['teacher_top1']:>7.2f} {r['teacher_top5']:>7.2f}")
+    label = f"{r['role']} {r['model']}" + (f" [{r['distiller']}]" if r["role"] == "student" else "")
+    log(f"{label + ', last epoch':<60} {last['eval_top1']:>7.2f} {last['eval_top5']:>7.2f}")
+    if last.get("ema_top1") is not None:
+        log(f"{label + ', EMA, last epoch':<60} {last['ema_top1']:>7.2f} {last['ema_top5']:>7.2f}")
+    b = r["best"]
+    log(f"{'best over epochs (raw or EMA)':<60} {b['top1']:>7.2f}   (epoch {b['epoch']}, {b['which']})")
+    log(f"outputs in {r['out']}: summary.csv, curves.png, log.txt, args.yaml, last.pth, {r['role']}.safetensors")

@@ -1,0 +1,131 @@
+"""What a run shows and writes: the header (versions, device), the per-epoch table, summary.csv, the curves PNG."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import sys
+
+import torch
+
+
+class Log:
+    """Print to stdout and append to <out>/log.txt, flushed line by line (nothing lost on a crash)."""
+
+    def __init__(self, path: str | None):
+        self.file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (kept open for the run)
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def environment() -> dict:
+    """Versions and hardware, for the log header and results."""
+    import timm
+
+    env = {"patfast": _version(), "python": platform.python_version(), "torch": torch.__version__,
+           "timm": timm.__version__, "cuda": torch.version.cuda or "none", "cpu_threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = "not installed"
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def _version() -> str:
+    from patfast import __version__
+
+    return __version__
+
+
+def header(log: Log, device: torch.device, cfg: dict) -> None:
+    env = environment()
+    log(f"patfast {env['patfast']} | python {env['python']} | torch {env['torch']} | timm {env['timm']} | "
+        f"triton {env['triton']} | cuda {env['cuda']}")
+    where = env.get("gpu", f"CPU, {env['cpu_threads']} threads") if device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}), {env['cpu_threads']} threads"
+    log(f"device: {device} ({where}) | command: {' '.join(sys.argv[1:]) or '(defaults)'}")
+
+
+class EpochTable:
+    """A fixed-width table, one row per epoch."""
+
+    def __init__(self, log: Log, terms: list[str]):
+        self.log, self.terms = log, terms
+        cols = ["epoch", "lr", "loss"] + [t.removeprefix("loss_") for t in terms] + \
+            ["top1", "top5", "ema_top1", "img/s", "time"]
+        self.widths = [5, 9, 8] + [8] * len(terms) + [6, 6, 8, 7, 6]
+        self.log(" ".join(c.rjust(w) for c, w in zip(cols, self.widths)))
+
+    def row(self, r: dict) -> None:
+        vals = [str(r["epoch"]), f"{r['lr']:.2e}", f"{r['train_loss']:.4f}"] + \
+            [f"{r[t]:.4f}" for t in self.terms] + \
+            [f"{r['eval_top1']:.2f}", f"{r['eval_top5']:.2f}", _pct(r.get("ema_top1")), f"{r['img_per_s']:.0f}",
+             f"{r['epoch_s']:.1f}s"]
+        self.log(" ".join(v.rjust(w) for v, w in zip(vals, self.widths)))
+
+
+def _pct(v) -> str:
+    return "-" if v is None or v == "" else f"{v:.2f}"
+
+
+class SummaryCsv:
+    """summary.csv: one row per epoch, written and flushed as each epoch ends."""
+
+    def __init__(self, path: str, columns: list[str]):
+        self.path, self.columns = path, columns
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerow(columns)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(["" if row.get(c) is None else _fmt(row[c]) for c in self.columns])
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fmt(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def plot_curves(rows: list[dict], terms: list[str], path: str, title: str) -> None:
+    """Loss terms (log scale) and accuracies against epochs, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for t in ["train_loss"] + terms:
+        ys = [r[t] for r in rows]
+        if all(y > 0 for y in ys):
+            ax1.plot(epochs, ys, marker=".", label=t)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("epoch")
+    ax1.set_title("training loss (per term)")
+    ax1.legend(fontsize=8)
+    for key, label in (("eval_top1", "student top-1"), ("ema_top1", "EMA student top-1"), ("eval_top5", "top-5")):
+        ys = [r.get(key) for r in rows]
+        if all(y is not None for y in ys):
+            ax2.plot(epochs, ys, marker=".", label=label)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy (%)")
+    ax2.set_title("test accuracy")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

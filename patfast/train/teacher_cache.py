@@ -1,0 +1,51 @@
+"""The bundled-data teacher: trained once by `patfast train` when no --teacher-checkpoint is given, then cached."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+
+from patfast.errors import UserError
+from patfast.train.config import data_kind, resolve
+from patfast.train.report import Log
+
+BUNDLED = ("digits",)
+KEYS = ("data", "teacher", "img_size", "batch_size", "seed", "device", "amp", "workers", "deterministic", "progress")
+
+
+def cache_root() -> str:
+    root = os.environ.get("PATFAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "patfast")
+    return os.path.join(root, "teachers")
+
+
+def teacher_checkpoint(cfg: dict, log: Log) -> str:
+    """Path of a teacher for `cfg`: cached, or trained now with `patfast teacher` settings (bundled data only)."""
+    if data_kind(cfg["data"]) not in BUNDLED:
+        raise UserError(f"--teacher-checkpoint is required with --data {cfg['data']} (train one with "
+                        f"`patfast teacher --data {cfg['data']} --teacher {cfg['teacher']}`)")
+    from patfast import __version__
+    from patfast.train.loop import run
+
+    ident = {k: cfg[k] for k in ("data", "teacher", "img_size", "seed")}
+    ident.update(epochs=cfg["teacher_epochs"], version=__version__)
+    key = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    folder = os.path.join(cache_root(), f"{cfg['teacher']}-{cfg['data']}-{key}")
+    path = os.path.join(folder, "teacher.safetensors")
+    if os.path.isfile(path):
+        log(f"teacher: using the cached {cfg['teacher']} trained on {cfg['data']} ({path})")
+        return path
+    log(f"no --teacher-checkpoint: training a {cfg['teacher']} teacher on {cfg['data']} for "
+        f"{cfg['teacher_epochs']} epochs first (cached in {folder} for the next runs)")
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    ns = argparse.Namespace(**{k: cfg[k] for k in KEYS}, epochs=cfg["teacher_epochs"], out=partial)
+    tcfg = resolve(ns, "teacher")
+    run(tcfg, "teacher")
+    os.replace(partial, folder)  # only a finished teacher is ever found in the cache
+    log(f"teacher: trained and cached at {path}")
+    log("")
+    return path

@@ -1,0 +1,147 @@
+"""The command line: the end-to-end run on bundled data, its output files, and one-line user errors (exit 2)."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from patfast.cli import main
+from patfast.models.create import create_model, save_weights
+
+FAST = ["--epochs", "1", "--teacher-epochs", "1", "--batch-size", "64", "--pat-dim", "64", "--no-progress"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code, err, needle):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("patfast: error: "), err
+    assert needle in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATFAST_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.slow
+def test_train_on_bundled_data_writes_every_output(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", *FAST, "--out", str(out))
+    assert code == 0, err
+    # the teacher was trained first and cached
+    cached = list(cache.glob("teachers/*/teacher.safetensors"))
+    assert len(cached) == 1
+    for name in ("args.yaml", "summary.csv", "last.pth", "student.safetensors", "student_ema.safetensors",
+                 "curves.png", "log.txt"):
+        assert (out / name).is_file(), name
+    cfg = yaml.safe_load((out / "args.yaml").read_text())
+    assert cfg["distiller"] == "pat" and cfg["data"] == "digits" and cfg["epochs"] == 1
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(rows) == 1
+    for col in ("epoch", "lr", "train_loss", "loss_gt", "loss_kd", "loss_fd", "loss_reg", "eval_top1", "eval_top5",
+                "ema_top1", "img_per_s", "epoch_s"):
+        assert rows[0][col] != "", col
+    terms = sum(float(rows[0][t]) for t in ("loss_gt", "loss_kd", "loss_fd", "loss_reg"))
+    assert float(rows[0]["train_loss"]) == pytest.approx(terms, rel=1e-4)
+    assert 0 <= float(rows[0]["eval_top1"]) <= 100
+    assert "== result on the digits test split" in stdout and "teacher convnext_atto" in stdout
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert state["epoch"] == 1 and not any(k.startswith("teacher.") for k in state["distiller"])
+
+    # eval of the saved student reproduces the accuracy the run reported
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(out / "student.safetensors"), "--no-progress")
+    assert code == 0, err
+    assert f"top-1 {float(rows[0]['eval_top1']):.2f}%" in stdout
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(out / "last.pth"), "--no-progress")
+    assert code == 0, err
+    assert f"top-1 {float(rows[0]['eval_top1']):.2f}%" in stdout
+
+    # a second run reuses the cached teacher; an existing run directory is refused
+    code, stdout, err = run_cli(capsys, "train", *FAST, "--distiller", "kd", "--out", str(tmp_path / "run2"))
+    assert code == 0, err
+    assert "using the cached convnext_atto" in stdout
+    code, _, err = run_cli(capsys, "train", *FAST, "--out", str(out))
+    assert_user_error(code, err, "already holds a run")
+
+
+def test_info(capsys):
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0
+    assert "torch" in out and "op backends" in out and "digits" in out
+
+
+@pytest.fixture
+def other_checkpoint(tmp_path):
+    path = str(tmp_path / "resnet.safetensors")
+    save_weights(create_model("resnet10t", 10, 32), path, {"model": "resnet10t"})
+    return path
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--data", "cifar100:/no/such/dir"], "directory not found"),
+    (["train", "--data", "mnist"], "unknown data spec"),
+    (["train", "--student", "resnet1000"], "unknown timm model 'resnet1000'"),
+    (["train", "--teacher", "swin_tinny_patch4_window7_224", "--teacher-checkpoint", "x.safetensors"],
+     "unknown timm model"),
+    (["train", "--pat-afp-stage", "5"], "--pat-afp-stage"),
+    (["train", "--img-size", "8"], "too small"),
+    (["train", "--config", "/no/such.yaml"], "config file not found"),
+    (["train", "--epochs", "-1"], "--epochs"),
+    (["train", "--bogus-flag"], "unrecognized arguments"),
+    (["train", "--device", "cuda"], "CUDA is not available"),
+    (["train", "--teacher-checkpoint", "/no/such.safetensors"], "checkpoint not found"),
+    (["eval"], "--checkpoint is required"),
+    ([], "choose a command"),
+])
+def test_user_errors_are_one_line_exit_2(argv, needle, capsys, cache, tmp_path):
+    if torch.cuda.is_available() and "cuda" in argv:
+        pytest.skip("CUDA is available here")
+    argv = argv + (["--out", str(tmp_path / "o")] if argv[:1] == ["train"] else [])
+    code, _, err = run_cli(capsys, *argv)
+    assert_user_error(code, err, needle)
+
+
+def test_mismatched_teacher_checkpoint_names_the_problem(other_checkpoint, capsys, cache, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--teacher", "convnext_atto", "--teacher-checkpoint", other_checkpoint,
+                           "--out", str(tmp_path / "o"), *FAST)
+    assert_user_error(code, err, "does not fit the model")
+    assert "saved for resnet10t" in err and "missing keys" in err
+
+
+def test_invalid_config_file(tmp_path, capsys):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: [1, 2\n")
+    code, _, err = run_cli(capsys, "train", "--config", str(f))
+    assert_user_error(code, err, "cannot read config file")
+
+
+def test_corrupt_data_is_a_user_error(tmp_path, capsys):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"\x80\x04not a pickle")
+    code, _, err = run_cli(capsys, "train", "--data", f"cifar100:{folder}", "--teacher-checkpoint", "x",
+                           "--out", str(tmp_path / "o"))
+    assert code == 2 and err.startswith("patfast: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_console_script_exit_status(tmp_path):
+    env = {**os.environ, "PATFAST_CACHE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "patfast", "train", "--data", "nope"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("patfast: error: unknown data spec 'nope'")

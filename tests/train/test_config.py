@@ -1,0 +1,93 @@
+"""Configuration: precedence (defaults < recipe < data defaults < YAML < command line) and validation."""
+
+import argparse
+
+import pytest
+
+from patfast.errors import UserError
+from patfast.train.config import OPTIONS, RECIPES, add_options, resolve
+
+
+def parse(command, *argv, tokens=None):
+    p = argparse.ArgumentParser()
+    add_options(p, command)
+    return resolve(p.parse_args(list(argv)), command, student_is_tokens=tokens)
+
+
+def test_command_line_beats_yaml_beats_defaults(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr: 0.125\nepochs: 7\nbatch-size: 16\n")
+    cfg = parse("train", "--config", str(cfg_file), "--lr", "0.25")
+    assert cfg["lr"] == 0.25  # command line wins
+    assert cfg["epochs"] == 7 and cfg["batch_size"] == 16  # YAML (kebab-case keys accepted) beats data defaults
+
+
+def test_every_option_has_a_resolved_value_for_its_commands():
+    for command in ("train", "teacher", "eval"):
+        cfg = parse(command)
+        names = {o.name for o in OPTIONS if command in o.commands}
+        assert names <= set(cfg)
+
+
+def test_recipe_follows_the_student_kind():
+    assert parse("train", "--data", "digits", "--student", "deit_tiny_patch16_224",
+                 tokens=lambda n: n.startswith("deit"))["opt"] == "adamw"
+    cfg = parse("train", "--student", "resnet18", tokens=lambda n: False)
+    assert cfg["opt"] == "sgd" and cfg["recipe"] == "cnn"
+    assert cfg["weight_decay"] == RECIPES["cnn"]["weight_decay"]
+
+
+def test_explicit_optimizer_brings_its_own_rates():
+    cfg = parse("train", "--opt", "adamw", tokens=lambda n: False)
+    assert cfg["opt"] == "adamw"
+    assert cfg["lr"] == RECIPES["vit"]["lr"] and cfg["weight_decay"] == RECIPES["vit"]["weight_decay"]
+
+
+def test_lists_parse_from_both_sources(tmp_path):
+    cfg = parse("train", "--pat-afp-stage", "1,3", "--crop-scale", "0.2,0.9")
+    assert cfg["pat_afp_stage"] == [1, 3] and cfg["crop_scale"] == [0.2, 0.9]
+    f = tmp_path / "c.yaml"
+    f.write_text("pat_afp_stage: [2, 4]\nstudent_stages: [a, b, c, d]\n")
+    cfg = parse("train", "--config", str(f))
+    assert cfg["pat_afp_stage"] == [2, 4] and cfg["student_stages"] == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--pat-afp-stage", "5"], "--pat-afp-stage"),
+    (["--pat-afp-stage", "1,1"], "--pat-afp-stage"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "-4"], "--batch-size"),
+    (["--lr", "abc"], "--lr"),
+    (["--epochs", "2.5"], "--epochs"),
+    (["--hflip", "1.5"], "--hflip"),
+    (["--crop-scale", "0.9,0.1"], "--crop-scale"),
+    (["--pat-variant", "buggy"], "--pat-variant"),
+    (["--distiller", "fitnet"], "--distiller"),
+    (["--pat-dim", "100", "--pat-heads", "8"], "divisible"),
+    (["--teacher-stages", "a,b,c"], "--teacher-stages"),
+    (["--model-ema-decay", "1.0"], "--model-ema-decay"),
+])
+def test_bad_values_are_user_errors(argv, needle):
+    with pytest.raises(UserError, match=needle.replace("-", r"\-")):
+        parse("train", *argv)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        parse("train", "--config", str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [unclosed\n")
+    with pytest.raises(UserError, match="cannot read config"):
+        parse("train", "--config", str(bad))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="unknown key 'learning_rate'"):
+        parse("train", "--config", str(unknown))
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("epochs: many\n")
+    with pytest.raises(UserError, match="'epochs'"):
+        parse("train", "--config", str(wrong))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        parse("train", "--config", str(listy))
