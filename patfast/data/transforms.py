@@ -1,0 +1,58 @@
+"""Train and eval image transforms, built with timm's `create_transform`: PIL RGB in, normalised (3, S, S) float out.
+
+train: RandomResizedCrop(S, scale=crop_scale, ratio=(3/4, 4/3), bilinear) -> hflip -> [RandAugment] -> ToTensor
+       -> Normalize(mean, std) -> [RandomErasing(re_prob, mode "pixel")]
+eval:  Resize(int(S / crop_pct), bilinear, shorter side) -> CenterCrop(S) -> ToTensor -> Normalize(mean, std)
+
+timm's transforms draw from Python's `random`, NumPy's global RNG and (random erasing) torch's CPU generator;
+the loader seeds those per sample to make augmentation reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from patfast.errors import UserError
+
+RATIO = (3 / 4, 4 / 3)
+
+
+def build_transform(train: bool, img_size: int, mean: Sequence[float], std: Sequence[float], *,
+                    crop_scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5, auto_augment: str | None = None,
+                    re_prob: float = 0.0, re_mode: str = "pixel", color_jitter: float = 0.0,
+                    crop_pct: float = 0.875) -> Callable:
+    """The training (random) or eval (deterministic) transform for `img_size` x `img_size` outputs.
+
+    `auto_augment` is a timm augmentation string such as "rand-m9-mstd0.5-inc1" (None: off). `color_jitter` is off
+    by default (timm's own default is 0.4): the paper's protocol does not list it. Options of the other mode are
+    ignored (crop_pct for train; crop_scale, hflip, auto_augment, re_prob, color_jitter for eval).
+    """
+    from timm.data import create_transform
+
+    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0:
+        raise UserError(f"image size must be a positive integer, got {img_size!r}")
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise UserError(f"mean/std must be 3 values each with std > 0, got mean={mean} std={std}")
+    if not train:
+        if not 0 < crop_pct <= 1:
+            raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        return create_transform(img_size, is_training=False, interpolation="bilinear", crop_pct=crop_pct,
+                                crop_mode="center", mean=mean, std=std)
+    lo, hi = (float(v) for v in crop_scale)
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"crop scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
+    for name, p in (("hflip", hflip), ("re_prob", re_prob)):
+        if not 0 <= p <= 1:
+            raise UserError(f"{name} is a probability in [0, 1], got {p}")
+    if color_jitter < 0:
+        raise UserError(f"color_jitter must be >= 0, got {color_jitter}")
+    if auto_augment is not None and not auto_augment.strip():
+        auto_augment = None
+    try:
+        return create_transform(img_size, is_training=True, scale=(lo, hi), ratio=RATIO, hflip=hflip,
+                                color_jitter=color_jitter or None, auto_augment=auto_augment, interpolation="bilinear",
+                                mean=mean, std=std, re_prob=re_prob, re_mode=re_mode)
+    except (AssertionError, KeyError, ValueError) as e:
+        raise UserError(f"bad auto-augment '{auto_augment}' (e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, "
+                        f"original): {e}") from None
