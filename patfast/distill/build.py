@@ -33,7 +33,10 @@ def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | No
         return Vanilla(student, **common)
     if teacher_model is None:
         raise UserError(f"distiller '{name}' needs a teacher")
-    pv = PatVariant.named(variant)
+    try:
+        pv = PatVariant.named(variant)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     bad = [s for s in afp_stages if s not in (1, 2, 3, 4)]
     if bad or not afp_stages:
         raise UserError(f"--pat-afp-stage takes stages among 1,2,3,4, got {','.join(map(str, afp_stages))}")

@@ -58,6 +58,8 @@ class RegionAwareAttention(nn.Module):
                  queries_per_stage: int = 16, pos_by_batch_index: bool = False, backend: str = "auto"):
         super().__init__()
         grid = math.isqrt(queries_per_stage)
+        if grid * grid != queries_per_stage:
+            raise ValueError(f"queries_per_stage must be a square number (a grid), got {queries_per_stage}")
         self.queries = grid * grid
         self.num_heads = num_heads
         self.pos_by_batch_index = pos_by_batch_index

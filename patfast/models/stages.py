@@ -132,9 +132,12 @@ class StageTaps:
         self.token_return = token_return
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
-        self.stage_modules = _check_names(model, stage_modules or default_stage_modules(model), flag)
-        self.prompt_points = _check_names(model, prompt_points or default_prompt_points(model),
-                                          flag.replace("stages", "prompt-points"))
+        if stage_modules is None:
+            stage_modules = default_stage_modules(model)
+        if prompt_points is None:
+            prompt_points = default_prompt_points(model)
+        self.stage_modules = _check_names(model, stage_modules, flag)
+        self.prompt_points = _check_names(model, prompt_points, flag.replace("stages", "prompt-points"))
         self.prompts: list[nn.Module | None] = [None] * 4
         self.prompting = False  # prompts act only while this is True (the prompted teacher forward)
         self._raw: list[torch.Tensor | None] = [None] * 4
