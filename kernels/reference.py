@@ -125,3 +125,16 @@ def raa_attention_ref(
     attn = torch.softmax((q @ k.transpose(-2, -1)) * head_dim**-0.5, dim=-1)  # (B, heads, N, N)
     out = (attn @ v).transpose(1, 2).reshape(b, n, d)
     return out.to(dtype)
+
+
+def hcl_loss_stages_ref(feats_s: list[torch.Tensor], feats_t: list[torch.Tensor], *,
+                        upcast: bool = False) -> torch.Tensor:
+    """Sum over stages of hcl_loss_ref(feats_s[i], feats_t[i]) -> scalar (PAT's loss_fd before its weight)."""
+    return sum(hcl_loss_ref(a, b, upcast=upcast) for a, b in zip(feats_s, feats_t))
+
+
+def kd_loss_pair_ref(logits_s: torch.Tensor, logits_pt: torch.Tensor, logits_t: torch.Tensor,
+                     temperature: float = 1.0, *, upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAT's (loss_kd, loss_reg) = (kd_loss_ref(s, t, T), kd_loss_ref(pt, t, 1)); (B, K) logits each."""
+    return (kd_loss_ref(logits_s, logits_t, temperature, upcast=upcast),
+            kd_loss_ref(logits_pt, logits_t, 1.0, upcast=upcast))

@@ -25,13 +25,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 
 import torch
 
 from patfast.kernels import reference
 
-__all__ = ["hcl_loss", "kd_loss", "raa_attention", "BACKENDS"]
+__all__ = ["hcl_loss", "hcl_loss_stages", "kd_loss", "kd_loss_pair", "raa_attention", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -39,11 +40,18 @@ _REFERENCE_IMPLS: dict[str, Callable] = {
     "hcl_loss": reference.hcl_loss_ref,
     "kd_loss": reference.kd_loss_ref,
     "raa_attention": reference.raa_attention_ref,
+    "hcl_loss_stages": reference.hcl_loss_stages_ref,
+    "kd_loss_pair": reference.kd_loss_pair_ref,
 }
 
 # Triton implementations, as "module:function" so that importing patfast.ops never imports triton.
 # Adding a kernel is one line here, e.g.  "hcl_loss": "patfast.kernels.hcl:hcl_loss",
-_TRITON_IMPLS: dict[str, str] = {}
+_TRITON_IMPLS: dict[str, str] = {
+    "hcl_loss": "patfast.kernels.hcl:hcl_loss",
+    "kd_loss": "patfast.kernels.kd:kd_loss",
+    "hcl_loss_stages": "patfast.kernels.hcl:hcl_loss_stages",
+    "kd_loss_pair": "patfast.kernels.kd:pat_kl_pair",
+}
 
 
 def triton_ops() -> list[str]:
@@ -55,13 +63,24 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+_LOADED: dict[str, Callable] = {}
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _load(target: str) -> Callable:
-    module_name, _, fn_name = target.partition(":")
-    return getattr(importlib.import_module(module_name), fn_name)
+    fn = _LOADED.get(target)
+    if fn is None:  # the first call imports; torch.compile cannot trace importlib, it traces the dict lookup
+        module_name, _, fn_name = target.partition(":")
+        module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        fn = _LOADED[target] = getattr(module, fn_name)
+    return fn
 
 
-def _select(op: str, backend: str, device: torch.device) -> Callable:
-    """The implementation of ``op`` that ``backend`` asks for, for tensors on ``device``."""
+def _select(op: str, backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Callable:
+    """The implementation of ``op`` that ``backend`` asks for, for tensors on ``device`` of ``dtype``.
+
+    "auto" takes the Triton kernel for CUDA tensors of the kernel dtypes (fp32/fp16/bf16), else the reference.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
     triton_target = _TRITON_IMPLS.get(op)
@@ -72,7 +91,8 @@ def _select(op: str, backend: str, device: torch.device) -> Callable:
                 "use backend='reference' (or 'auto', which falls back to it)"
             )
         return _load(triton_target)
-    if backend == "auto" and triton_target is not None and device.type == "cuda" and _triton_available():
+    if (backend == "auto" and triton_target is not None and device.type == "cuda" and dtype in _KERNEL_DTYPES
+            and _triton_available()):
         return _load(triton_target)
     return _REFERENCE_IMPLS[op]
 
@@ -82,30 +102,61 @@ def _check_backend_arg(op: str, backend: object) -> None:
         raise ValueError(f"{op}: backend must be a string, one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
 
 
-def hcl_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """Hierarchical context loss of one stage -> scalar. feat_s, feat_t: (B, C, H, W) or (B, L, C), same shape."""
-    _check_backend_arg("hcl_loss", backend)
+def _check_hcl_inputs(op: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
     if feat_s.shape != feat_t.shape:
         raise ValueError(
-            f"hcl_loss: student and teacher features must have the same shape, got {tuple(feat_s.shape)} and "
+            f"{op}: student and teacher features must have the same shape, got {tuple(feat_s.shape)} and "
             f"{tuple(feat_t.shape)} (align the student to the teacher first)"
         )
     if feat_s.dim() not in (3, 4):
         raise ValueError(
-            f"hcl_loss: expected (B, C, H, W) maps or (B, L, C) tokens, got a rank-{feat_s.dim()} tensor of shape "
+            f"{op}: expected (B, C, H, W) maps or (B, L, C) tokens, got a rank-{feat_s.dim()} tensor of shape "
             f"{tuple(feat_s.shape)}"
         )
     if feat_s.numel() == 0:
-        raise ValueError(f"hcl_loss: inputs are empty (shape {tuple(feat_s.shape)})")
+        raise ValueError(f"{op}: inputs are empty (shape {tuple(feat_s.shape)})")
     if feat_s.dim() == 3:
         length = feat_s.shape[1]
         h = math.isqrt(length)
         if length % h:
             raise ValueError(
-                f"hcl_loss: {length} tokens cannot be viewed as a map of height floor(sqrt(L)) = {h} "
+                f"{op}: {length} tokens cannot be viewed as a map of height floor(sqrt(L)) = {h} "
                 f"(L must be a multiple of it); remove the class token or other prefix tokens first"
             )
-    return _select("hcl_loss", backend, feat_s.device)(feat_s, feat_t)
+
+
+def hcl_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """Hierarchical context loss of one stage -> scalar. feat_s, feat_t: (B, C, H, W) or (B, L, C), same shape."""
+    _check_backend_arg("hcl_loss", backend)
+    _check_hcl_inputs("hcl_loss", feat_s, feat_t)
+    return _select("hcl_loss", backend, feat_s.device, feat_s.dtype)(feat_s, feat_t)
+
+
+def hcl_loss_stages(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor], *,
+                    backend: str = "auto") -> torch.Tensor:
+    """Sum over stages of hcl_loss(feats_s[i], feats_t[i]) -> scalar (Triton: one launch per stage + one sum)."""
+    _check_backend_arg("hcl_loss_stages", backend)
+    if len(feats_s) != len(feats_t) or not feats_s:
+        raise ValueError(f"hcl_loss_stages: need the same non-zero number of student and teacher stages, got "
+                         f"{len(feats_s)} and {len(feats_t)}")
+    for a, b in zip(feats_s, feats_t):
+        _check_hcl_inputs("hcl_loss_stages", a, b)
+    first = feats_s[0]
+    return _select("hcl_loss_stages", backend, first.device, first.dtype)(list(feats_s), list(feats_t))
+
+
+def _check_kd_inputs(op: str, logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> None:
+    if logits_s.shape != logits_t.shape:
+        raise ValueError(
+            f"{op}: student and teacher logits must have the same shape, got {tuple(logits_s.shape)} and "
+            f"{tuple(logits_t.shape)}"
+        )
+    if logits_s.dim() != 2:
+        raise ValueError(f"{op}: expected (B, num_classes) logits, got shape {tuple(logits_s.shape)}")
+    if logits_s.numel() == 0:
+        raise ValueError(f"{op}: logits are empty (shape {tuple(logits_s.shape)})")
+    if not temperature > 0:
+        raise ValueError(f"{op}: temperature must be positive, got {temperature}")
 
 
 def kd_loss(
@@ -113,18 +164,26 @@ def kd_loss(
 ) -> torch.Tensor:
     """T^2 * batch-mean KL(softmax(logits_t/T) || softmax(logits_s/T)) -> scalar. logits: (B, K), same shape."""
     _check_backend_arg("kd_loss", backend)
-    if logits_s.shape != logits_t.shape:
-        raise ValueError(
-            f"kd_loss: student and teacher logits must have the same shape, got {tuple(logits_s.shape)} and "
-            f"{tuple(logits_t.shape)}"
-        )
-    if logits_s.dim() != 2:
-        raise ValueError(f"kd_loss: expected (B, num_classes) logits, got shape {tuple(logits_s.shape)}")
-    if logits_s.numel() == 0:
-        raise ValueError(f"kd_loss: logits are empty (shape {tuple(logits_s.shape)})")
-    if not temperature > 0:
-        raise ValueError(f"kd_loss: temperature must be positive, got {temperature}")
-    return _select("kd_loss", backend, logits_s.device)(logits_s, logits_t, temperature)
+    _check_kd_inputs("kd_loss", logits_s, logits_t, temperature)
+    return _select("kd_loss", backend, logits_s.device, logits_s.dtype)(logits_s, logits_t, temperature)
+
+
+def kd_loss_pair(
+    logits_s: torch.Tensor, logits_pt: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0, *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAT's two KL terms: (kd_loss(s, t, T), kd_loss(pt, t, 1)) -> (loss_kd, loss_reg); (B, K) logits each.
+
+    The Triton form reads the clean teacher's row once: one launch forward, one backward.
+    """
+    _check_backend_arg("kd_loss_pair", backend)
+    _check_kd_inputs("kd_loss_pair", logits_s, logits_t, temperature)
+    _check_kd_inputs("kd_loss_pair", logits_pt, logits_t, 1.0)
+    fn = _select("kd_loss_pair", backend, logits_s.device, logits_s.dtype)
+    if fn is not _REFERENCE_IMPLS["kd_loss_pair"] and not logits_s.dtype == logits_pt.dtype == logits_t.dtype:
+        dtype = torch.promote_types(torch.promote_types(logits_s.dtype, logits_pt.dtype), logits_t.dtype)
+        logits_s, logits_pt, logits_t = (x.to(dtype) for x in (logits_s, logits_pt, logits_t))
+    return fn(logits_s, logits_pt, logits_t, temperature)
 
 
 def raa_attention(

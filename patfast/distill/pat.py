@@ -56,15 +56,16 @@ class PAT(Distiller):
                 self.teacher.model_mode(False)
         logits = self.student(images)
         aligned = [a(q) for a, q in zip(self.aligners, self.raa(self.student_taps.features()))]
-        fd = sum(ops.hcl_loss(a, f, backend=self.backend) for a, f in zip(aligned, feats_t))
+        fd = ops.hcl_loss_stages(aligned, feats_t, backend=self.backend)
+        loss_kd, loss_reg = ops.kd_loss_pair(logits, logits_pt, logits_t, self.temperature, backend=self.backend)
         if self.training:
             for i in self.afp_stages:  # feedback for the NEXT step (a different batch: intended)
                 self.prompts[str(i)].feedback = (aligned[i - 1] - feats_t[i - 1]).detach()
         return logits, {
             "loss_gt": self.gt_loss(logits, targets),
-            "loss_kd": self.w_kd * ops.kd_loss(logits, logits_t, self.temperature, backend=self.backend),
+            "loss_kd": self.w_kd * loss_kd,
             "loss_fd": self.w_fd * fd,
-            "loss_reg": self.w_reg * ops.kd_loss(logits_pt, logits_t, 1.0, backend=self.backend),
+            "loss_reg": self.w_reg * loss_reg,
         }
 
     def feedback_state(self) -> dict[str, torch.Tensor | None]:

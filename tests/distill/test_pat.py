@@ -278,15 +278,15 @@ def test_afp_stage_subset(make_pat, make_batch, monkeypatch):
     # RAA, aligners and HCL still use all 4 stages
     assert len(d.raa.projectors) == 4 and len(d.aligners) == 4
     calls = []
-    real = ops.hcl_loss
+    real = ops.hcl_loss_stages
 
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+    def counting(feats_s, feats_t, **k):
+        calls.append(len(feats_s))
+        return real(feats_s, feats_t, **k)
 
-    monkeypatch.setattr(ops, "hcl_loss", counting)
+    monkeypatch.setattr(ops, "hcl_loss_stages", counting)
     d(*make_batch())
-    assert len(calls) == 4
+    assert calls == [4]
     assert d.prompts["1"].feedback is not None and d.prompts["3"].feedback is not None
     assert set(d.feedback_state()) == {"1", "3"}
 

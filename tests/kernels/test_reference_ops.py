@@ -429,7 +429,8 @@ def test_auto_picks_a_registered_triton_kernel_only_for_cuda_tensors(monkeypatch
     assert ops._select("kd_loss", "auto", cuda) is fake_kernel
     assert ops._select("kd_loss", "reference", cuda) is reference.kd_loss_ref
     assert ops._select("kd_loss", "triton", cpu) is fake_kernel  # explicit: also CPU (TRITON_INTERPRET=1)
-    assert ops._select("hcl_loss", "auto", cuda) is reference.hcl_loss_ref  # not registered
+    assert ops._select("raa_attention", "auto", cuda) is reference.raa_attention_ref  # not registered
+    assert ops._select("kd_loss", "auto", cuda, torch.float64) is reference.kd_loss_ref  # kernels: fp32/16-bit
     s = _randn(3, 41, seed=47, dtype=torch.float32)
     assert ops.kd_loss(s, s, backend="triton") == "triton"
     monkeypatch.setattr(ops, "_triton_available", lambda: False)

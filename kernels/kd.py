@@ -1,0 +1,409 @@
+"""Fused Triton kernels for the KL terms of PAT (SPEC section 1): loss_kd and loss_reg.
+
+    kd_loss(logits_s, logits_t, temperature=1.0) -> fp32 scalar
+        T^2 * mean over rows of KL(softmax(t/T) || softmax(s/T)), summed over classes: exactly
+        ``kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="batchmean") * T^2``
+        (patfast.kernels.reference.kd_loss_ref).
+    pat_kl_pair(logits_s, logits_pt, logits_t, temperature=1.0) -> (loss_kd, loss_reg), fp32 scalars
+        loss_kd = kd_loss(s, t, T) and loss_reg = kd_loss(pt, t, 1), reading the clean teacher t once.
+
+One forward launch and one backward launch per call, for both functions.
+
+Forward: ONE program (grid (1,)) walks the batch in tiles of BLOCK_B rows x BLOCK_K classes. Per row it keeps an
+online softmax of both sides (running max m, running sum z = sum exp(x - m), rescaled when m grows) and
+w = sum exp(y - m_y) * (y - x), so K larger than BLOCK_K (at most 1024) is handled in chunks in the same single
+pass. Then per row KL = w / z_y - (m_y - m_x) - (log z_y - log z_x) (no difference of two large log-sum-exps is
+ever formed, so logits with a large offset lose no precision), and the batch sum is accumulated in registers in a
+fixed order and written once. In the pair with T = 1 (PAT's default) loss_reg reuses loss_kd's softmax of t.
+Per-row statistics (m, log z of both sides, KL) are written to a small fp32 buffer for the backward.
+
+Why a single program: the loss is a scalar, and every multi-program alternative costs a second launch
+(torch.zeros before an atomic_add, or a sum of per-program partials) or a counter that must be zeroed beforehand;
+atomic_add is also not deterministic. One program is deterministic (bitwise, run to run) with no extra launch. Its
+cost: one SM does every exp (2 per element and KL term; 3 per element for the pair at T = 1), e.g. about 0.4 M
+exps for the pair at B = 128, K = 1000 -- some 15 us at one SM's exp rate (an estimate, not a measurement), 1-2 us
+at K = 100; small next to a PAT step, but if a profile ever shows it, the alternative is a multi-program forward
+plus one tiny deterministic reduction launch.
+
+Backward: a 2-D grid over (row tiles, class chunks), no reduction and no atomics; each program recomputes
+log p = min((x - m) - log z, 0) from the saved statistics and writes, for grad_output g (read from device memory),
+    d/ds  = g * T / B * (p_s - p_t)
+    d/dt  = g * T / B * p_t * (log p_t - log p_s - KL_row)          (p at temperature T)
+(for the pair, d/dpt is the T = 1 form with g_reg, and d/dt sums both terms). Gradients are written only for the
+inputs that require them, in the input dtype; math is fp32 throughout.
+
+Layout: any row stride, any class stride (a column slice of a wider tensor, a transposed view). When the class
+stride is 1 and K and every row stride are multiples of ALIGN (a power of two <= 16 bytes / element size), the
+kernels receive K // ALIGN and stride // ALIGN and multiply by the constexpr ALIGN, which tells the compiler the
+row starts are 16-byte aligned so the row loads vectorise (ld.global.v4) even for K = 100 or 1000.
+No autotuning: tile sizes come from ``_fwd_config`` / ``_bwd_config`` (plain functions of B and K), so the op is
+traceable by torch.compile and CUDA-graph capturable, and the compile-only tests build exactly these configs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["kd_loss", "pat_kl_pair"]
+
+MAX_BLOCK_K = 1024  # classes per chunk; larger K loops over chunks (online softmax in the forward)
+FWD_TILE = 4096  # elements per input per forward loop iteration
+BWD_TILE = 2048  # elements per input per backward program
+_NSTAT = 5  # per row and KL term: m_x, log z_x, m_y, log z_y, KL (x: the log_softmax slot, y: the target)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_lse(x, m, z):
+    # One chunk of an online log-sum-exp over axis 1. x: [BLOCK_B, BLOCK_K] with -inf in masked columns;
+    # m: running row max, z: running sum exp(x - m). Returns (m', z', exp(x - m'), the rescale factor of old sums).
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    alpha = tl.exp(m - m_new)
+    e = tl.exp(x - m_new[:, None])
+    return m_new, z * alpha + tl.sum(e, axis=1), e, alpha
+
+
+@triton.jit
+def _store_row_stats(stats_ptr, term, B, rows, row_ok, m_x, z_x, m_y, z_y, w):
+    # Finishes one KL term for a row tile: stores (m_x, log z_x, m_y, log z_y, KL) and returns KL (0 on padding).
+    lz_x = tl.log(z_x)
+    lz_y = tl.log(z_y)
+    kl = w / z_y - (m_y - m_x) - (lz_y - lz_x)
+    base = stats_ptr + term * 5 * B + rows
+    tl.store(base, m_x, mask=row_ok)
+    tl.store(base + B, lz_x, mask=row_ok)
+    tl.store(base + 2 * B, m_y, mask=row_ok)
+    tl.store(base + 3 * B, lz_y, mask=row_ok)
+    tl.store(base + 4 * B, kl, mask=row_ok)
+    return tl.where(row_ok, kl, 0.0)
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    s_ptr,  # [B, K] student logits: the log_softmax slot of loss_kd
+    t_ptr,  # [B, K] clean teacher logits: the target of loss_kd (at T) and of loss_reg (at 1)
+    p_ptr,  # [B, K] prompted-teacher logits: the log_softmax slot of loss_reg (read only when PAIR)
+    loss_kd_ptr,  # [] fp32 out: T^2 / B * sum_rows KL(p_t^T || p_s^T)
+    loss_reg_ptr,  # [] fp32 out: 1 / B * sum_rows KL(p_t || p_pt) (written only when PAIR)
+    stats_ptr,  # [2 if PAIR else 1, 5, B] fp32 out: per term and row m_x, log z_x, m_y, log z_y, KL
+    B,  # rows
+    K_q,  # classes // ALIGN
+    s_stride_q, t_stride_q, p_stride_q,  # row strides (elements) // ALIGN
+    s_stride_k, t_stride_k, p_stride_k,  # class strides (elements); 1 for contiguous rows
+    temperature,  # T > 0 (loss_kd only; loss_reg is at 1)
+    PAIR: tl.constexpr,
+    T_IS_ONE: tl.constexpr,  # temperature == 1: loss_reg reuses loss_kd's softmax of t
+    ALIGN: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    K = K_q * ALIGN
+    inv_t = 1.0 / temperature
+    acc_kd = tl.zeros([BLOCK_B], dtype=tl.float32)
+    acc_reg = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        r = tl.minimum(rows, B - 1).to(tl.int64)  # padding rows re-read the last row; dropped below
+        m_s = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        z_s = tl.zeros([BLOCK_B], dtype=tl.float32)
+        m_t = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        z_t = tl.zeros([BLOCK_B], dtype=tl.float32)
+        w_kd = tl.zeros([BLOCK_B], dtype=tl.float32)
+        m_p = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        z_p = tl.zeros([BLOCK_B], dtype=tl.float32)
+        m_t1 = tl.full([BLOCK_B], float("-inf"), tl.float32)
+        z_t1 = tl.zeros([BLOCK_B], dtype=tl.float32)
+        w_reg = tl.zeros([BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = (cols < K)[None, :]
+            s_raw = tl.load(s_ptr + r[:, None] * (s_stride_q * ALIGN) + cols[None, :] * s_stride_k,
+                            mask=col_ok, other=0.0).to(tl.float32)
+            t_raw = tl.load(t_ptr + r[:, None] * (t_stride_q * ALIGN) + cols[None, :] * t_stride_k,
+                            mask=col_ok, other=0.0).to(tl.float32)
+            x = s_raw * inv_t
+            y = t_raw * inv_t
+            # loss_kd: x = s/T in the log_softmax slot, y = t/T the target; w_kd = sum exp(y - m_t) * (y - x)
+            m_s, z_s, _, _ = _online_lse(tl.where(col_ok, x, float("-inf")), m_s, z_s)
+            m_t, z_t, e_t, alpha_t = _online_lse(tl.where(col_ok, y, float("-inf")), m_t, z_t)
+            w_kd = w_kd * alpha_t + tl.sum(e_t * (y - x), axis=1)  # y - x = 0 in masked columns
+            if PAIR:  # loss_reg: pt in the log_softmax slot, t the target, both at temperature 1
+                p_raw = tl.load(p_ptr + r[:, None] * (p_stride_q * ALIGN) + cols[None, :] * p_stride_k,
+                                mask=col_ok, other=0.0).to(tl.float32)
+                m_p, z_p, _, _ = _online_lse(tl.where(col_ok, p_raw, float("-inf")), m_p, z_p)
+                if T_IS_ONE:  # softmax(t / 1) is the softmax already computed for loss_kd
+                    w_reg = w_reg * alpha_t + tl.sum(e_t * (t_raw - p_raw), axis=1)
+                else:
+                    m_t1, z_t1, e_t1, alpha_t1 = _online_lse(tl.where(col_ok, t_raw, float("-inf")), m_t1, z_t1)
+                    w_reg = w_reg * alpha_t1 + tl.sum(e_t1 * (t_raw - p_raw), axis=1)
+        acc_kd += _store_row_stats(stats_ptr, 0, B, rows, row_ok, m_s, z_s, m_t, z_t, w_kd)
+        if PAIR:
+            if T_IS_ONE:
+                m_t1, z_t1 = m_t, z_t
+            acc_reg += _store_row_stats(stats_ptr, 1, B, rows, row_ok, m_p, z_p, m_t1, z_t1, w_reg)
+    tl.store(loss_kd_ptr, tl.sum(acc_kd, axis=0) * (temperature * temperature / B))
+    if PAIR:
+        tl.store(loss_reg_ptr, tl.sum(acc_reg, axis=0) / B)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    s_ptr,  # [B, K] student logits (as in the forward)
+    t_ptr,  # [B, K] clean teacher logits
+    p_ptr,  # [B, K] prompted-teacher logits (read only when PAIR)
+    stats_ptr,  # [2 if PAIR else 1, 5, B] fp32 per-row statistics written by the forward
+    g_kd_ptr,  # [] fp32 upstream gradient of loss_kd (device memory)
+    g_reg_ptr,  # [] fp32 upstream gradient of loss_reg (read only when PAIR)
+    ds_ptr,  # [B, K] out, contiguous, dtype of s: d/ds (written only when GRAD_S)
+    dt_ptr,  # [B, K] out, contiguous, dtype of t: d/dt (written only when GRAD_T)
+    dp_ptr,  # [B, K] out, contiguous, dtype of pt: d/dpt (written only when PAIR and GRAD_P)
+    B,  # rows
+    K_q,  # classes // ALIGN
+    s_stride_q, t_stride_q, p_stride_q,  # row strides (elements) // ALIGN
+    s_stride_k, t_stride_k, p_stride_k,  # class strides (elements)
+    temperature,  # T > 0
+    PAIR: tl.constexpr,
+    T_IS_ONE: tl.constexpr,  # temperature == 1: loss_reg's softmax of t is loss_kd's
+    GRAD_S: tl.constexpr,
+    GRAD_T: tl.constexpr,
+    GRAD_P: tl.constexpr,
+    ALIGN: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    K = K_q * ALIGN
+    inv_t = 1.0 / temperature
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < B
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    r = rows.to(tl.int64)
+    out_offs = r[:, None] * K + cols[None, :]  # the gradients are contiguous [B, K]
+
+    t_raw = tl.load(t_ptr + r[:, None] * (t_stride_q * ALIGN) + cols[None, :] * t_stride_k,
+                    mask=mask, other=0.0).to(tl.float32)
+    s_raw = tl.load(s_ptr + r[:, None] * (s_stride_q * ALIGN) + cols[None, :] * s_stride_k,
+                    mask=mask, other=0.0).to(tl.float32)
+    st = stats_ptr + rows
+    m_s = tl.load(st, mask=row_ok, other=0.0)
+    lz_s = tl.load(st + B, mask=row_ok, other=0.0)
+    m_t = tl.load(st + 2 * B, mask=row_ok, other=0.0)
+    lz_t = tl.load(st + 3 * B, mask=row_ok, other=0.0)
+    kl = tl.load(st + 4 * B, mask=row_ok, other=0.0)
+    c_kd = tl.load(g_kd_ptr).to(tl.float32) * temperature / B
+    # log p <= 0: the clamp only removes rounding above 0, and keeps masked lanes finite (never stored)
+    log_p_s = tl.minimum((s_raw * inv_t - m_s[:, None]) - lz_s[:, None], 0.0)
+    log_p_t = tl.minimum((t_raw * inv_t - m_t[:, None]) - lz_t[:, None], 0.0)
+    p_t = tl.exp(log_p_t)
+    if GRAD_S:
+        ds = c_kd * (tl.exp(log_p_s) - p_t)
+        tl.store(ds_ptr + out_offs, ds.to(ds_ptr.dtype.element_ty), mask=mask)
+    dt = c_kd * p_t * ((log_p_t - log_p_s) - kl[:, None])
+    if PAIR:
+        p_raw = tl.load(p_ptr + r[:, None] * (p_stride_q * ALIGN) + cols[None, :] * p_stride_k,
+                        mask=mask, other=0.0).to(tl.float32)
+        st1 = st + 5 * B
+        m_p = tl.load(st1, mask=row_ok, other=0.0)
+        lz_p = tl.load(st1 + B, mask=row_ok, other=0.0)
+        kl1 = tl.load(st1 + 4 * B, mask=row_ok, other=0.0)
+        c_reg = tl.load(g_reg_ptr).to(tl.float32) / B
+        log_p_p = tl.minimum((p_raw - m_p[:, None]) - lz_p[:, None], 0.0)
+        if T_IS_ONE:
+            log_p_t1 = log_p_t
+            p_t1 = p_t
+        else:
+            m_t1 = tl.load(st1 + 2 * B, mask=row_ok, other=0.0)
+            lz_t1 = tl.load(st1 + 3 * B, mask=row_ok, other=0.0)
+            log_p_t1 = tl.minimum((t_raw - m_t1[:, None]) - lz_t1[:, None], 0.0)
+            p_t1 = tl.exp(log_p_t1)
+        if GRAD_P:
+            dp = c_reg * (tl.exp(log_p_p) - p_t1)
+            tl.store(dp_ptr + out_offs, dp.to(dp_ptr.dtype.element_ty), mask=mask)
+        dt += c_reg * p_t1 * ((log_p_t1 - log_p_p) - kl1[:, None])
+    if GRAD_T:
+        tl.store(dt_ptr + out_offs, dt.to(dt_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration (no autotuning: plain functions of the shape, also used by the compile-only tests)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _fwd_config(b: int, k: int) -> dict:
+    """Tile of the single forward program: BLOCK_K classes per chunk, BLOCK_B rows per loop iteration."""
+    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
+    block_b = max(1, min(FWD_TILE // block_k, triton.next_power_of_2(b)))
+    return {"BLOCK_B": block_b, "BLOCK_K": block_k, "num_warps": max(1, min(16, block_b * block_k // 256))}
+
+
+def _bwd_config(b: int, k: int) -> dict:
+    """Tile of one backward program; the grid is (cdiv(B, BLOCK_B), cdiv(K, BLOCK_K))."""
+    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
+    block_b = max(1, min(BWD_TILE // block_k, triton.next_power_of_2(b)))
+    return {"BLOCK_B": block_b, "BLOCK_K": block_k, "num_warps": max(1, min(4, block_b * block_k // 512))}
+
+
+def _layout(tensors: tuple[torch.Tensor, ...]) -> tuple[int, list[int], list[int]]:
+    """(ALIGN, row strides // ALIGN, class strides) for [B, K] tensors; see the module docstring."""
+    b, k = tensors[0].shape
+    row_strides = [x.stride(0) if b > 1 else 0 for x in tensors]  # a size-1 dim's stride is meaningless
+    col_strides = [x.stride(1) if k > 1 else 1 for x in tensors]
+    align = 1
+    if all(c == 1 for c in col_strides):
+        align = 16 // max(x.dtype.itemsize for x in tensors)
+        while align > 1 and (k % align or any(rs % align for rs in row_strides)):
+            align //= 2
+    return align, [rs // align for rs in row_strides], col_strides
+
+
+def _forward(s: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None, temperature: float):
+    pair = p is not None
+    tensors = (s, t, p) if pair else (s, t, s)
+    b, k = s.shape
+    align, row_q, col = _layout(tensors)
+    loss_kd = torch.empty((), device=s.device, dtype=torch.float32)
+    loss_reg = torch.empty((), device=s.device, dtype=torch.float32) if pair else loss_kd
+    stats = torch.empty((2 if pair else 1, _NSTAT, b), device=s.device, dtype=torch.float32)
+    cfg = _fwd_config(b, k)
+    _kl_fwd_kernel[(1,)](
+        tensors[0], tensors[1], tensors[2], loss_kd, loss_reg, stats,
+        b, k // align, *row_q, *col, temperature,
+        PAIR=pair, T_IS_ONE=pair and temperature == 1.0,
+        ALIGN=align, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    return loss_kd, (loss_reg if pair else None), stats
+
+
+def _backward(s, t, p, stats, g_kd, g_reg, temperature: float, grad_s: bool, grad_t: bool, grad_p: bool):
+    pair = p is not None
+    tensors = (s, t, p) if pair else (s, t, s)
+    b, k = s.shape
+    align, row_q, col = _layout(tensors)
+    ds = torch.empty((b, k), device=s.device, dtype=s.dtype) if grad_s else None
+    dt = torch.empty((b, k), device=t.device, dtype=t.dtype) if grad_t else None
+    dp = torch.empty((b, k), device=p.device, dtype=p.dtype) if grad_p else None
+    g_kd = g_kd.to(torch.float32)
+    g_reg = g_reg.to(torch.float32) if pair else g_kd
+    cfg = _bwd_config(b, k)
+    grid = (triton.cdiv(b, cfg["BLOCK_B"]), triton.cdiv(k, cfg["BLOCK_K"]))
+    dummy = stats  # pointer for outputs that are not written (their constexpr flag is off)
+    _kl_bwd_kernel[grid](
+        tensors[0], tensors[1], tensors[2], stats, g_kd, g_reg,
+        ds if grad_s else dummy, dt if grad_t else dummy, dp if grad_p else dummy,
+        b, k // align, *row_q, *col, temperature,
+        PAIR=pair, T_IS_ONE=pair and temperature == 1.0, GRAD_S=grad_s, GRAD_T=grad_t, GRAD_P=grad_p,
+        ALIGN=align, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    return ds, dt, dp
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _KDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_s, logits_t, temperature):
+        loss, _, stats = _forward(logits_s, logits_t, None, temperature)
+        ctx.save_for_backward(logits_s, logits_t, stats)
+        ctx.temperature = temperature
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        s, t, stats = ctx.saved_tensors
+        grad_s, grad_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (grad_s or grad_t):
+            return None, None, None
+        ds, dt, _ = _backward(s, t, None, stats, grad_loss, None, ctx.temperature, grad_s, grad_t, False)
+        return ds, dt, None
+
+
+class _PatKLPair(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_s, logits_pt, logits_t, temperature):
+        loss_kd, loss_reg, stats = _forward(logits_s, logits_t, logits_pt, temperature)
+        ctx.save_for_backward(logits_s, logits_pt, logits_t, stats)
+        ctx.temperature = temperature
+        return loss_kd, loss_reg
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_reg):
+        s, p, t, stats = ctx.saved_tensors
+        grad_s, grad_p, grad_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        if not (grad_s or grad_p or grad_t):
+            return None, None, None, None
+        ds, dt, dp = _backward(s, t, p, stats, grad_kd, grad_reg, ctx.temperature, grad_s, grad_t, grad_p)
+        return ds, dp, dt, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check(fn: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], temperature) -> float:
+    for name, x in zip(names, tensors):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    first, x0 = names[0], tensors[0]
+    for name, x in zip(names[1:], tensors[1:]):
+        if x.device != x0.device:
+            raise ValueError(f"{fn}: all logits must be on the same device, got {first} on {x0.device} and "
+                             f"{name} on {x.device}")
+    for name, x in zip(names, tensors):
+        if x.dim() != 2:
+            raise ValueError(f"{fn}: expected 2-D (B, num_classes) logits, got {name} of shape {tuple(x.shape)}")
+    for name, x in zip(names[1:], tensors[1:]):
+        if x.shape != x0.shape:
+            raise ValueError(f"{fn}: all logits must have the same shape, got {first} {tuple(x0.shape)} and "
+                             f"{name} {tuple(x.shape)}")
+    for name, x in zip(names, tensors):
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{fn}: {name} has dtype {x.dtype}; the Triton kernel takes float32, float16 or "
+                             "bfloat16 (use backend='reference' for others)")
+    for name, x in zip(names[1:], tensors[1:]):
+        if x.dtype != x0.dtype:
+            raise ValueError(f"{fn}: all logits must have the same dtype, got {first} {x0.dtype} and "
+                             f"{name} {x.dtype}")
+    if x0.numel() == 0:
+        raise ValueError(f"{fn}: logits are empty (shape {tuple(x0.shape)})")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"{fn}: temperature must be a Python number, got {type(temperature).__name__}")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"{fn}: temperature must be positive and finite, got {temperature}")
+    return float(temperature)
+
+
+def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 * batch-mean KL(softmax(logits_t / T) || softmax(logits_s / T)) -> fp32 scalar, fused.
+
+    logits_s, logits_t: (B, K), same shape, dtype (float32 / float16 / bfloat16) and device; any strides.
+    Differentiable in both inputs (gradients in their dtype). One kernel launch forward, one backward.
+    """
+    temperature = _check("kd_loss", ("logits_s", "logits_t"), (logits_s, logits_t), temperature)
+    return _KDLoss.apply(logits_s, logits_t, temperature)
+
+
+def pat_kl_pair(
+    logits_s: torch.Tensor, logits_pt: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAT's two KL terms in one pass over the clean teacher -> (loss_kd, loss_reg), fp32 scalars.
+
+    loss_kd  = kd_loss(logits_s, logits_t, temperature)   (student vs clean teacher at T)
+    loss_reg = kd_loss(logits_pt, logits_t, 1.0)           (prompted teacher vs clean teacher at 1)
+    All three (B, K), same shape, dtype and device. Gradients flow to logits_s and logits_pt, and also to
+    logits_t if it requires grad (in PAT it is the no-grad clean teacher). One launch forward, one backward.
+    """
+    temperature = _check("pat_kl_pair", ("logits_s", "logits_pt", "logits_t"), (logits_s, logits_pt, logits_t),
+                         temperature)
+    return _PatKLPair.apply(logits_s, logits_pt, logits_t, temperature)

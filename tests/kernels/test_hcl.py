@@ -1,0 +1,462 @@
+"""The fused Triton HCL kernel (patfast.kernels.hcl) against the float64 reference.
+
+Without a GPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on CPU
+tensors; with one, the same tests run on CUDA tensors. The truth is ``hcl_loss_ref`` on the inputs cast to float64
+(the same rounded values, exact arithmetic), gradients by autograd through it. 16-bit results may err by at most
+2x PyTorch's own error at that dtype (the reference run in the 16-bit dtype, no upcast) plus a small floor.
+Every test draws fresh random inputs (seeded by its test id, reproducible); no input is ever all zeros.
+The compile-only tests build every kernel configuration for sm_80 and sm_90 without a GPU and read the PTX.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import pytest
+import torch
+
+from patfast import ops
+from patfast.kernels.reference import hcl_loss_ref
+
+triton = pytest.importorskip("triton")
+hcl = pytest.importorskip("patfast.kernels.hcl")
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+F64 = torch.float64
+
+# (B, C, H, W) maps and (B, L, C) tokens: batch 3, odd sizes (7 -> 4 bins overlap), non-square both ways, tiny maps
+# where pooled levels are skipped (1x1: none, 2x2: level 1 only, 4x4: levels 2 and 1), a single column (every
+# level-4 column bin holds it), wide maps split into column chunks, 56x56 with few channels, tokens (h = 7, 14).
+SHAPES_F32 = [
+    (3, 4, 7, 7),
+    (2, 3, 9, 9),
+    (2, 3, 6, 10),
+    (2, 3, 10, 6),
+    (3, 2, 1, 1),
+    (3, 2, 2, 2),
+    (2, 3, 4, 4),
+    (2, 3, 10, 1),
+    (2, 3, 3, 130),
+    (2, 2, 56, 56),
+    (3, 49, 5),
+    (2, 196, 7),
+    (2, 1600, 33),
+]
+SHAPES_F16 = [(3, 4, 7, 7), (2, 3, 6, 10), (2, 2, 56, 56), (3, 49, 5), (2, 196, 7)]
+SHAPES_BF16_GPU = [
+    (3, 4, 7, 7),
+    (2, 3, 10, 6),
+    (8, 3136, 96),
+    (8, 784, 192),
+    (8, 196, 384),
+    (8, 49, 768),
+    (4, 96, 56, 56),
+]
+
+
+def _id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+@pytest.fixture
+def seed(request) -> int:
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+def _pair(shape, seed, dtype=torch.float32, device=DEV):
+    """Student and teacher features: independent draws with different means, so the pooled terms matter."""
+    g = torch.Generator().manual_seed(seed)
+    fs = torch.randn(shape, generator=g, dtype=F64) + 0.5
+    ft = 0.8 * torch.randn(shape, generator=g, dtype=F64) - 0.3
+    return fs.to(device=device, dtype=dtype), ft.to(device=device, dtype=dtype)
+
+
+def _scalar(seed) -> float:
+    """A random grad_output scale in [0.5, 3): the loss is not the last layer."""
+    return 0.5 + 2.5 * torch.rand((), generator=torch.Generator().manual_seed(seed + 1)).item()
+
+
+def _truth(fs, ft, scale):
+    """float64 reference loss and gradients (w.r.t. fs, ft) of scale * loss, on the CPU."""
+    a = fs.detach().cpu().to(F64).requires_grad_()
+    b = ft.detach().cpu().to(F64).requires_grad_()
+    loss = hcl_loss_ref(a, b)
+    ga, gb = torch.autograd.grad(loss * scale, (a, b))
+    return loss.detach(), ga, gb
+
+
+def _run(fn, fs, ft, scale):
+    """Loss and gradients of scale * fn(fs, ft); fs, ft may be non-leaf views."""
+    fs = fs if fs.requires_grad else fs.requires_grad_()
+    ft = ft if ft.requires_grad else ft.requires_grad_()
+    loss = fn(fs, ft)
+    gs, gt = torch.autograd.grad(loss * scale, (fs, ft))
+    return loss.detach(), gs, gt
+
+
+def _triton_hcl(fs, ft):
+    return ops.hcl_loss(fs, ft, backend="triton")
+
+
+def _assert_f32_close(loss, gs, gt, truth):
+    loss64, gs64, gt64 = truth
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double().cpu(), loss64, rtol=1e-5, atol=0)
+    for got, want in ((gs, gs64), (gt, gt64)):
+        assert got.dtype == torch.float32
+        # relative to the gradient's scale: rel. error <= 1e-5 of max |grad|
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def _max_err(x, truth) -> float:
+    return (x.detach().double().cpu() - truth).abs().max().item()
+
+
+def _assert_within_2x_torch(dtype, fs, ft, scale, loss, gs, gt):
+    """Kernel error <= 2 x PyTorch's own error at ``dtype`` (reference without upcast) + a small floor."""
+    truth = _truth(fs, ft, scale)
+    torch_run = _run(hcl_loss_ref, fs.detach().clone(), ft.detach().clone(), scale)  # same device and dtype
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # spacing of the subnormals
+    for got, ref, want in zip((loss, gs, gt), torch_run, truth):
+        floor = 1e-6 * want.abs().max().item() + tiny
+        assert _max_err(got, want) <= 2 * _max_err(ref, want) + floor, (
+            f"kernel error {_max_err(got, want):.3g} > 2 x torch {dtype} error {_max_err(ref, want):.3g} + {floor:.2g}"
+        )
+    assert loss.dtype == torch.float32 and gs.dtype == dtype and gt.dtype == dtype
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Values and gradients
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_registered_in_ops():
+    assert "hcl_loss" in ops.triton_ops()
+
+
+@pytest.mark.parametrize("shape", SHAPES_F32, ids=_id)
+def test_float32_matches_float64_reference(shape, seed):
+    fs, ft = _pair(shape, seed)
+    scale = _scalar(seed)
+    got = _run(_triton_hcl, fs, ft, scale)
+    _assert_f32_close(*got, _truth(fs, ft, scale))
+
+
+@pytest.mark.parametrize("shape", SHAPES_F16, ids=_id)
+def test_float16_error_at_most_twice_torch(shape, seed):
+    fs, ft = _pair(shape, seed, torch.float16)
+    scale = _scalar(seed)
+    _assert_within_2x_torch(torch.float16, fs, ft, scale, *_run(_triton_hcl, fs, ft, scale))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 7, 7), (2, 196, 7)], ids=_id)
+def test_bfloat16_error_at_most_twice_torch(shape, seed):
+    fs, ft = _pair(shape, seed, torch.bfloat16)
+    scale = _scalar(seed)
+    _assert_within_2x_torch(torch.bfloat16, fs, ft, scale, *_run(_triton_hcl, fs, ft, scale))
+
+
+def _layouts(seed):
+    """name -> (fs, ft): non-contiguous inputs, read in place through their strides."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(shape, generator=g) + 0.3).to(DEV)
+
+    b, c, h, w = 3, 5, 7, 9
+    cl = rnd(b, c, h, w).to(memory_format=torch.channels_last)
+    return {
+        "channels_last": (cl, rnd(b, c, h, w).to(memory_format=torch.channels_last)),
+        "channels_last_vs_contiguous": (cl.clone(memory_format=torch.channels_last), rnd(b, c, h, w)),
+        "transposed": (rnd(b, c, w, h).transpose(2, 3), rnd(b, c, w, h).transpose(2, 3)),
+        "sliced": (rnd(b, 2 * c, h + 2, w)[:, ::2, 1:-1], rnd(b, c, h, w + 3)[..., 3:]),
+        "permuted_batch": (rnd(c, b, h, w).transpose(0, 1), rnd(b, c, h, w)),
+        "tokens_cls_sliced": (rnd(b, 50, c)[:, 1:], rnd(b, 50, c)[:, 1:]),
+        "tokens_transposed": (rnd(b, c, 49).transpose(1, 2), rnd(b, 49, c)),
+        "tokens_expanded_teacher": (rnd(b, 49, c), rnd(1, 49, c).expand(b, 49, c)),
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts(0)))
+def test_non_contiguous_inputs(layout, seed):
+    fs, ft = _layouts(seed)[layout]
+    assert not (fs.is_contiguous() and ft.is_contiguous())
+    scale = _scalar(seed)
+    truth = _truth(fs, ft, scale)
+    loss, gs, gt = _run(_triton_hcl, fs, ft, scale)
+    _assert_f32_close(loss, gs, gt, truth)
+    if fs.is_contiguous(memory_format=torch.channels_last) and fs.dim() == 4 and not fs.is_contiguous():
+        assert gs.is_contiguous(memory_format=torch.channels_last)  # gradients keep a dense input's layout
+
+
+def test_inputs_are_read_in_place(monkeypatch, seed):
+    # No reshaping copy: the forward kernel gets the caller's storage (class token sliced off, channels_last).
+    seen = []
+    launcher = hcl._forward
+
+    def spy(plan, fs, ft, coef, partials):
+        seen.append((fs.data_ptr(), ft.data_ptr()))
+        return launcher(plan, fs, ft, coef, partials)
+
+    monkeypatch.setattr(hcl, "_forward", spy)
+    tok = torch.randn(2, 50, 6, generator=torch.Generator().manual_seed(seed)).to(DEV)
+    cl = torch.randn(2, 3, 5, 5).to(DEV).to(memory_format=torch.channels_last)
+    hcl.hcl_loss(tok[:, 1:], tok[:, 1:] * 0.5)
+    hcl.hcl_loss(cl, cl + 1)
+    assert seen[0][0] == tok[:, 1:].data_ptr() and seen[1][0] == cl.data_ptr()
+
+
+def test_only_the_inputs_that_need_grad_get_one(seed):
+    fs, ft = _pair((3, 4, 7, 7), seed)
+    fs.requires_grad_()
+    scale = _scalar(seed)
+    (hcl.hcl_loss(fs, ft) * scale).backward()  # teacher detached: the kernel writes grad_s only
+    assert ft.grad is None
+    _, gs64, _ = _truth(fs, ft, scale)
+    torch.testing.assert_close(fs.grad.double().cpu(), gs64, rtol=1e-5, atol=1e-5 * gs64.abs().max().item())
+    ft.requires_grad_()
+    gt64 = _truth(fs, ft, 1.0)[2]
+    (gt,) = torch.autograd.grad(hcl.hcl_loss(fs.detach(), ft), (ft,))  # student detached: grad_t only
+    torch.testing.assert_close(gt.double().cpu(), gt64, rtol=1e-5, atol=1e-5 * gt64.abs().max().item())
+
+
+def test_forward_without_grad(seed):
+    fs, ft = _pair((2, 196, 7), seed)
+    with torch.no_grad():
+        loss = hcl.hcl_loss(fs, ft)
+    torch.testing.assert_close(loss.double().cpu(), _truth(fs, ft, 1.0)[0], rtol=1e-5, atol=0)
+
+
+def test_stages_sum_matches_per_stage_references(seed):
+    # Four stages of mixed rank, layout and size in one call: forward 4 kernels + 1 sum, backward 4 kernels.
+    shapes = [(2, 64, 3), (2, 5, 8, 8), (2, 16, 6), (2, 7, 2, 3)]
+    pairs = [_pair(s, seed + i) for i, s in enumerate(shapes)]
+    pairs[1] = tuple(x.to(memory_format=torch.channels_last) for x in pairs[1])
+    feats_s = [p[0].requires_grad_() for p in pairs]
+    feats_t = [p[1].requires_grad_() for p in pairs]
+    scale = _scalar(seed)
+    loss = hcl.hcl_loss_stages(feats_s, feats_t)
+    grads = torch.autograd.grad(loss * scale, feats_s + feats_t)
+    truths = [_truth(s, t, scale) for s, t in zip(feats_s, feats_t)]
+    torch.testing.assert_close(loss.double().cpu(), sum(t[0] for t in truths), rtol=1e-5, atol=0)
+    for got, want in zip(grads, [t[1] for t in truths] + [t[2] for t in truths]):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Input checks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bad_calls():
+    x = torch.randn(3, 2, 7, 7)
+    meta = torch.empty(3, 2, 7, 7, device="meta")
+    return [
+        ("shape", lambda: hcl.hcl_loss(x, x[:, :1]), r"same shape.*\(3, 2, 7, 7\).*\(3, 1, 7, 7\)"),
+        ("dtype", lambda: hcl.hcl_loss(x, x.half()), r"same dtype.*float32.*float16"),
+        ("float64", lambda: hcl.hcl_loss(x.double(), x.double()), r"float64 is not supported"),
+        ("rank2", lambda: hcl.hcl_loss(x[0, 0], x[0, 0]), r"\(B, C, H, W\) maps or \(B, L, C\) tokens.*rank-2"),
+        ("rank5", lambda: hcl.hcl_loss(x[None], x[None]), "rank-5"),
+        ("empty", lambda: hcl.hcl_loss(x[:0], x[:0]), "empty"),
+        ("devices", lambda: hcl.hcl_loss(x, meta), r"different devices \(cpu and meta\)"),
+        ("cls-token", lambda: hcl.hcl_loss(torch.randn(2, 197, 8), torch.randn(2, 197, 8)), "class token"),
+        ("stages-count", lambda: hcl.hcl_loss_stages([x, x], [x]), "2 student and 1 teacher"),
+        ("stages-none", lambda: hcl.hcl_loss_stages([], []), "no stages"),
+        ("stages-devices", lambda: hcl.hcl_loss_stages([x, meta], [x, meta]), "stage 1 is on meta, stage 0 on cpu"),
+        ("stage-shape", lambda: hcl.hcl_loss_stages([x, x], [x, x[:1]]), r"stage 1.*same shape"),
+    ]
+
+
+@pytest.mark.parametrize(("call", "match"), [c[1:] for c in _bad_calls()], ids=[c[0] for c in _bad_calls()])
+def test_input_checks_raise_clear_value_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compile-only: every kernel and configuration for sm_80 and sm_90, no GPU needed
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _build(kernel_name, dtype, shape, config, arch, write_t=True):
+    """A compile_kernels build mirroring what the JIT would specialise for real tensors of ``shape``: ints equal to
+    1 become constexprs, ints that are multiples of 16 (and every pointer) are marked 16-divisible."""
+    block_c, block_w, num_warps = config[:3]
+    x = torch.empty(shape, device="meta")  # tokens (B, L, C) or a contiguous NCHW map
+    (b, c, h, w), strides = hcl._as_map(x)
+    kernel = getattr(hcl, kernel_name)
+    ptr = "*" + _TRITON_TYPES[dtype]
+    values = {"C": c, "H": h, "W": w}
+    for prefix in ("s", "t", "gs", "gt"):
+        values.update({f"{prefix}_s{axis}": st for axis, st in zip("bchw", strides)})
+    pointers = {"s_ptr": ptr, "t_ptr": ptr, "gs_ptr": ptr, "gt_ptr": ptr, "coef_ptr": "*fp32", "partial_ptr": "*fp32",
+                "gout_ptr": "*fp32"}  # fmt: skip
+    constexprs = {"BLOCK_C": block_c, "BLOCK_W": block_w, "WRITE_S": True, "WRITE_T": write_t}
+    signature, aligned = {}, []
+    for name in kernel.arg_names:
+        if name in pointers:
+            signature[name] = pointers[name]
+            aligned.append(name)
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        elif name.startswith("scale"):
+            signature[name] = "fp32"
+        elif values[name] == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                aligned.append(name)
+    constexprs = {k: v for k, v in constexprs.items() if k in signature}
+    return {"kernel": kernel, "signature": signature, "constexprs": constexprs, "aligned": aligned, "arch": arch,
+            "num_warps": num_warps}  # fmt: skip
+
+
+def _pat_shape(config):
+    """A batch-128 PAT stage shape that launches with ``config`` (tokens when channel-contiguous, else NCHW)."""
+    for c, w in hcl._PAT_STAGES:
+        channel_contiguous = config[3]
+        if (*hcl._launch_config(128, c, w, channel_contiguous), channel_contiguous) == config:
+            return (128, w * w, c) if channel_contiguous else (128, c, w, w)
+    raise AssertionError(f"no PAT stage launches with {config}")
+
+
+def _compile_cases():
+    """(id, build, expect vectorised global loads). Every configuration of both kernels: the token (channel-
+    contiguous) ones in bf16 for sm_90, the NCHW ones in fp16 for sm_80. Then the Swin stage-1 configuration in fp32
+    for sm_80 and sm_90 and in fp16 for sm_80, and an aligned fp32 NCHW map (32x32), whose streaming loads must be
+    vectorised; the grad_s-only variant of the backward; a 1x1x1x1 map (every int argument becomes a constexpr)."""
+    kernels = ("_hcl_fwd_kernel", "_hcl_bwd_kernel")
+    cases = []
+
+    def add(kernel, dtype, shape, config, arch, vectorised, **kw):
+        name = f"{kernel[5:8]}-{_id(shape)}-{_TRITON_TYPES[dtype]}-sm{arch}" + "".join(f"-{k}" for k in kw)
+        cases.append((name, _build(kernel, dtype, shape, config, arch, **kw), vectorised))
+
+    for config in hcl.COMPILE_CONFIGS:
+        dtype, arch = (torch.bfloat16, 90) if config[3] else (torch.float16, 80)
+        for kernel in kernels:
+            add(kernel, dtype, _pat_shape(config), config, arch, vectorised=config[3])
+    stage1 = hcl._launch_config(128, 96, 56, True)
+    for dtype, arch in ((torch.float32, 90), (torch.float32, 80), (torch.float16, 80)):
+        for kernel in kernels:
+            add(kernel, dtype, (128, 3136, 96), stage1, arch, vectorised=True)
+    nchw = hcl._launch_config(128, 96, 32, False)
+    for kernel in kernels:
+        add(kernel, torch.float32, (128, 96, 32, 32), nchw, 90, vectorised=True)
+    add("_hcl_bwd_kernel", torch.bfloat16, (128, 3136, 96), stage1, 90, vectorised=True, write_t=False)
+    # C = H = W = 1 and every stride 1: the JIT turns all of them into constexprs (plain Python ints in the kernel)
+    tiny = hcl._launch_config(1, 1, 1, True)
+    for kernel in kernels:
+        add(kernel, torch.float32, (1, 1, 1, 1), tiny, 90, vectorised=False)
+    return cases
+
+
+COMPILE_CASES = _compile_cases()
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    pytest.importorskip("triton.backends.nvidia")
+    from patfast.kernels._compile_check import compile_kernels
+
+    return dict(zip([c[0] for c in COMPILE_CASES], compile_kernels([c[1] for c in COMPILE_CASES])))
+
+
+@pytest.mark.parametrize(("name", "build", "vectorised"), COMPILE_CASES, ids=[c[0] for c in COMPILE_CASES])
+def test_compiles_for_sm80_and_sm90(name, build, vectorised, compiled):
+    asm = compiled[name]
+    ptx = asm["ptx"]
+    assert f".target sm_{build['arch']}" in ptx and ".entry" in ptx
+    assert len(asm["cubin"]) > 0
+    loads = set(re.findall(r"ld\.global[.\w]*", ptx))
+    if vectorised:  # the streaming loads of a contiguous input are 8- or 16-byte vector loads
+        assert any(re.search(r"\.v[24]\.", ld) for ld in loads), sorted(loads)
+    if vectorised and name.startswith("bwd"):
+        assert re.search(r"st\.global[.\w]*\.v[24]\.", ptx), "gradient stores are not vectorised"
+
+
+def test_compile_configs_cover_the_pat_stages():
+    # The compile-only tests build exactly the configurations the PAT stages launch with at batch 128.
+    launched = {(*hcl._launch_config(128, c, w, cc), cc) for c, w in hcl._PAT_STAGES for cc in (True, False)}
+    assert launched == set(hcl.COMPILE_CONFIGS)
+    assert all(math.prod(cfg[:2]) <= hcl._TILE for cfg in hcl.COMPILE_CONFIGS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU only (run by benchmarks/gpu_check.sh: pytest -m gpu)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES_BF16_GPU, ids=_id)
+def test_gpu_bfloat16_error_at_most_twice_torch(shape, seed):
+    fs, ft = _pair(shape, seed, torch.bfloat16, torch.device("cuda"))
+    scale = _scalar(seed)
+    _assert_within_2x_torch(torch.bfloat16, fs, ft, scale, *_run(_triton_hcl, fs, ft, scale))
+
+
+@pytest.mark.gpu
+def test_gpu_swin_stages_match_reference(seed):
+    shapes = [(4, 3136, 96), (4, 784, 192), (4, 196, 384), (4, 49, 768)]
+    pairs = [_pair(s, seed + i, device=torch.device("cuda")) for i, s in enumerate(shapes)]
+    feats_s = [p[0].requires_grad_() for p in pairs]
+    feats_t = [p[1].requires_grad_() for p in pairs]
+    loss = hcl.hcl_loss_stages(feats_s, feats_t)
+    grads = torch.autograd.grad(loss * 2.0, feats_s + feats_t)
+    truths = [_truth(s, t, 2.0) for s, t in zip(feats_s, feats_t)]
+    torch.testing.assert_close(loss.double().cpu(), sum(t[0] for t in truths), rtol=1e-5, atol=0)
+    for got, want in zip(grads, [t[1] for t in truths] + [t[2] for t in truths]):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("via", ["ops", "kernel"])
+def test_gpu_torch_compile_fullgraph(via, seed):
+    fn = (lambda s, t: ops.hcl_loss(s, t)) if via == "ops" else hcl.hcl_loss  # ops: backend "auto" -> Triton on CUDA
+
+    def step(s, t):
+        return fn(s, t) * 2.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    fs, ft = _pair((4, 196, 384), seed, torch.bfloat16, torch.device("cuda"))
+    got = _run(compiled, fs.clone(), ft.clone(), 1.0)
+    want = _run(step, fs.clone(), ft.clone(), 1.0)
+    for g, w in zip(got, want):  # same kernels; only the sum of the partials may be reordered by Inductor
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_forward_and_backward(seed):
+    cuda = torch.device("cuda")
+    fs, ft = _pair((4, 784, 192), seed, torch.bfloat16, cuda)
+    fs.requires_grad_()
+    ft.requires_grad_()
+
+    def step():
+        loss = ops.hcl_loss(fs, ft)
+        gs, gt = torch.autograd.grad(loss * 2.0, (fs, ft))
+        return loss, gs, gt
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile and warm up outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    new_s, new_t = _pair((4, 784, 192), seed + 7, torch.bfloat16, cuda)
+    with torch.no_grad():
+        fs.copy_(new_s)
+        ft.copy_(new_t)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(static_out, step()):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
