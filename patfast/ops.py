@@ -51,6 +51,7 @@ _TRITON_IMPLS: dict[str, str] = {
     "kd_loss": "patfast.kernels.kd:kd_loss",
     "hcl_loss_stages": "patfast.kernels.hcl:hcl_loss_stages",
     "kd_loss_pair": "patfast.kernels.kd:pat_kl_pair",
+    "raa_attention": "patfast.kernels.raa:raa_attention",
 }
 
 
@@ -224,5 +225,5 @@ def raa_attention(
             f"raa_attention: pos must be broadcastable to (B, N, D) = {(b, n, d)} with a full last dimension, "
             f"e.g. (1, {n}, {d}) (paper) or ({b}, 1, {d}) (official); got {tuple(pos.shape)}"
         )
-    fn = _select("raa_attention", backend, tokens.device)
+    fn = _select("raa_attention", backend, tokens.device, tokens.dtype)
     return fn(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)

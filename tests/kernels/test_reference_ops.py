@@ -429,6 +429,8 @@ def test_auto_picks_a_registered_triton_kernel_only_for_cuda_tensors(monkeypatch
     assert ops._select("kd_loss", "auto", cuda) is fake_kernel
     assert ops._select("kd_loss", "reference", cuda) is reference.kd_loss_ref
     assert ops._select("kd_loss", "triton", cpu) is fake_kernel  # explicit: also CPU (TRITON_INTERPRET=1)
+    assert ops._select("raa_attention", "auto", cuda) is fake_kernel  # registered (issue #4)
+    monkeypatch.delitem(ops._TRITON_IMPLS, "raa_attention")
     assert ops._select("raa_attention", "auto", cuda) is reference.raa_attention_ref  # not registered
     assert ops._select("kd_loss", "auto", cuda, torch.float64) is reference.kd_loss_ref  # kernels: fp32/16-bit
     s = _randn(3, 41, seed=47, dtype=torch.float32)

@@ -1,0 +1,390 @@
+"""Region-Aware Attention (SPEC section 3) with a fused Triton attention core, forward and backward.
+
+``raa_attention(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)`` -> (B, N, D)
+    The ops contract (patfast.ops.raa_attention, backend="triton"): LayerNorm (eps 1e-5) -> q = Linear(q_weight,
+    q_bias) + pos, [k | v] = Linear(kv_weight, kv_bias), k += pos -> per head softmax(q k^T / sqrt(D / heads)) v,
+    heads merged. pos is (1, N, D) (paper) or (B, 1, D) (official), or anything broadcastable to (B, N, D).
+``raa_core(q, k, v, scale)`` -> O, (B, H, N, head_dim)
+    softmax(q k^T * scale) v per (batch, head); q, k, v (B, H, N, head_dim) with any batch/head/token strides.
+    O is a (B, H, N, head_dim) view of a contiguous (B, N, H, head_dim) buffer: merging the heads back to
+    (B, N, H * head_dim) is a free reshape.
+
+Front (LayerNorm, the q and kv projections, the positional add): PyTorch ops (F.layer_norm, F.linear: cuBLAS on a
+GPU), differentiated by autograd, so the gradients of tokens, norm weight/bias, q weight/bias, kv weight/bias and pos
+are PyTorch's own. Only the attention core is Triton (``_RAACore``, a torch.autograd.Function: traceable by
+torch.compile, no host reads, no autotuning, so CUDA-graph capturable). Fusing the LayerNorm into the prologue of a
+Triton GEMM (and the positional add into its epilogue) would make the block one GEMM-bound kernel (~13 GFLOP at
+B = 128, N = 64, D = 512), but whether that beats cuBLAS + two small elementwise passes can only be decided on a
+GPU: it is left for when it can be measured.
+
+Core kernels. One program per (batch, head): grid (B * H,), one launch forward and one backward.
+  _raa_fwd_kernel   loads all N keys and values of its (b, h) once ([BLOCK_N, BLOCK_D] each), then walks the query
+                    rows in blocks of BLOCK_M (one block for N <= 64, the PAT shape): S = q k^T * scale (fp32, tl.dot),
+                    exact softmax over the whole key row (max, exp2, sum; no online rescaling), O = P v with P cast to
+                    the input dtype (flash-attention's convention), stores O (input dtype) and the row log-sum-exp
+                    LSE = max + log(sum) (natural log, fp32, (B, H, N)).
+  _raa_bwd_kernel   loads k, v once, keeps dK, dV as fp32 accumulators [BLOCK_N, BLOCK_D] in registers and walks the
+                    query blocks: P = exp(S - LSE) recomputed from the saved LSE, dP = dO v^T,
+                    delta = rowsum(P * dP), dS = P * (dP - delta); dQ = dS k * scale (complete for its block: every key
+                    is in the program, so it is stored at once), dK += dS^T q, dV += P^T dO; at the end
+                    dK * scale and dV are stored. No atomics, no zero-fill, no preprocessing launch.
+  delta: flash-attention computes rowsum(dO * O), which equals rowsum(P * dP) because O = P v; here the whole key
+  row is in the program, so rowsum(P * dP) is formed directly in fp32 from the tile. Same value, more accurate in
+  16-bit (it does not use the rounded O), and the backward never reads O (one (B, N, D) tensor less).
+Masking: N is padded to BLOCK_N = next power of two >= max(N, 16) (keys beyond N get S = -inf and P = 0; query
+rows beyond N are loaded as 0 and never stored); head_dim is padded to BLOCK_D = next power of two >= max(hd, 16)
+(tl.dot needs K >= 16) with zeros, which change no dot product.
+Precision: fp32, fp16 or bf16 inputs; S, softmax, LSE and every accumulator in fp32. fp32 dots run with
+input_precision="ieee" (true fp32, not tf32: fp32 callers get fp32 results, 1e-5 relative; tf32 would be ~1e-3).
+16-bit dots take 16-bit operands (P and dS are rounded to the input dtype before their dots) with fp32 accumulation.
+Under torch.autocast the core takes q, k, v in the autocast dtype (as autocast does for a matmul); otherwise in their
+promoted dtype.
+Limits: N <= 256 (MAX_N) and head_dim <= 128 (MAX_HEAD_DIM): all of a head's keys and values, and in the backward
+the dK and dV accumulators, sit in one program's registers / shared memory.
+
+Per-program memory at the PAT shape (N = 64, head_dim = 64, bf16). Forward (one 64-row query block, 4 warps): q, k,
+v 8 KB each, the S / P tile 64 x 64 fp32 (16 KB), O 64 x 64 fp32; ptxas: 94 registers on sm_90 (wgmma), 140 on
+sm_80 (mma.sync), no spill. Backward (two 32-row query blocks, 8 warps): k, v 8 KB each, dK and dV fp32 accumulators
+16 KB each held throughout, S / P / dP / dS tiles 32 x 64 fp32 (8 KB each); 124 registers on sm_90 (wgmma for the
+dK / dV dots, whose M is the 64 keys; mma.sync for the 32-row ones), 128 on sm_80, no spill. Larger N: 16-row query
+blocks and 8 warps (``_fwd_config`` / ``_bwd_config``); only the backward at N = 256, head_dim = 128 spills.
+
+Bytes per call (the floor: each input read once, each output written once). B = 128, N = 64, D = 512 (8 heads x 64),
+bf16: q, k, v, O, dO, dQ, dK, dV are 8,388,608 B each; LSE 262,144 B (fp32).
+  forward   reads q, k, v, writes O and LSE:                 33,816,576 B  (~34 MB)
+  backward  reads q, k, v, dO and LSE, writes dQ, dK, dV:    58,982,400 B  (~59 MB; 67 MB if it also read O)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.runtime.jit import JITFunction
+
+__all__ = ["raa_attention", "raa_core", "MAX_N", "MAX_HEAD_DIM"]
+
+MAX_N = 256  # tokens per (batch, head): all keys of a head live in one program
+MAX_HEAD_DIM = 128
+LAYER_NORM_EPS = 1e-5
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _raa_fwd_kernel(
+    q_ptr,  # [B, H, N, HEAD_DIM] queries: strides (q_sb, q_sh, q_sn, 1)
+    k_ptr,  # [B, H, N, HEAD_DIM] keys: strides (k_sb, k_sh, k_sn, 1)
+    v_ptr,  # [B, H, N, HEAD_DIM] values: strides (v_sb, v_sh, v_sn, 1)
+    o_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, input dtype: softmax(q k^T * scale) v, heads merged
+    lse_ptr,  # [B, H, N] fp32 out: log-sum-exp of each row of q k^T * scale
+    H,  # heads
+    N,  # tokens (queries = keys)
+    q_sb, q_sh, q_sn,
+    k_sb, k_sh, k_sn,
+    v_sb, v_sh, v_sn,
+    scale,  # softmax scale, head_dim ** -0.5
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per step
+    BLOCK_N: tl.constexpr,  # all keys: next power of two >= max(N, 16)
+    BLOCK_D: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16)
+):
+    pid = tl.program_id(0)  # = b * H + h
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    keys = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < N
+    d_ok = dims < HEAD_DIM
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + b * k_sb + h * k_sh + keys[:, None] * k_sn + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * v_sb + h * v_sh + keys[:, None] * v_sn + dims[None, :], mask=kv_mask, other=0.0)
+    qk_scale = scale * _LOG2E  # S in log2 units: exp(x) = exp2(x * log2 e)
+    o_base = o_ptr + b * N * (H * HEAD_DIM) + h * HEAD_DIM
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sn + dims[None, :], mask=q_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N] fp32
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.exp2(s - m[:, None])
+        l_sum = tl.sum(p, axis=1)
+        p = p * (1.0 / l_sum)[:, None]
+        o = tl.dot(p.to(v.dtype), v, input_precision="ieee")  # [BLOCK_M, BLOCK_D] fp32
+        tl.store(o_base + rows[:, None] * (H * HEAD_DIM) + dims[None, :], o.to(o_ptr.dtype.element_ty), mask=q_mask)
+        tl.store(lse_ptr + pid.to(tl.int64) * N + rows, (m + tl.log2(l_sum)) * _LN2, mask=row_ok)
+
+
+@triton.jit
+def _raa_bwd_kernel(
+    q_ptr,  # [B, H, N, HEAD_DIM] queries: strides (q_sb, q_sh, q_sn, 1)
+    k_ptr,  # [B, H, N, HEAD_DIM] keys: strides (k_sb, k_sh, k_sn, 1)
+    v_ptr,  # [B, H, N, HEAD_DIM] values: strides (v_sb, v_sh, v_sn, 1)
+    do_ptr,  # [B, H, N, HEAD_DIM] upstream gradient of O: strides (do_sb, do_sh, do_sn, 1)
+    lse_ptr,  # [B, H, N] fp32: the forward's row log-sum-exp
+    dq_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, input dtype
+    dk_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, input dtype
+    dv_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, input dtype
+    H,  # heads
+    N,  # tokens
+    q_sb, q_sh, q_sn,
+    k_sb, k_sh, k_sn,
+    v_sb, v_sh, v_sn,
+    do_sb, do_sh, do_sn,
+    scale,  # softmax scale
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = pid % H
+    keys = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < N
+    d_ok = dims < HEAD_DIM
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + b * k_sb + h * k_sh + keys[:, None] * k_sn + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + b * v_sb + h * v_sh + keys[:, None] * v_sn + dims[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = scale * _LOG2E
+    out_off = b * N * (H * HEAD_DIM) + h * HEAD_DIM  # the three gradients share the contiguous (B, N, H, hd) layout
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sn + dims[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_sn + dims[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_ptr + pid.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N] fp32
+        p = tl.exp2(s * qk_scale - (lse * _LOG2E)[:, None])
+        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # [BLOCK_M, BLOCK_N] fp32
+        delta = tl.sum(p * dp, axis=1)  # = rowsum(dO * O): the whole key row is here
+        ds = p * (dp - delta[:, None])
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, acc=dv, input_precision="ieee")
+        ds_in = ds.to(q.dtype)
+        dk = tl.dot(tl.trans(ds_in), q, acc=dk, input_precision="ieee")
+        dq = tl.dot(ds_in, k, input_precision="ieee") * scale
+        tl.store(dq_ptr + out_off + rows[:, None] * (H * HEAD_DIM) + dims[None, :], dq.to(dq_ptr.dtype.element_ty),
+                 mask=q_mask)
+    out = out_off + keys[:, None] * (H * HEAD_DIM) + dims[None, :]
+    tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration (no autotuning: a plain function of the shape, also used by the compile-only tests)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def _fwd_config(n: int, head_dim: int) -> dict:
+    """Tile sizes and warps of the forward kernel for N tokens of head_dim features.
+
+    Chosen from compile-only builds (ptxas register counts, no GPU timing): N <= 64 in one query block with 4 warps
+    (PAT, N = 64, head_dim = 64: wgmma on sm_90 at 94 registers, mma.sync on sm_80 at 140, no spill); larger N in
+    16-row blocks with 8 warps (64-99 registers up to N = 256, head_dim = 128; 32- or 64-row blocks spill at
+    head_dim = 32 on sm_80 / sm_90).
+    """
+    block_n = max(16, _next_pow2(n))
+    block_d = max(16, _next_pow2(head_dim))
+    block_m = block_n if block_n <= 64 else 16
+    num_warps = 4 if block_n <= 64 else 8
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
+
+
+def _bwd_config(n: int, head_dim: int) -> dict:
+    """Tile sizes and warps of the backward kernel: smaller query blocks, as dK and dV hold registers throughout.
+
+    Chosen from compile-only builds (ptxas register counts, no GPU timing): at N = 64, head_dim = 64 query blocks
+    of 32 rows and 8 warps take 124-128 registers and no spill on sm_80 and sm_90 (64 rows and 4 warps: 233 on
+    sm_90, 255 and a spill on sm_80); N = 128 and 256 use 16-row blocks.
+    """
+    block_n = max(16, _next_pow2(n))
+    block_d = max(16, _next_pow2(head_dim))
+    block_m = max(16, min(block_n, 2048 // block_n))
+    num_warps = 4 if block_n < 64 else 8
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
+
+
+_COMPILED = isinstance(_raa_fwd_kernel, JITFunction)  # False under TRITON_INTERPRET=1 (a plain bool for dynamo)
+
+
+def _check_device(name: str, device: torch.device) -> None:
+    if device.type != "cuda" and _COMPILED:
+        raise ValueError(
+            f"{name}: the Triton kernel needs CUDA tensors (got {device}); set TRITON_INTERPRET=1 before triton is "
+            "imported to run it on the CPU, or use backend='reference'"
+        )
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its feature axis is contiguous (stride 1), else a contiguous copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _core_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """(O, LSE) for (B, H, N, hd) q, k, v of one dtype with unit feature stride.
+
+    O: contiguous (B, N, H, hd) (heads merged), LSE: (B, H, N) fp32, natural log.
+    """
+    b, h, n, hd = q.shape
+    o = torch.empty((b, n, h, hd), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    cfg = _fwd_config(n, hd)
+    _raa_fwd_kernel[(b * h,)](
+        q, k, v, o, lse, h, n,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        scale,
+        HEAD_DIM=hd, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+    )
+    return o, lse
+
+
+def _core_backward(q, k, v, grad_o, lse, scale: float):
+    """(dQ, dK, dV), each a (B, H, N, hd) view of a contiguous (B, N, H, hd) buffer; grad_o is (B, N, H, hd)."""
+    b, h, n, hd = q.shape
+    do = _unit_last(grad_o.to(q.dtype))
+    grads = [torch.empty((b, n, h, hd), device=q.device, dtype=q.dtype) for _ in range(3)]
+    cfg = _bwd_config(n, hd)
+    _raa_bwd_kernel[(b * h,)](
+        q, k, v, do, lse, *grads, h, n,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(2), do.stride(1),  # (B, N, H, hd): batch, head, token strides
+        scale,
+        HEAD_DIM=hd, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+    )
+    return tuple(g.transpose(1, 2) for g in grads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _RAACore(torch.autograd.Function):
+    """(B, H, N, hd) q, k, v of one dtype, unit feature stride -> O as a contiguous (B, N, H, hd) tensor.
+
+    The output is a fresh tensor, not a view (the (B, H, N, hd) view is taken outside, by autograd).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        o, lse = _core_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        q, k, v, lse = ctx.saved_tensors
+        dq, dk, dv = _core_backward(q, k, v, grad_o, lse, ctx.scale)
+        need = ctx.needs_input_grad
+        return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"raa_core: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"raa_core: expected (B, H, N, head_dim) tensors, got {name} of shape {tuple(x.shape)}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"raa_core: {name} has dtype {x.dtype}; the Triton kernel takes float32, float16 or "
+                             "bfloat16 (use backend='reference' for others)")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"raa_core: q, k and v must have the same shape, got q {tuple(q.shape)} and {name} "
+                             f"{tuple(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"raa_core: q, k and v must be on the same device, got q on {q.device} and {name} on "
+                             f"{x.device}")
+    b, h, n, hd = q.shape
+    if q.numel() == 0:
+        raise ValueError(f"raa_core: inputs are empty (shape {tuple(q.shape)})")
+    if n > MAX_N:
+        raise ValueError(f"raa_core: at most {MAX_N} tokens per head (all keys sit in one program), got N = {n}; "
+                         "use backend='reference'")
+    if hd > MAX_HEAD_DIM:
+        raise ValueError(f"raa_core: head_dim must be at most {MAX_HEAD_DIM}, got {hd}; use backend='reference'")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"raa_core: scale must be a Python number, got {type(scale).__name__}")
+    _check_device("raa_core", q.device)
+
+
+def raa_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v per (batch, head) -> (B, H, N, head_dim), fused (one launch forward, one backward).
+
+    q, k, v: (B, H, N, head_dim), float32 / float16 / bfloat16 (mixed dtypes are promoted; under torch.autocast
+    they are cast to the autocast dtype), any batch/head/token strides; N <= 256, head_dim <= 128.
+    Softmax and accumulation in fp32. Returns O in the compute dtype as a (B, H, N, head_dim) view of a contiguous
+    (B, N, H, head_dim) buffer. Differentiable in q, k and v.
+    """
+    _check_core(q, k, v, scale)
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    q, k, v = (_unit_last(x.to(dtype)) for x in (q, k, v))
+    return _RAACore.apply(q, k, v, float(scale)).transpose(1, 2)
+
+
+def raa_attention(
+    tokens: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor,
+    q_weight: torch.Tensor,
+    q_bias: torch.Tensor,
+    kv_weight: torch.Tensor,
+    kv_bias: torch.Tensor,
+    pos: torch.Tensor,
+    num_heads: int,
+) -> torch.Tensor:
+    """Region-aware attention -> (B, N, D) in the dtype of tokens: PyTorch front + the Triton core. See module doc.
+
+    tokens (B, N, D); norm_weight, norm_bias (D,); q_weight (D, D), q_bias (D,); kv_weight (2D, D), kv_bias (2D,);
+    pos broadcastable to (B, N, D). Differentiable in all of them.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"raa_attention: expected tokens of shape (B, N, D), got {shape}")
+    b, n, d = tokens.shape
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or d % num_heads:
+        raise ValueError(f"raa_attention: the width D = {d} must be divisible by num_heads, got {num_heads!r}")
+    if tokens.dtype not in _DTYPES:
+        raise ValueError(f"raa_attention: tokens have dtype {tokens.dtype}; the Triton kernel takes float32, float16 "
+                         "or bfloat16 (use backend='reference' for others)")
+    head_dim = d // num_heads
+    xn = F.layer_norm(tokens, (d,), norm_weight, norm_bias, LAYER_NORM_EPS)
+    q = F.linear(xn, q_weight, q_bias) + pos
+    k, v = F.linear(xn, kv_weight, kv_bias).split(d, dim=-1)
+    k = k + pos
+    o = raa_core(*(t.unflatten(-1, (num_heads, head_dim)).transpose(1, 2) for t in (q, k, v)), head_dim**-0.5)
+    return o.transpose(1, 2).reshape(b, n, d).to(tokens.dtype)
