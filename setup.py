@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.10",
     # kernels/ is installed as patfast.kernels; there is no top-level "kernels" package.
     packages=["patfast", "patfast.models", "patfast.distill", "patfast.data", "patfast.train",
-              "patfast.kernels"],
+              "patfast.bench", "patfast.kernels"],
     package_dir={"patfast": "patfast", "patfast.kernels": "kernels"},
     package_data={"patfast": ["configs/*.yaml"]},
     install_requires=[

@@ -1,4 +1,4 @@
-"""`patfast train | teacher | eval | info`.
+"""`patfast train | teacher | eval | bench | info`.
 
 Every mistake a user can make ends with one line `patfast: error: ...` on stderr and exit status 2.
 """
@@ -15,6 +15,7 @@ COMMANDS = {
     "train": "distil a student from a teacher (PAT, KD) or train it alone; no arguments: the bundled digits demo",
     "teacher": "train or fine-tune a teacher on the same data",
     "eval": "evaluate a checkpoint (student.safetensors, teacher.safetensors or last.pth) on a test split",
+    "bench": "benchmark the kernels on PAT's shapes against their references (patfast bench kernels)",
     "info": "versions, device and the available backends",
 }
 
@@ -31,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        if name != "info":
+        if name == "bench":
+            from patfast.bench import add_options as add_bench_options
+
+            add_bench_options(p)
+        elif name != "info":
             add_options(p, name)
     return parser
 
@@ -97,6 +102,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from patfast.bench import run
+
+    return run(args)
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -128,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args, args.command)
         if args.command == "eval":
             return cmd_eval(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         return cmd_info(args)
     except UserError as e:
         print(f"patfast: error: {e}", file=sys.stderr)

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The one prepared GPU command (shared/GPU.md): versions, ceilings, GPU tests, benchmarks -> OUTDIR/results.{json,md}
+#
+#   bash benchmarks/gpu_check.sh OUTDIR            on the GPU machine, after
+#                                                  python3 -m pip install --no-deps --no-build-isolation -e .
+#   bash benchmarks/gpu_check.sh OUTDIR --dry-run  on any CPU machine: every step, tiny sizes, no CUDA, tests only
+#                                                  collected (CI runs this so a typo never costs GPU time)
+#   PYTHON=/path/to/python bash benchmarks/gpu_check.sh ...   another interpreter (default: python3)
+#
+# Steps (each bounded by `timeout`; a failing or timed-out step is recorded and the next one still runs):
+#   1 env        GPU name, torch / triton / CUDA versions
+#   2 ceilings   device-to-device copy GB/s and bf16 matmul TFLOP/s, measured in this run
+#   3 gpu_tests  python -m pytest -m gpu -q tests (bf16 numerics, torch.compile fullgraph, CUDA graphs)
+#   4 kernels    patfast bench kernels: eager / torch.compile / Triton, fwd and fwd+bwd, PAT shapes, B 64/128/256
+#   5 data       (issue #5)   6 e2e (issue #6)
+# results.json and results.md are rewritten after every step, so a run cut short still leaves what it measured;
+# OUTDIR/gpu_check.log holds the whole output. Exit status 0 when every step ran cleanly, else 1 (results written).
+# Expected on an H100: env ~5 s, ceilings ~10 s, gpu_tests ~1-2 min, kernels ~2-4 min (compiling the torch.compile
+# reference is the expensive part: it is timed at B=128 only and stops starting new shapes after KERNELS_BUDGET s).
+# Worst case, every step running into its timeout: 30 + 60 + 150 + 270 = 510 s (each limit can be overridden:
+# ENV_TIMEOUT, CEILINGS_TIMEOUT, TESTS_TIMEOUT, KERNELS_TIMEOUT, KERNELS_BUDGET; GPU_CHECK_KERNEL_ARGS adds flags
+# to `patfast bench kernels`, e.g. "--quick").
+set -euo pipefail
+
+usage() { echo "usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
+OUT=""
+DRY=0
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY=1 ;;
+        -h|--help) usage ;;
+        -*) echo "gpu_check.sh: unknown option $arg" >&2; usage ;;
+        *) [[ -z "$OUT" ]] || usage; OUT="$arg" ;;
+    esac
+done
+[[ -n "$OUT" ]] || usage
+
+PY="${PYTHON:-python3}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PARTS="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")"
+cd "$ROOT"
+export PYTHONUNBUFFERED=1
+exec 3>&1 4>&2
+exec > >(tee "$OUT/gpu_check.log") 2>&1   # the whole output also lands in OUTDIR/gpu_check.log
+TEE_PID=$!
+finish() {  # let tee drain before the script ends (the last lines are the results table)
+    exec 1>&3 2>&4 3>&- 4>&-
+    wait "$TEE_PID" 2>/dev/null || true
+    rm -rf "$PARTS"
+}
+trap finish EXIT
+
+ENV_TIMEOUT="${ENV_TIMEOUT:-30}"
+CEILINGS_TIMEOUT="${CEILINGS_TIMEOUT:-60}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-150}"
+KERNELS_TIMEOUT="${KERNELS_TIMEOUT:-270}"
+KERNELS_BUDGET="${KERNELS_BUDGET:-180}"   # seconds after which no new torch.compile shape is started
+
+MERGE_FLAGS=()
+CEILINGS_FLAGS=()
+KERNEL_FLAGS=(--budget "$KERNELS_BUDGET")
+read -r -a EXTRA_KERNEL_FLAGS <<<"${GPU_CHECK_KERNEL_ARGS:-}"   # e.g. GPU_CHECK_KERNEL_ARGS="--quick"
+KERNEL_FLAGS+=("${EXTRA_KERNEL_FLAGS[@]}")
+if (( DRY )); then
+    # No CUDA whatever the machine has; Triton through its interpreter (the harness is checked, nothing timed).
+    export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
+    MERGE_FLAGS+=(--dry-run)
+    CEILINGS_FLAGS+=(--dry-run)
+    KERNEL_FLAGS+=(--interpret-check)
+else
+    unset TRITON_INTERPRET
+fi
+
+FAILED=()
+# run_step NAME TIMEOUT_S CMD...: run, log, record exit status and seconds; never abort the script.
+run_step() {
+    local name="$1" limit="$2" rc=0 start
+    shift 2
+    echo
+    echo "=== gpu_check: $name ($(date -u +%H:%M:%S), limit ${limit} s) ==="
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" || rc=$?
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >>"$PARTS/steps.tsv"
+    if (( rc != 0 )); then
+        local why="exit $rc"
+        if (( rc == 124 )); then why+=", timed out after ${limit} s"; fi
+        FAILED+=("$name ($why)")
+        echo "=== gpu_check: $name FAILED with exit status $rc ==="
+    fi
+    "$PY" -m patfast.bench.results merge --parts "$PARTS" --out "$OUT" --quiet "${MERGE_FLAGS[@]}" \
+        || echo "=== gpu_check: writing results after $name failed ==="
+}
+
+if (( DRY )); then MODE="DRY RUN (CPU, tiny sizes)"; else MODE="GPU run"; fi
+echo "gpu_check: $MODE -> $OUT, python: $PY"
+
+# 1. GPU name and versions
+if (( ! DRY )) && command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+fi
+run_step env "$ENV_TIMEOUT" "$PY" -m patfast.bench.results env --json "$PARTS/env.json"
+
+# 2. Ceilings of this run: copy bandwidth and bf16 matmul rate
+run_step ceilings "$CEILINGS_TIMEOUT" "$PY" -m patfast.bench.ceilings --json "$PARTS/ceilings.json" \
+    "${CEILINGS_FLAGS[@]}"
+
+# 3. GPU tests (a failure is recorded, the benchmarks still run)
+TEST_CMD=("$PY" -m pytest -m gpu -q tests -p no:cacheprovider)
+if (( DRY )); then
+    TEST_CMD+=(--collect-only)
+else
+    TEST_CMD+=(--junitxml "$PARTS/gpu_tests.xml")
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then TEST_CMD+=(--timeout 120); fi
+fi
+run_step gpu_tests "$TESTS_TIMEOUT" bash -c '"$@" 2>&1 | tee "'"$PARTS"'/gpu_tests.log"; exit "${PIPESTATUS[0]}"' \
+    _ "${TEST_CMD[@]}"
+tests_rc="$(tail -n 1 "$PARTS/steps.tsv" | cut -f 2)"
+GPU_TEST_FLAGS=(--rc "$tests_rc" --log "$PARTS/gpu_tests.log" --timeout "$TESTS_TIMEOUT")
+if (( DRY )); then
+    GPU_TEST_FLAGS+=(--collect-only --pytest-command "python -m pytest -m gpu -q tests --collect-only")
+else
+    GPU_TEST_FLAGS+=(--junit "$PARTS/gpu_tests.xml" --pytest-command "python -m pytest -m gpu -q tests")
+fi
+"$PY" -m patfast.bench.results gpu-tests "${GPU_TEST_FLAGS[@]}" --json "$PARTS/gpu_tests.json" \
+    || FAILED+=("gpu_tests (reading the results)")
+
+# 4. Kernel benchmarks (writes its JSON after every row: a timeout keeps what was measured); the ceilings of step 2,
+#    or, if that step failed, measured again by the benchmark itself
+if [[ -s "$PARTS/ceilings.json" ]]; then KERNEL_FLAGS+=(--ceilings "$PARTS/ceilings.json"); fi
+run_step kernels "$KERNELS_TIMEOUT" "$PY" -m patfast bench kernels --json "$PARTS/kernels.json" "${KERNEL_FLAGS[@]}"
+
+# 5. ---- issue #5: the data-loader benchmark goes here (gpu backend; DALI reported as absent when it is),
+#         as: run_step data <timeout> "$PY" -m patfast bench data --json "$PARTS/data.json" [--dry-run]
+#         and results.py's merge reads parts/data.json.
+# 6. ---- issue #6: the end-to-end train-step benchmark goes here (fast path vs reference path, same pair, batch
+#         and card, with the time split), as: run_step e2e <timeout> ... --json "$PARTS/e2e.json" (a list; merge
+#         puts it under "e2e").
+
+# Final results: results.json + results.md in OUTDIR, the markdown printed last.
+echo
+echo "=== gpu_check: results ($OUT/results.json, $OUT/results.md) ==="
+"$PY" -m patfast.bench.results merge --parts "$PARTS" --out "$OUT" "${MERGE_FLAGS[@]}"
+if (( ${#FAILED[@]} )); then
+    echo "gpu_check: steps that failed: ${FAILED[*]}"
+    exit 1
+fi
+echo "gpu_check: all steps ran"

@@ -1,0 +1,105 @@
+"""Benchmarks: `patfast bench kernels` (issue #3), and the pieces benchmarks/gpu_check.sh runs.
+
+    kernels.py   the kernel benchmark cases (PAT shapes), providers (eager reference, torch.compile(reference),
+                 Triton), the timing loop and the traffic model
+    ceilings.py  the measured ceilings of the same run: device-to-device copy bandwidth, bf16 matmul rate
+    results.py   results.json / results.md: environment, ceilings, kernel rows with their baselines, the targets
+
+Timing: on CUDA ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed before each, median with
+p20/p80); on the CPU a host clock (the CPU is synchronous), which is only ever used for the tiny dry-run sizes.
+Nothing that was not measured gets a number: it is written "not measured", with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+
+__all__ = ["add_options", "run", "bench_ms", "num", "quantiles", "QUANTILES"]
+
+QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
+
+
+def bench_ms(fn, cuda: bool, *, warmup_ms: float = 25, rep_ms: float = 60, cpu_reps: int = 5,
+             cpu_max_s: float = 2.0) -> tuple[float, float, float, str]:
+    """Time ``fn()`` -> (median ms, p20 ms, p80 ms, how it was timed).
+
+    CUDA: triton.testing.do_bench (events, L2 cleared before each call). CPU: perf_counter around each call after
+    one warm-up call, ``cpu_reps`` calls, fewer (at least one) once ``cpu_max_s`` has passed: the CPU figures
+    only ever come from the dry-run sizes, where the point is to run the code.
+    """
+    if cuda:
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES))
+        return float(med), float(p20), float(p80), "triton.testing.do_bench (CUDA events, L2 flushed)"
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + cpu_max_s
+    while len(times) < cpu_reps and (not times or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    med, p20, p80 = quantiles(times, QUANTILES)
+    return med, p20, p80, "host clock around each call, 1 to 5 calls (CPU)"
+
+
+def num(x: float | None) -> str:
+    """A measured figure with 3-4 significant digits (GB/s, TFLOP/s); None -> "not measured"."""
+    if x is None:
+        return "not measured"
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}" if abs(x) >= 1 else f"{x:.3g}"
+
+
+def quantiles(values: list[float], qs) -> list[float]:
+    """Linear-interpolated quantiles (numpy's default method) of ``values``."""
+    xs = sorted(values)
+    out = []
+    for q in qs:
+        pos = q * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        out.append(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+    return out
+
+
+def add_options(parser) -> None:
+    """Options of `patfast bench WHAT` (cli.py builds the sub-parser, this fills it)."""
+    parser.add_argument("what", choices=["kernels"], metavar="WHAT",
+                        help="what to benchmark: kernels (HCL, KD); data and e2e arrive with issues #5 and #6")
+    parser.add_argument("--op", choices=["hcl", "kd", "all"], default="all",
+                        help="hcl: HCL over 4 teacher stages; kd: kd_loss_pair and kd_loss; all (default)")
+    parser.add_argument("--batch", default=None, metavar="B[,B...]",
+                        help="batch sizes (default 64,128,256 on CUDA, 128 with --quick; 1 on the CPU)")
+    parser.add_argument("--teacher", default=None, metavar="NAME[,NAME...]",
+                        help="HCL teacher stage shapes: swin_t, convnext_t, resnet50 (default all three)")
+    parser.add_argument("--classes", default=None, metavar="K[,K...]", help="KD classes (default 100,1000)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run: Swin-T stages only, one class count, one batch, fewer repeats")
+    compiled = parser.add_mutually_exclusive_group()
+    compiled.add_argument("--compiled", dest="compiled", action="store_true", default=None,
+                          help="time torch.compile(reference) too (default on CUDA; slow to compile on the CPU)")
+    compiled.add_argument("--no-compiled", dest="compiled", action="store_false",
+                          help="skip torch.compile(reference)")
+    parser.add_argument("--compiled-batch", default="128", metavar="B[,B...]|all",
+                        help="batch sizes at which torch.compile(reference) is timed (default 128: each shape "
+                             "compiles once, the expensive part of a GPU run); 'all' for every batch")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="seconds from the start of the benchmark after which compiled-reference shapes not "
+                             "yet started are skipped (reported as not measured)")
+    parser.add_argument("--ceilings", default=None, metavar="PATH",
+                        help="read the ceilings from this JSON (benchmarks/gpu_check.sh measures them in an "
+                             "earlier step of the same run) instead of measuring them here")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write results.json-style output here")
+    parser.add_argument("--md", default=None, metavar="PATH", help="write the markdown tables here")
+    parser.add_argument("--interpret-check", action="store_true",
+                        help="no CUDA: also run each Triton case once through the Triton interpreter (untimed) "
+                             "to check the harness; gpu_check.sh --dry-run uses it")
+
+
+def run(args) -> int:
+    """`patfast bench ...`"""
+    if args.what == "kernels":
+        from patfast.bench.kernels import main
+
+        return main(args)
+    raise AssertionError(args.what)  # argparse choices keep us from here

@@ -1,0 +1,126 @@
+"""patfast.bench.kernels: the cases, the traffic model, and the GPU-side logic of the benchmark run on fakes.
+
+There is no GPU here, so the CUDA branch of ``Bench`` (Triton provider, do_bench figures, launch counts, CUDA-graph
+timing, the compile budget) runs on CPU tensors with the timers and the profiler replaced by fakes, and Triton
+through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
+"""
+
+import pytest
+import torch
+
+from patfast.bench import kernels as K
+from patfast.bench.results import make_doc, render_md
+
+
+def test_cases_cover_pat_shapes_and_the_traffic_model():
+    cases = K.build_cases("all", list(K.TEACHERS), list(K.KD_CLASSES), [64, 128, 256])
+    assert len(cases) == 3 * 3 + 2 * 2 * 3
+    swin = K.hcl_case("swin_t", 128)
+    assert swin.shapes == ((128, 3136, 96), (128, 784, 192), (128, 196, 384), (128, 49, 768))
+    assert swin.elements() == 72_253_440  # kernels/hcl.py's byte budget: 144.5 MB per bf16 tensor
+    assert swin.traffic_bytes("fwd", 2) == 2 * 72_253_440 * 2
+    assert swin.traffic_bytes("fwd+bwd", 2) == 6 * 72_253_440 * 2  # the 6-pass model
+    assert K.hcl_case("resnet50", 64).shapes[-1] == (64, 2048, 7, 7)
+    pair, kd = K.kd_case("kd_loss_pair", 1000, 256), K.kd_case("kd_loss", 100, 64)
+    assert pair.shape == [256, 1000] and pair.traffic_bytes("fwd+bwd", 2) == 8 * 256_000 * 2
+    assert kd.traffic_bytes("fwd", 4) == 2 * 6400 * 4 and kd.traffic_bytes("fwd+bwd", 4) == 5 * 6400 * 4
+    # the cases the issue's targets are judged on run first (a GPU run cut short still has them)
+    first = K.target_first(cases)[:3]
+    assert first == [swin, K.kd_case("kd_loss_pair", 100, 256), pair]
+
+
+def test_inputs_are_fresh_random_and_require_the_right_grads():
+    case = K.kd_case("kd_loss_pair", 41, 3)
+    (s, pt, t, temp), grads = K.make_inputs(case, "fwd+bwd", torch.device("cpu"), torch.float32)
+    assert s.requires_grad and pt.requires_grad and not t.requires_grad and grads == [s, pt]
+    assert temp == K.TEMPERATURE and s.abs().min() > 0 and not torch.equal(s, pt)
+    (fs, ft), grads = K.make_inputs(K.hcl_case("convnext_t", 1), "fwd", torch.device("cpu"), torch.float32)
+    assert [x.shape for x in fs] == [torch.Size(s) for s in K.hcl_case("convnext_t", 1).shapes]
+    assert not any(x.requires_grad for x in fs + ft)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """do_bench, do_bench_cudagraph and the profiler replaced: fixed figures, one launch each way for Triton."""
+    times = {"eager": 2.0, "compiled": 0.5, "triton": 0.1}
+    calls = []
+
+    def fake_bench_ms(fn, cuda, **kw):
+        assert cuda
+        provider = calls[-1]
+        return times[provider], times[provider] * 0.9, times[provider] * 1.1, "fake do_bench"
+
+    def fake_launches(runner, cuda):
+        assert cuda
+        n = 1 if calls[-1] == "triton" else 5
+        return [f"k{i}" for i in range(n)], [f"b{i}" for i in range(n)]
+
+    real_measure = K.Bench.measure
+
+    def measure(self, case, mode, provider, fn=None):
+        calls.append(provider)
+        return real_measure(self, case, mode, provider, fn)
+
+    monkeypatch.setattr(K, "bench_ms", fake_bench_ms)
+    monkeypatch.setattr(K, "count_launches", fake_launches)
+    monkeypatch.setattr(K, "graph_ms", lambda runner: (0.008, 0.007, 0.009))
+    monkeypatch.setattr(K.Bench, "measure", measure)
+    monkeypatch.setattr(K, "op_function", lambda case, provider, amp: _cpu_op(case, provider))
+    return calls
+
+
+def _cpu_op(case, provider):
+    from patfast import ops
+
+    op = getattr(ops, case.op)
+    return lambda *args: op(*args, backend="triton" if provider == "triton" else "reference")
+
+
+def test_gpu_logic_fills_every_row_and_keeps_the_budget(fake_gpu, tmp_path):
+    cases = [K.hcl_case("swin_t", 1), K.kd_case("kd_loss_pair", 41, 3), K.kd_case("kd_loss", 41, 3)]
+    bench = K.Bench(cases, cuda=True, compiled=True, compiled_batches={3}, quick=True, budget=None,
+                    interpret_check=False, env={"gpu": "fake"}, ceilings={"copy_gbps": 1.0, "bf16_tflops": 1.0},
+                    json_path=str(tmp_path / "k.json"), md_path=None, log=lambda line: None,
+                    device=torch.device("cpu"), dtype=torch.float32)
+    doc = bench.run()
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in doc["kernels"]}
+    assert len(rows) == 3 * 2 * 3
+    # eager and Triton everywhere first, then the compiled reference (only at the compiled batch, B=3)
+    assert fake_gpu[:12] == ["eager", "triton"] * 6 and set(fake_gpu[12:]) == {"compiled"}
+    hcl = rows[("hcl_loss_stages", "fwd+bwd", "triton")]
+    assert hcl["ms"] == 0.1 and hcl["vs_eager"] == pytest.approx(20.0) and hcl["launches_fwd"] == 1
+    assert "B=3 only" in rows[("hcl_loss_stages", "fwd", "compiled")]["note"]
+    pair = rows[("kd_loss_pair", "fwd+bwd", "triton")]
+    assert pair["vs_compiled"] == pytest.approx(5.0) and pair["ms_graph"] == 0.008
+    assert pair["kernels_fwd"] == ["k0"] and pair["kernels_bwd"] == ["b0"]
+    assert rows[("kd_loss_pair", "fwd+bwd", "compiled")]["ms_graph"] is None  # graphs: eager and Triton only
+    assert rows[("hcl_loss_stages", "fwd", "eager")]["launches_fwd"] is None  # counted on fwd+bwd rows
+    assert "| 41 | 3 | fwd+bwd | triton | 100.0 us (90.0-110.0) | 8.0 us (7.0-9.0) |" in render_md(doc)
+
+    fake_gpu.clear()
+    bench = K.Bench(cases[1:], cuda=True, compiled=True, compiled_batches=None, quick=True, budget=0.0,
+                    interpret_check=False, env={"gpu": "fake"}, ceilings={}, json_path=None, md_path=None,
+                    log=lambda line: None, device=torch.device("cpu"), dtype=torch.float32)
+    doc = make_doc({"gpu": "fake"}, {}, bench.run()["kernels"])
+    compiled = [r for r in doc["kernels"] if r["provider"] == "compiled"]
+    assert "compiled" not in fake_gpu
+    assert all(r["ms"] is None and "time budget" in r["note"] for r in compiled)
+
+
+def test_a_failing_row_is_recorded_and_the_rest_still_run(fake_gpu, monkeypatch):
+    def broken(case, provider):
+        if provider == "triton":
+            def fail(*args):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+            return fail
+        return _cpu_op(case, provider)
+
+    monkeypatch.setattr(K, "op_function", lambda case, provider, amp: broken(case, provider))
+    bench = K.Bench([K.kd_case("kd_loss", 41, 3)], cuda=True, compiled=False, compiled_batches=None, quick=True,
+                    budget=None, interpret_check=False, env={}, ceilings={}, json_path=None, md_path=None,
+                    log=lambda line: None, device=torch.device("cpu"), dtype=torch.float32)
+    rows = bench.run()["kernels"]
+    tri = [r for r in rows if r["provider"] == "triton"]
+    assert all(r["ms"] is None and r["note"] == "not measured: RuntimeError: CUDA error: an illegal memory access "
+               "was encountered" for r in tri)
+    assert all(r["ms"] == 2.0 for r in rows if r["provider"] == "eager")
