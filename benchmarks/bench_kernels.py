@@ -2,6 +2,7 @@
 
     python -m pytest benchmarks/bench_kernels.py                  tiny CPU reference cases (run anywhere)
     python -m pytest benchmarks/bench_kernels.py -m gpu           CUDA: eager / compiled / Triton on PAT shapes
+                                                                   (RAA also SDPA flash / cuDNN pinned)
     ... --benchmark-json bench.json                                keep the figures
 
 On CUDA each test records the triton.testing.do_bench figures (CUDA events, L2 flushed; median, p20, p80) and the
@@ -20,18 +21,23 @@ from patfast.bench.kernels import (
     KD_CLASSES,
     KD_OPS,
     MODES,
-    PROVIDERS,
+    PROVIDERS_OF,
+    RAA_OPS,
     TEACHERS,
     Runner,
     hcl_case,
     kd_case,
     make_inputs,
     op_function,
+    raa_case,
 )
 
 CUDA = torch.cuda.is_available()
-GPU_CASES = [hcl_case(t, 128) for t in TEACHERS] + [kd_case(op, k, 256) for op in KD_OPS for k in KD_CLASSES]
-CPU_CASES = [hcl_case("swin_t", 1), kd_case("kd_loss_pair", 100, 8), kd_case("kd_loss", 100, 8)]
+GPU_CASES = [hcl_case(t, 128) for t in TEACHERS] + [kd_case(op, k, 256) for op in KD_OPS for k in KD_CLASSES] + \
+    [raa_case(op, 128) for op in RAA_OPS]
+CPU_CASES = [hcl_case("swin_t", 1), kd_case("kd_loss_pair", 100, 8), kd_case("kd_loss", 100, 8),
+             raa_case("raa_block", 1), raa_case("raa_core", 1)]
+GPU_PAIRS = [(case, provider) for case in GPU_CASES for provider in PROVIDERS_OF[case.op]]
 
 
 def _id(case) -> str:
@@ -60,9 +66,8 @@ def test_cpu_reference(benchmark, case, mode):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", GPU_CASES, ids=_id)
+@pytest.mark.parametrize("case, provider", GPU_PAIRS, ids=[f"{_id(c)}-{p}" for c, p in GPU_PAIRS])
 def test_gpu(benchmark, case, mode, provider):
     if provider == "compiled":
         torch._dynamo.reset()  # one shape per test: a fresh cache, no recompile limit reached

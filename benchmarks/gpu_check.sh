@@ -12,6 +12,8 @@
 #   2 ceilings   device-to-device copy GB/s and bf16 matmul TFLOP/s, measured in this run
 #   3 gpu_tests  python -m pytest -m gpu -q tests (bf16 numerics, torch.compile fullgraph, CUDA graphs)
 #   4 kernels    patfast bench kernels: eager / torch.compile / Triton, fwd and fwd+bwd, PAT shapes, B 64/128/256
+#                (HCL, KD, and RAA whole block + core, which also times SDPA with the flash / cuDNN backend pinned;
+#                the dry run takes Triton RAA through the interpreter once per case and mode, untimed, like HCL/KD)
 #   5 data       (issue #5)   6 e2e (issue #6)
 # results.json and results.md are rewritten after every step, so a run cut short still leaves what it measured;
 # OUTDIR/gpu_check.log holds the whole output. Exit status 0 when every step ran cleanly, else 1 (results written).

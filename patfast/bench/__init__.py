@@ -1,7 +1,8 @@
-"""Benchmarks: `patfast bench kernels` (issue #3), and the pieces benchmarks/gpu_check.sh runs.
+"""Benchmarks: `patfast bench kernels` (issues #3 and #4), and the pieces benchmarks/gpu_check.sh runs.
 
     kernels.py   the kernel benchmark cases (PAT shapes), providers (eager reference, torch.compile(reference),
-                 Triton), the timing loop and the traffic model
+                 Triton; for RAA also SDPA with the flash / cuDNN backend pinned), the timing loop and the traffic
+                 model
     ceilings.py  the measured ceilings of the same run: device-to-device copy bandwidth, bf16 matmul rate
     results.py   results.json / results.md: environment, ceilings, kernel rows with their baselines, the targets
 
@@ -65,9 +66,10 @@ def quantiles(values: list[float], qs) -> list[float]:
 def add_options(parser) -> None:
     """Options of `patfast bench WHAT` (cli.py builds the sub-parser, this fills it)."""
     parser.add_argument("what", choices=["kernels"], metavar="WHAT",
-                        help="what to benchmark: kernels (HCL, KD); data and e2e arrive with issues #5 and #6")
-    parser.add_argument("--op", choices=["hcl", "kd", "all"], default="all",
-                        help="hcl: HCL over 4 teacher stages; kd: kd_loss_pair and kd_loss; all (default)")
+                        help="what to benchmark: kernels (HCL, KD, RAA); data and e2e arrive with issues #5 and #6")
+    parser.add_argument("--op", choices=["hcl", "kd", "raa", "all"], default="all",
+                        help="hcl: HCL over 4 teacher stages; kd: kd_loss_pair and kd_loss; raa: region-aware "
+                             "attention, whole block and core (N=64, D=512, 8 heads); all (default)")
     parser.add_argument("--batch", default=None, metavar="B[,B...]",
                         help="batch sizes (default 64,128,256 on CUDA, 128 with --quick; 1 on the CPU)")
     parser.add_argument("--teacher", default=None, metavar="NAME[,NAME...]",

@@ -9,17 +9,34 @@ Cases
     kd_loss_pair     PAT's two KL terms (s vs t at T, prompted teacher pt vs t at 1), logits (B, K), T = 1;
                      gradients to s and pt (t is the no-grad clean teacher).
     kd_loss          plain KD, logits (B, K), T = 1; gradient to s.
+    raa_block        region-aware attention, the whole block (issue #4): LayerNorm -> q / kv Linear -> +pos on q, k
+                     -> 8-head softmax attention; tokens (B, 64, 512), pos (1, 64, 512) (paper variant); gradients
+                     to tokens, every parameter and pos. All tensors in the input dtype (bf16 on CUDA, params too).
+    raa_core         the attention core alone: q, k, v (B, 8, 64, 64) -> softmax(q k^T / 8) v; gradients to q, k, v.
     B = 64, 128, 256; K = 100, 1000; modes "fwd" and "fwd+bwd" (torch.autograd.grad of the losses with
     precomputed ones as grad_outputs, so no fill kernel is timed).
 Providers (one process, one card, the same inputs)
     eager     the op with backend="reference" (patfast.kernels.reference: stock PyTorch)
     compiled  torch.compile(the same call, dynamic=False), compiled once per shape and warmed up before timing
     triton    the op with backend="triton" (the fused kernels)
+    RAA also (its providers differ per op, see PROVIDERS_OF):
+    sdpa_flash / sdpa_cudnn  the same PyTorch front (raa_block) followed by F.scaled_dot_product_attention with that
+              backend pinned (torch.nn.attention.sdpa_kernel); a backend that is unavailable is recorded as not
+              measured with PyTorch's reason. CUDA only (on the CPU "flash" would pick PyTorch's CPU kernel).
+    raa_core: eager = softmax(q k^T * scale) v in stock PyTorch, triton = patfast.kernels.raa.raa_core; no compiled.
+    torch.compile(raa_block reference): the row records whether Inductor rewrote the attention to an SDPA op
+    ("inductor_sdpa": "yes (<op>)" / "no" / "unknown (<why>)", read from the generated code).
     On CUDA, inputs are bfloat16 and every provider runs under torch.autocast(bf16), as a training step does.
 Traffic model (the bytes each figure's GB/s counts; the floor a perfect kernel must move)
     HCL  fwd: read fs + ft = 2 tensor passes; fwd+bwd: 6 passes (fwd reads 2, bwd reads 2 and writes 2 grads)
     KD   the logits read and the gradients written: kd_loss fwd 2 passes, fwd+bwd 5 (2 + read 2, write 1);
          kd_loss_pair fwd 3 passes, fwd+bwd 8 (3 + read 3, write 2); a pass = B * K elements.
+    RAA core  T = B*H*N*hd elements (one of q, k, v, O), L = B*H*N fp32 LSE values: fwd reads q, k, v and writes O and
+              LSE = 4T + L; bwd reads q, k, v, dO, LSE and writes dQ, dK, dV = 7T + L; fwd+bwd = 11T + 2L.
+    RAA block X = B*N*D (tokens, output), P = parameters + pos = 3D^2 + 5D + N*D: fwd reads tokens and P and writes
+              the output = 2X + P; fwd+bwd adds reading dOut, tokens and P and writing dTokens and the grads of P
+              = 5X + 3P. Intermediates (q, k, v, O) are not counted: the floor of a fully fused block.
+    RAA fwd+bwd rows also time the backward alone ("ms_bwd": autograd.grad with retain_graph on a saved forward).
 Also measured: kernel launches per call (torch.profiler CUDA kernel events; forward and backward separately) for
 each fwd+bwd row, and for the launch-bound KD ops the time per call when replayed from a CUDA graph
 (triton.testing.do_bench_cudagraph: no host gaps between launches).
@@ -31,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import zlib
@@ -50,8 +68,16 @@ TEACHERS: dict[str, tuple[tuple[int, ...], ...]] = {  # per-sample stage shapes 
 }
 KD_CLASSES = (100, 1000)
 KD_OPS = ("kd_loss_pair", "kd_loss")
-OPS = ("hcl_loss_stages", *KD_OPS)
+RAA_OPS = ("raa_block", "raa_core")
+OPS = ("hcl_loss_stages", *KD_OPS, *RAA_OPS)
 PROVIDERS = ("eager", "compiled", "triton")
+SDPA_PROVIDERS = ("sdpa_flash", "sdpa_cudnn")
+PROVIDERS_OF = {op: PROVIDERS for op in ("hcl_loss_stages", *KD_OPS)} | {
+    "raa_block": ("eager", "compiled", *SDPA_PROVIDERS, "triton"),
+    "raa_core": ("eager", *SDPA_PROVIDERS, "triton"),
+}
+RAA_TOKENS, RAA_DIM, RAA_HEADS = 64, 512, 8  # PAT's region-aware attention: N = 64 tokens, D = 512, 8 heads
+RAA_HEAD_DIM = RAA_DIM // RAA_HEADS
 MODES = ("fwd", "fwd+bwd")
 CUDA_BATCHES = (64, 128, 256)
 TEMPERATURE = 1.0  # PAT's default
@@ -64,6 +90,8 @@ PASSES = {  # (fwd, fwd+bwd) tensor passes of the traffic model
 
 NO_CUDA = ("no CUDA: Triton kernels run only through the interpreter here, timings would be meaningless; "
            "reference providers only")
+NO_CUDA_SDPA = ("no CUDA: the flash and cuDNN SDPA backends exist on a GPU only (on the CPU SDPBackend.FLASH_ATTENTION "
+                "would select PyTorch's CPU kernel, a different thing); reference providers only")
 
 
 @dataclass(frozen=True)
@@ -79,7 +107,8 @@ class Case:
         return [list(s) for s in self.shapes] if self.op == "hcl_loss_stages" else list(self.shapes[0])
 
     def elements(self) -> int:
-        """Elements of one tensor pass (HCL: one input over all stages; KD: one logits tensor)."""
+        """Elements of one tensor pass (HCL: one input over all stages; KD: one logits tensor; RAA: one of q / k /
+        v / O (core) or of tokens / output (block))."""
         total = 0
         for s in self.shapes if self.op == "hcl_loss_stages" else self.shapes[:1]:
             n = 1
@@ -89,7 +118,31 @@ class Case:
         return total
 
     def traffic_bytes(self, mode: str, itemsize: int) -> int:
+        fwd = mode == "fwd"
+        if self.op == "raa_core":
+            lse = self.elements() // self.shapes[0][-1] * 4  # fp32, one per (b, h, token)
+            return (4 if fwd else 11) * self.elements() * itemsize + (1 if fwd else 2) * lse
+        if self.op == "raa_block":
+            x, params = self.elements(), raa_params(self.shapes[0][1], self.shapes[0][2])
+            return ((2 * x + params) if fwd else (5 * x + 3 * params)) * itemsize
         return PASSES[self.op][MODES.index(mode)] * self.elements() * itemsize
+
+    def traffic_text(self, mode: str, itemsize: int) -> str:
+        fwd = mode == "fwd"
+        if self.op == "raa_core":
+            lse = self.elements() // self.shapes[0][-1]
+            return (f"{4 if fwd else 11} x {self.elements()} elements x {itemsize} B + {1 if fwd else 2} x {lse} "
+                    "fp32 LSE")
+        if self.op == "raa_block":
+            x, params = self.elements(), raa_params(self.shapes[0][1], self.shapes[0][2])
+            return (f"({'2' if fwd else '5'} x {x} activations + {'1' if fwd else '3'} x {params} params/pos) "
+                    f"x {itemsize} B")
+        return f"{PASSES[self.op][MODES.index(mode)]} passes x {self.elements()} elements x {itemsize} B"
+
+
+def raa_params(tokens: int, dim: int) -> int:
+    """Elements of RAA's parameters and pos: LayerNorm 2D, q D^2 + D, kv 2D^2 + 2D, pos (1, N, D)."""
+    return 3 * dim * dim + 5 * dim + tokens * dim
 
 
 def hcl_case(teacher: str, batch: int) -> Case:
@@ -100,12 +153,20 @@ def kd_case(op: str, classes: int, batch: int) -> Case:
     return Case(op, f"K={classes}", batch, ((batch, classes),))
 
 
+def raa_case(op: str, batch: int) -> Case:
+    """raa_block: tokens (B, 64, 512); raa_core: q, k, v (B, 8, 64, 64)."""
+    shape = (batch, RAA_TOKENS, RAA_DIM) if op == "raa_block" else (batch, RAA_HEADS, RAA_TOKENS, RAA_HEAD_DIM)
+    return Case(op, f"N={RAA_TOKENS},D={RAA_DIM},H={RAA_HEADS}", batch, (shape,))
+
+
 def build_cases(op: str, teachers, classes, batches) -> list[Case]:
     cases = []
     if op in ("hcl", "all"):
         cases += [hcl_case(t, b) for t in teachers for b in batches]
     if op in ("kd", "all"):
         cases += [kd_case(o, k, b) for o in KD_OPS for k in classes for b in batches]
+    if op in ("raa", "all"):
+        cases += [raa_case(o, b) for o in RAA_OPS for b in batches]
     return cases
 
 
@@ -127,6 +188,16 @@ def make_inputs(case: Case, mode: str, device: torch.device, dtype: torch.dtype)
         fs = [rand(s, grad) for s in case.shapes]
         ft = [rand(s, grad) for s in case.shapes]
         return (fs, ft), fs + ft
+    if case.op == "raa_core":
+        q, k, v = (rand(case.shapes[0], grad) for _ in range(3))
+        return (q, k, v), [q, k, v]
+    if case.op == "raa_block":
+        b, n, d = case.shapes[0]
+        tensors = [rand((b, n, d), grad), 1.0 + rand((d,), grad, 0.1), rand((d,), grad, 0.1),
+                   rand((d, d), grad, d**-0.5), rand((d,), grad, 0.1), rand((2 * d, d), grad, d**-0.5),
+                   rand((2 * d,), grad, 0.1), rand((1, n, d), grad, 0.5)]
+        tensors[1] = tensors[1].detach().requires_grad_(grad)  # a leaf (1.0 + ... is not)
+        return (*tensors, RAA_HEADS), tensors
     shape = case.shapes[0]
     s, t = rand(shape, grad, 3.0), rand(shape, False, 3.0)
     if case.op == "kd_loss":
@@ -135,14 +206,64 @@ def make_inputs(case: Case, mode: str, device: torch.device, dtype: torch.dtype)
     return (s, pt, t, TEMPERATURE), [s, pt]
 
 
+SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def raa_core_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale) v in stock PyTorch (the reference's attention, alone)."""
+    return torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
+def raa_block_sdpa(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads):
+    """The reference's front (LayerNorm, q / kv Linear, +pos) followed by F.scaled_dot_product_attention."""
+    import torch.nn.functional as F
+
+    from patfast.kernels.reference import LAYER_NORM_EPS
+
+    b, n, d = tokens.shape
+    xn = F.layer_norm(tokens, (d,), norm_weight, norm_bias, LAYER_NORM_EPS)
+    q = F.linear(xn, q_weight, q_bias) + pos
+    k, v = F.linear(xn, kv_weight, kv_bias).split(d, dim=-1)
+    k = k + pos
+    q, k, v = (t.unflatten(-1, (num_heads, d // num_heads)).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d).to(tokens.dtype)
+
+
+def _raa_function(case: Case, provider: str) -> Callable:
+    if provider in SDPA_BACKENDS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, SDPA_BACKENDS[provider])
+        inner = raa_block_sdpa if case.op == "raa_block" else torch.nn.functional.scaled_dot_product_attention
+
+        def pinned(*args):
+            with sdpa_kernel(backend):
+                return inner(*args)
+
+        return pinned
+    if case.op == "raa_block":
+        backend = "triton" if provider == "triton" else "reference"
+        return lambda *args: ops.raa_attention(*args, backend=backend)
+    if provider == "triton":
+        from patfast.kernels.raa import raa_core
+
+        return lambda q, k, v: raa_core(q, k, v, q.shape[-1] ** -0.5)
+    return raa_core_eager
+
+
 def op_function(case: Case, provider: str, amp: bool) -> Callable:
-    """The call a provider makes: eager/compiled use backend="reference", triton backend="triton"."""
-    op = getattr(ops, case.op)
-    backend = "triton" if provider == "triton" else "reference"
+    """The call a provider makes: eager/compiled use backend="reference", triton backend="triton"; RAA's SDPA
+    providers the front + F.scaled_dot_product_attention under sdpa_kernel(<backend>)."""
+    if case.op in RAA_OPS:
+        op = _raa_function(case, provider)
+        backend = None
+    else:
+        op = getattr(ops, case.op)
+        backend = "triton" if provider == "triton" else "reference"
 
     def call(*args):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            return op(*args, backend=backend)
+            return op(*args) if backend is None else op(*args, backend=backend)
 
     if provider == "compiled":
         return torch.compile(call, dynamic=False)
@@ -206,6 +327,29 @@ def graph_ms(runner: Runner) -> tuple[float, float | None, float | None]:
     return float(med), float(p20), float(p80)
 
 
+_SDPA_IN_CODE = re.compile(r"(_scaled_dot_product_\w+|scaled_dot_product_attention|_flash_attention_\w+|"
+                           r"_efficient_attention_\w+|_cudnn_attention_\w+)")
+
+
+def sdpa_in_code(codes: list[str]) -> str:
+    """Whether Inductor's generated code calls an SDPA op: "yes (<op>)", "no", or "unknown (<why>)"."""
+    if not codes:
+        return "unknown (no code was generated on the inspected call)"
+    m = _SDPA_IN_CODE.search("\n".join(codes))
+    return f"yes ({m.group(1)})" if m else "no"
+
+
+def inspect_compiled(runner: Runner) -> str:
+    """Run one (first, compiling) step of a torch.compile'd runner and read Inductor's code for an SDPA rewrite."""
+    try:
+        from torch._inductor.utils import run_and_get_code
+    except ImportError:
+        runner.step()
+        return "unknown (torch._inductor.utils.run_and_get_code is not available in this torch)"
+    _, codes = run_and_get_code(runner.step)
+    return sdpa_in_code(codes)
+
+
 def _short(e: BaseException) -> str:
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{type(e).__name__}: {first[:200]}"
@@ -238,7 +382,7 @@ class Bench:
         self.start = time.monotonic()
         for case in cases:  # every row exists from the start: what is never reached stays "not measured"
             for mode in MODES:
-                for provider in PROVIDERS:
+                for provider in PROVIDERS_OF[case.op]:
                     self.rows[(case, mode, provider)] = self._row(case, mode, provider,
                                                                   self._skip_reason(case, provider))
 
@@ -247,6 +391,8 @@ class Bench:
     def _skip_reason(self, case: Case, provider: str) -> str:
         if provider == "triton" and not self.cuda:
             return NO_CUDA
+        if provider in SDPA_BACKENDS and not self.cuda:
+            return NO_CUDA_SDPA
         if provider == "compiled":
             if not self.compiled:
                 return ("torch.compile on the CPU is slow; pass --compiled to time it" if not self.cuda
@@ -264,11 +410,12 @@ class Bench:
             "dtype": str(self.dtype).removeprefix("torch."), "mode": mode, "provider": provider,
             "device": self.device.type, "ms": None, "ms_p20": None, "ms_p80": None, "gbps": None,
             "bytes": case.traffic_bytes(mode, itemsize),
-            "traffic": f"{PASSES[case.op][MODES.index(mode)]} passes x {case.elements()} elements x {itemsize} B",
+            "traffic": case.traffic_text(mode, itemsize),
             "timer": None, "launches_fwd": None, "launches_bwd": None, "kernels_fwd": None, "kernels_bwd": None,
             "ms_graph": None, "ms_graph_p20": None, "ms_graph_p80": None,
             "note": None if note is None else f"not measured: {note}",
-        }
+        } | ({"ms_bwd": None, "ms_bwd_p20": None, "ms_bwd_p80": None} if case.op in RAA_OPS and mode == "fwd+bwd"
+             else {}) | ({"inductor_sdpa": None} if case.op == "raa_block" and provider == "compiled" else {})
 
     def doc(self) -> dict:
         from patfast.bench.results import make_doc
@@ -303,7 +450,11 @@ class Bench:
         try:
             args, grad_inputs = make_inputs(case, mode, self.device, self.dtype)
             runner = Runner(fn or op_function(case, provider, amp=self.amp), args, grad_inputs, mode)
-            for _ in range(3 if provider == "compiled" else 1):  # compile (fwd and bwd graphs), JIT, warm up
+            warm = 3 if provider == "compiled" else 1
+            if provider == "compiled" and case.op == "raa_block":  # the first (compiling) call, its code read
+                row["inductor_sdpa"] = inspect_compiled(runner)
+                warm -= 1
+            for _ in range(warm):  # compile (fwd and bwd graphs), JIT, warm up
                 runner.step()
             self._sync()
             warmup, rep = (10, 30) if self.quick else (25, 60)
@@ -311,6 +462,8 @@ class Bench:
                                             cpu_reps=5, cpu_max_s=1.0)
             row.update(ms=med, ms_p20=p20, ms_p80=p80, gbps=row["bytes"] / (med * 1e-3) / 1e9, timer=timer,
                        note=None)
+            if mode == "fwd+bwd" and case.op in RAA_OPS:
+                self._backward_alone(row, runner, warmup, rep)
             if mode == "fwd+bwd":
                 self._launches(row, runner)
             if self.cuda and case.op in KD_OPS and provider != "compiled":
@@ -326,6 +479,23 @@ class Bench:
             del runner
             self._free()
         self.save()
+
+    def _backward_alone(self, row: dict, runner: Runner, warmup: float, rep: float) -> None:
+        """ms_bwd: the backward alone, autograd.grad(retain_graph=True) of one saved forward, timed the same way."""
+        try:
+            outs = runner.forward()
+            grad_outputs = [torch.ones_like(o) for o in outs]
+
+            def backward():
+                return torch.autograd.grad(outs, runner.grad_inputs, grad_outputs, retain_graph=True)
+
+            backward()
+            self._sync()
+            med, p20, p80, _ = bench_ms(backward, self.cuda, warmup_ms=warmup, rep_ms=rep, cpu_reps=5,
+                                        cpu_max_s=1.0)
+            row.update(ms_bwd=med, ms_bwd_p20=p20, ms_bwd_p80=p80)
+        except Exception as e:  # noqa: BLE001 (recorded, never fatal)
+            row["bwd_note"] = f"backward alone not measured: {_short(e)}"
 
     def _launches(self, row: dict, runner: Runner) -> None:
         if not self.cuda:  # nothing to count; the dry run still runs the profiler code once per op
@@ -357,7 +527,12 @@ class Bench:
             raise
 
     def _compiled_wanted(self, case: Case) -> bool:
-        return self.compiled and (self.compiled_batches is None or case.batch in self.compiled_batches)
+        return (self.compiled and "compiled" in PROVIDERS_OF[case.op]
+                and (self.compiled_batches is None or case.batch in self.compiled_batches))
+
+    def _compiled_first(self, case: Case) -> bool:
+        """Target cases whose compiled reference is a target's baseline: compiled right after their phase 1."""
+        return is_target(case) and case.op in ("hcl_loss_stages", "raa_block") and self._compiled_wanted(case)
 
     def _measure_compiled(self, case: Case) -> None:
         for mode in ("fwd+bwd", "fwd"):
@@ -380,12 +555,14 @@ class Bench:
                 self.measure(case, mode, "eager")
                 if self.cuda:
                     self.measure(case, mode, "triton")
+                    for provider in PROVIDERS_OF[case.op]:
+                        if provider in SDPA_BACKENDS:
+                            self.measure(case, mode, provider)
                 elif self.interpret_check:
                     self.interpret(case, mode)
-            if is_target(case) and case.op == "hcl_loss_stages" and self._compiled_wanted(case):
+            if self._compiled_first(case):
                 self._measure_compiled(case)
-        rest = [c for c in self.cases if self._compiled_wanted(c)
-                and not (is_target(c) and c.op == "hcl_loss_stages")]
+        rest = [c for c in self.cases if self._compiled_wanted(c) and not self._compiled_first(c)]
         priority = {"swin_t": 0, "K=1000": 1, "K=100": 2}
         rest.sort(key=lambda c: (priority.get(c.name, 3), OPS.index(c.op) if c.name.startswith("K") else 0))
         for case in rest:
@@ -395,9 +572,10 @@ class Bench:
 
 
 def is_target(case: Case) -> bool:
-    """The cases issue #3's targets are judged on: HCL Swin-T at B=128, the KD pair at B=256."""
+    """The cases the targets are judged on: issue #3 HCL Swin-T at B=128, the KD pair at B=256; issue #4 RAA (block
+    and core) at B=128."""
     return (case.op, case.name, case.batch) == ("hcl_loss_stages", "swin_t", 128) or \
-        (case.op == "kd_loss_pair" and case.batch == 256)
+        (case.op == "kd_loss_pair" and case.batch == 256) or (case.op in RAA_OPS and case.batch == 128)
 
 
 def target_first(cases: list[Case]) -> list[Case]:
@@ -471,6 +649,8 @@ def main(args) -> int:
     print(f"patfast bench kernels | {env.get('gpu') or 'CPU (no CUDA GPU)'} | torch {env['torch']} | "
           f"triton {env['triton']} | cuda {env['cuda']}", flush=True)
     if not cuda:
+        if args.op in ("raa", "all"):
+            print(f"RAA: {NO_CUDA_SDPA}.", flush=True)
         print(f"{NO_CUDA}. CPU sizes: batch {','.join(map(str, batches))}, float32"
               + ("" if compiled else "; torch.compile(reference) off (slow on the CPU; --compiled turns it on)")
               + ".", flush=True)
@@ -497,5 +677,6 @@ def main(args) -> int:
     return 0
 
 
-__all__ = ["Case", "Bench", "Runner", "TEACHERS", "KD_CLASSES", "PROVIDERS", "MODES", "NO_CUDA", "build_cases",
-           "hcl_case", "kd_case", "make_inputs", "op_function", "count_launches", "is_target", "target_first", "main"]
+__all__ = ["Case", "Bench", "Runner", "TEACHERS", "KD_CLASSES", "PROVIDERS", "PROVIDERS_OF", "RAA_OPS", "MODES",
+           "NO_CUDA", "NO_CUDA_SDPA", "build_cases", "hcl_case", "kd_case", "raa_case", "sdpa_in_code",
+           "inspect_compiled", "make_inputs", "op_function", "count_launches", "is_target", "target_first", "main"]

@@ -28,11 +28,20 @@ KERNEL_OPS = {
     "hcl_loss_stages": "HCL summed over the 4 stages of a teacher at 224 (PAT's loss_fd)",
     "kd_loss_pair": "PAT's KL pair: kd(s, t, T) and reg(pt, t, 1), T = 1",
     "kd_loss": "plain KD, T = 1",
+    "raa_block": "region-aware attention, whole block: LayerNorm -> q / kv Linear -> +pos -> 8-head attention",
+    "raa_core": "region-aware attention core alone: softmax(q k^T / sqrt(hd)) v, q, k, v (B, 8, 64, 64)",
 }
+RAA_OPS = ("raa_block", "raa_core")
+SDPA_BASES = ("sdpa_flash", "sdpa_cudnn")
 # The targets of issue #3 (items 6-7).
 HCL_TARGET = {"op": "hcl_loss_stages", "case": "swin_t", "batch": 128, "mode": "fwd+bwd"}
 KD_TARGET_BATCH = 256
 KD_TARGET_MS = 0.010
+# The targets of issue #4 (RAA), at B = 128.
+RAA_TARGET_BATCH = 128
+RAA_CORE_FWD_MS = 0.015
+RAA_CORE_BWD_MS = 0.030
+RAA_BLOCK_RATIOS = (("eager", 3.0), ("compiled", 1.3), ("sdpa", 1.2))  # sdpa: the faster of flash / cuDNN
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,7 +78,9 @@ def make_doc(env: dict, ceilings: dict | None, kernels: list[dict], gpu_tests: d
 
 def derive(doc: dict) -> None:
     """Add to each kernel row: vs_eager / vs_compiled (baseline ms / this ms, same op, shape, mode, dtype and
-    device, same run) and frac_copy (GB/s over the copy bandwidth measured in this run, same kind of device)."""
+    device, same run) and frac_copy (GB/s over the copy bandwidth measured in this run, same kind of device).
+    RAA rows also get vs_sdpa_flash, vs_sdpa_cudnn and vs_sdpa (against the faster measured SDPA backend,
+    named in sdpa_best)."""
     times = {}
     for r in doc["kernels"]:
         times[(_key(r), r["provider"])] = r.get("ms")
@@ -79,6 +90,14 @@ def derive(doc: dict) -> None:
         for base in ("eager", "compiled"):
             b = times.get((_key(r), base))
             r[f"vs_{base}"] = b / r["ms"] if b and r.get("ms") else None
+        if r["op"] in RAA_OPS:
+            for base in SDPA_BASES:
+                b = times.get((_key(r), base))
+                r[f"vs_{base}"] = b / r["ms"] if b and r.get("ms") else None
+            measured = [(times[(_key(r), base)], base) for base in SDPA_BASES if times.get((_key(r), base))]
+            best = min(measured) if measured else None
+            r["sdpa_best"] = best[1] if best else None
+            r["vs_sdpa"] = best[0] / r["ms"] if best and r.get("ms") else None
         same_device = copy_on_cpu == (r.get("device") == "cpu")
         r["frac_copy"] = r["gbps"] / copy if copy and r.get("gbps") and same_device else None
 
@@ -154,7 +173,47 @@ def targets(doc: dict) -> list[dict]:
         add(f"{name}: fwd+bwd <= 10 us (CUDA-graph replay: GPU time without host gaps)", ms,
             ms is not None and ms <= KD_TARGET_MS, f"{_fmt_ms(ms)}{stream}" if ms is not None else "",
             missing(row, "CUDA-graph time"))
+    out += _raa_targets(doc, add, missing)
     return out
+
+
+def _raa_targets(doc: dict, add, missing) -> list[dict]:
+    """Issue #4 at B = 128: core fwd <= 15 us, bwd <= 30 us; block fwd+bwd >= 3x eager, >= 1.3x compiled,
+    >= 1.2x the faster SDPA composition. Appends through ``add`` (which writes into the caller's list)."""
+    b = RAA_TARGET_BATCH
+    core = "RAA core, q/k/v (128, 8, 64, 64), bf16"
+    fwd = _find(doc, "triton", op="raa_core", batch=b, mode="fwd")
+    ms = fwd.get("ms") if fwd and fwd.get("device") == "cuda" else None
+    add(f"{core}: forward <= {RAA_CORE_FWD_MS * 1e3:g} us (issue #4)", ms, ms is not None and ms <= RAA_CORE_FWD_MS,
+        _fmt_range(fwd) if ms is not None else "", missing(fwd, "forward time"))
+    both = _find(doc, "triton", op="raa_core", batch=b, mode="fwd+bwd")
+    ms = both.get("ms_bwd") if both and both.get("device") == "cuda" else None
+    add(f"{core}: backward <= {RAA_CORE_BWD_MS * 1e3:g} us (backward alone, issue #4)", ms,
+        ms is not None and ms <= RAA_CORE_BWD_MS, _fmt_range(both, "ms_bwd") if ms is not None else "",
+        missing(both, "backward-alone time") if not (both and both.get("bwd_note")) else
+        both["bwd_note"].removeprefix("backward alone not measured: "))
+    block = "RAA whole block fwd+bwd, tokens (128, 64, 512), bf16"
+    tri = _find(doc, "triton", op="raa_block", batch=b, mode="fwd+bwd")
+    cuda_tri = tri if tri and tri.get("device") == "cuda" and tri.get("ms") is not None else None
+    for base, need in RAA_BLOCK_RATIOS:
+        ratio = cuda_tri.get(f"vs_{base}") if cuda_tri else None
+        if base == "sdpa":
+            name = "faster SDPA composition (front + flash or cuDNN SDPA)"
+            best = cuda_tri.get("sdpa_best") if cuda_tri else None
+            base_row = _find(doc, best, op="raa_block", batch=b, mode="fwd+bwd") if best else None
+            rows = [_find(doc, p, op="raa_block", batch=b, mode="fwd+bwd") for p in SDPA_BASES]
+            why = "; ".join(f"{p}: {missing(r, 'baseline')}" for p, r in zip(SDPA_BASES, rows))
+        else:
+            name = "eager reference" if base == "eager" else "torch.compile reference"
+            base_row = _find(doc, base, op="raa_block", batch=b, mode="fwd+bwd")
+            why = missing(base_row, "baseline")
+            best = None
+        if cuda_tri is None:
+            why = missing(tri, "")
+        add(f"{block}: >= {need:g}x the {name} (issue #4)", ratio, ratio is not None and ratio >= need,
+            f"{ratio:.2f}x ({_fmt_ms(cuda_tri['ms'])} vs {_fmt_ms(base_row['ms'])}"
+            f"{' ' + best if best else ''})" if ratio else "", why)
+    return []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +338,7 @@ def render_md(doc: dict, sections=("env", "ceilings", "gpu_tests", "kernels", "t
     if "kernels" in sections:
         out += _kernel_sections(doc)
     if "targets" in sections:
-        out += ["## Targets (issue #3)", "", "| target | measured | verdict |", "|---|---|---|"]
+        out += ["## Targets (issues #3 and #4)", "", "| target | measured | verdict |", "|---|---|---|"]
         out += [f"| {t['target']} | {t['figure']} | **{t['verdict']}** |" for t in targets(doc)]
         out.append("")
     if "later" in sections:
@@ -322,6 +381,9 @@ def _kernel_sections(doc: dict) -> list[str]:
         op_rows = [r for r in rows if r["op"] == op]
         if not op_rows:
             continue
+        if op in RAA_OPS:
+            out += [f"### {op}: {title}", "", _RAA_TEXT[op], ""] + _raa_table(op_rows, notes) + [""]
+            continue
         kd = op != "hcl_loss_stages"
         out += [f"### {op}: {title}", ""]
         if not kd:
@@ -336,6 +398,58 @@ def _kernel_sections(doc: dict) -> list[str]:
     if notes.items:
         out += ["Notes:", ""] + notes.render() + [""]
     return out
+
+
+_RAA_TEXT = {
+    "raa_block": (
+        "Tokens (B, 64, 512), pos (1, 64, 512), 8 heads; every tensor in the input dtype (params too); fwd+bwd "
+        "differentiates tokens, every parameter and pos. Providers: eager = `ops.raa_attention(backend=\"reference\")`"
+        ", compiled = `torch.compile` of it (column 'SDPA rewrite': whether Inductor's generated code calls an SDPA "
+        "op), sdpa_flash / sdpa_cudnn = the same LayerNorm / Linear / +pos front then `F.scaled_dot_product_attention` "
+        "under `sdpa_kernel(FLASH_ATTENTION)` / `sdpa_kernel(CUDNN_ATTENTION)`, triton = "
+        "`ops.raa_attention(backend=\"triton\")`. Traffic model (the floor of a fully fused block; X = B*N*D, "
+        "P = params + pos = 3D^2 + 5D + N*D): fwd 2X + P (tokens, params read; output written), fwd+bwd 5X + 3P "
+        "(+ dOut, tokens, params read; dTokens, param grads written)."),
+    "raa_core": (
+        "q, k, v (B, 8, 64, 64), scale 1/8. Providers: eager = softmax(q k^T * scale) v in stock PyTorch, "
+        "sdpa_flash / sdpa_cudnn = `F.scaled_dot_product_attention` with that backend pinned, triton = "
+        "`patfast.kernels.raa.raa_core`. Traffic model (T = B*H*N*hd, L = B*H*N fp32 LSE values): fwd reads q, k, v, "
+        "writes O and LSE = 4T + L; bwd reads q, k, v, dO, LSE, writes dQ, dK, dV = 7T + L; fwd+bwd = 11T + 2L."),
+}
+
+
+def _raa_table(rows: list[dict], notes: _Notes) -> list[str]:
+    block = rows[0]["op"] == "raa_block"
+    head = ["B", "mode", "provider", "time (p20-p80)", "bwd alone", "GB/s", "% of copy", "vs eager"] + \
+        (["vs compiled"] if block else []) + ["vs sdpa_flash", "vs sdpa_cudnn", "launches fwd/bwd"] + \
+        (["SDPA rewrite"] if block else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        measured = r.get("ms") is not None
+        cells = [str(r["batch"]), r["mode"], r["provider"],
+                 _fmt_range(r) + ("" if measured else notes.ref(r.get("note")))]
+        if r["mode"] != "fwd+bwd":
+            cells.append("-")
+        else:
+            cells.append(_fmt_range(r, "ms_bwd") + (notes.ref(r.get("bwd_note")) if measured else ""))
+        cells += [num(r.get("gbps")),
+                  "not measured" if r.get("frac_copy") is None else f"{100 * r['frac_copy']:.1f}%",
+                  _ratio(r.get("vs_eager"))]
+        if block:
+            cells.append(_ratio(r.get("vs_compiled")))
+        cells += [_ratio(r.get("vs_sdpa_flash")), _ratio(r.get("vs_sdpa_cudnn"))]
+        if r["mode"] != "fwd+bwd":
+            cells.append("-")
+        elif r.get("launches_fwd") is None:
+            reason = r.get("launches_note") or ("launches are counted on CUDA only" if r.get("device") != "cuda"
+                                                else None)
+            cells.append("not measured" + (notes.ref(reason) if measured else ""))
+        else:
+            cells.append(f"{r['launches_fwd']}/{r['launches_bwd']}")
+        if block:
+            cells.append(r.get("inductor_sdpa") or "-" if r["provider"] == "compiled" else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _first_shapes(rows: list[dict]) -> dict:

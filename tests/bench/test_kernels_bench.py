@@ -14,7 +14,7 @@ from patfast.bench.results import make_doc, render_md
 
 def test_cases_cover_pat_shapes_and_the_traffic_model():
     cases = K.build_cases("all", list(K.TEACHERS), list(K.KD_CLASSES), [64, 128, 256])
-    assert len(cases) == 3 * 3 + 2 * 2 * 3
+    assert len(cases) == 3 * 3 + 2 * 2 * 3 + 2 * 3
     swin = K.hcl_case("swin_t", 128)
     assert swin.shapes == ((128, 3136, 96), (128, 784, 192), (128, 196, 384), (128, 49, 768))
     assert swin.elements() == 72_253_440  # kernels/hcl.py's byte budget: 144.5 MB per bf16 tensor
@@ -27,6 +27,46 @@ def test_cases_cover_pat_shapes_and_the_traffic_model():
     # the cases the issue's targets are judged on run first (a GPU run cut short still has them)
     first = K.target_first(cases)[:3]
     assert first == [swin, K.kd_case("kd_loss_pair", 100, 256), pair]
+    assert K.target_first(cases)[3:5] == [K.raa_case("raa_block", 128), K.raa_case("raa_core", 128)]
+
+
+def test_raa_cases_and_traffic_model():
+    assert K.build_cases("raa", ["swin_t"], [100], [64, 128, 256]) == [
+        K.raa_case(op, b) for op in K.RAA_OPS for b in (64, 128, 256)]
+    core, block = K.raa_case("raa_core", 128), K.raa_case("raa_block", 128)
+    assert core.shape == [128, 8, 64, 64] and block.shape == [128, 64, 512]
+    # kernels/raa.py's byte budget: fwd 4 x 8,388,608 B + the fp32 LSE; bwd 7 tensors + LSE
+    assert core.traffic_bytes("fwd", 2) == 33_816_576
+    assert core.traffic_bytes("fwd+bwd", 2) == 33_816_576 + 58_982_400
+    x, p = 128 * 64 * 512, 3 * 512 * 512 + 5 * 512 + 64 * 512
+    assert block.traffic_bytes("fwd", 2) == (2 * x + p) * 2 and block.traffic_bytes("fwd+bwd", 2) == (5 * x + 3 * p) * 2
+    assert K.PROVIDERS_OF["raa_block"] == ("eager", "compiled", "sdpa_flash", "sdpa_cudnn", "triton")
+    assert "compiled" not in K.PROVIDERS_OF["raa_core"]
+    args, grads = K.make_inputs(block, "fwd+bwd", torch.device("cpu"), torch.float32)
+    assert args[-1] == 8 and len(grads) == 8 and all(g.is_leaf and g.requires_grad for g in grads)
+
+
+def test_raa_providers_agree_on_the_cpu():
+    """eager, SDPA (the CPU's own kernel here) and Triton (interpreter) compute the same block and core."""
+    for op in K.RAA_OPS:
+        case = K.raa_case(op, 2)
+        args, _ = K.make_inputs(case, "fwd", torch.device("cpu"), torch.float32)
+        want = K.op_function(case, "eager", amp=False)(*args)
+        for provider in ("sdpa_flash", "triton"):
+            got = K.op_function(case, provider, amp=False)(*args)
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (op, provider)
+
+
+def test_inductor_sdpa_rewrite_is_read_from_the_generated_code(monkeypatch):
+    assert K.sdpa_in_code([]).startswith("unknown")
+    assert K.sdpa_in_code(["buf0 = torch.ops.aten._scaled_dot_product_flash_attention.default(a, b, c)"]) == \
+        "yes (_scaled_dot_product_flash_attention)"
+    assert K.sdpa_in_code(["extern_kernels.bmm(a, b, out=buf1)\ntriton_per_fused__softmax_0.run(buf1)"]) == "no"
+    import torch._inductor.utils as U
+
+    monkeypatch.setattr(U, "run_and_get_code", lambda fn: (fn(), ["aten._scaled_dot_product_cudnn_attention(q)"]))
+    runner = K.Runner(lambda x: x * 2, (torch.ones(2),), [], "fwd")
+    assert K.inspect_compiled(runner) == "yes (_scaled_dot_product_cudnn_attention)"
 
 
 def test_inputs_are_fresh_random_and_require_the_right_grads():
@@ -42,7 +82,7 @@ def test_inputs_are_fresh_random_and_require_the_right_grads():
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """do_bench, do_bench_cudagraph and the profiler replaced: fixed figures, one launch each way for Triton."""
-    times = {"eager": 2.0, "compiled": 0.5, "triton": 0.1}
+    times = {"eager": 2.0, "compiled": 0.5, "triton": 0.1, "sdpa_flash": 0.4, "sdpa_cudnn": 0.3}
     calls = []
 
     def fake_bench_ms(fn, cuda, **kw):
@@ -69,9 +109,14 @@ def fake_gpu(monkeypatch):
     return calls
 
 
+REAL_OP_FUNCTION = K.op_function
+
+
 def _cpu_op(case, provider):
     from patfast import ops
 
+    if case.op in K.RAA_OPS:
+        return REAL_OP_FUNCTION(case, provider, amp=False)
     op = getattr(ops, case.op)
     return lambda *args: op(*args, backend="triton" if provider == "triton" else "reference")
 
@@ -124,3 +169,38 @@ def test_a_failing_row_is_recorded_and_the_rest_still_run(fake_gpu, monkeypatch)
     assert all(r["ms"] is None and r["note"] == "not measured: RuntimeError: CUDA error: an illegal memory access "
                "was encountered" for r in tri)
     assert all(r["ms"] == 2.0 for r in rows if r["provider"] == "eager")
+
+
+def test_raa_gpu_logic_records_every_provider_and_an_unavailable_sdpa_backend(fake_gpu, tmp_path):
+    # The CUDA branch on CPU tensors: sdpa_flash runs (the CPU's flash kernel stands in), sdpa_cudnn has no kernel
+    # on the CPU, which is what an unavailable backend on a GPU looks like: recorded as not measured, with the reason.
+    cases = [K.raa_case("raa_block", 2), K.raa_case("raa_core", 2)]
+    bench = K.Bench(cases, cuda=True, compiled=False, compiled_batches=None, quick=True, budget=None,
+                    interpret_check=False, env={"gpu": "fake"}, ceilings={}, json_path=None,
+                    md_path=str(tmp_path / "k.md"), log=lambda line: None, device=torch.device("cpu"),
+                    dtype=torch.float32)
+    doc = bench.run()
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in doc["kernels"]}
+    assert len(rows) == 2 * 5 + 2 * 4
+    for op in K.RAA_OPS:
+        tri = rows[(op, "fwd+bwd", "triton")]
+        assert tri["ms"] == 0.1 and tri["ms_bwd"] == 0.1 and tri["vs_eager"] == pytest.approx(20.0)
+        assert tri["vs_sdpa_flash"] == pytest.approx(4.0) and tri["launches_fwd"] == 1
+        cudnn = rows[(op, "fwd", "sdpa_cudnn")]
+        assert cudnn["ms"] is None and cudnn["note"].startswith("not measured: RuntimeError"), cudnn
+        assert tri["vs_sdpa_cudnn"] is None and tri["sdpa_best"] == "sdpa_flash"
+        assert tri["vs_sdpa"] == pytest.approx(4.0)
+    assert "not measured: torch.compile(reference) not requested" in rows[("raa_block", "fwd", "compiled")]["note"]
+    md = (tmp_path / "k.md").read_text()
+    assert "### raa_block" in md and "### raa_core" in md and "| 2 | fwd+bwd | triton | 100.0 us (90.0-110.0) |" in md
+
+
+def test_raa_on_the_cpu_is_reference_only_and_says_why(tmp_path):
+    bench = K.Bench([K.raa_case("raa_core", 1)], cuda=False, compiled=False, compiled_batches=None, quick=True,
+                    budget=None, interpret_check=False, env={"gpu": None}, ceilings={}, json_path=None, md_path=None,
+                    log=lambda line: None)
+    rows = bench.run()["kernels"]
+    assert {r["provider"] for r in rows if r["ms"] is not None} == {"eager"}
+    sdpa = [r for r in rows if r["provider"] in K.SDPA_PROVIDERS]
+    assert len(sdpa) == 4 and all(r["note"] == f"not measured: {K.NO_CUDA_SDPA}" for r in sdpa)
+    assert all(r["note"] == f"not measured: {K.NO_CUDA}" for r in rows if r["provider"] == "triton")
