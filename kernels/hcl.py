@@ -67,6 +67,8 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from .reference import check_feature_pair
+
 __all__ = ["hcl_loss", "hcl_loss_stages", "COMPILE_CONFIGS"]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -331,18 +333,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _check(name: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
-    if not isinstance(feat_s, torch.Tensor) or not isinstance(feat_t, torch.Tensor):
-        raise ValueError(f"{name}: feat_s and feat_t must be tensors, got {type(feat_s)} and {type(feat_t)}")
-    if feat_s.dim() not in (3, 4):
-        raise ValueError(
-            f"{name}: expected (B, C, H, W) maps or (B, L, C) tokens, got a rank-{feat_s.dim()} tensor of shape "
-            f"{tuple(feat_s.shape)}"
-        )
-    if feat_s.shape != feat_t.shape:
-        raise ValueError(
-            f"{name}: student and teacher features must have the same shape, got {tuple(feat_s.shape)} and "
-            f"{tuple(feat_t.shape)}"
-        )
+    check_feature_pair(name, feat_s, feat_t)
     if feat_s.dtype != feat_t.dtype:
         raise ValueError(
             f"{name}: student and teacher features must have the same dtype, got {feat_s.dtype} and {feat_t.dtype}"
@@ -353,16 +344,6 @@ def _check(name: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
         raise ValueError(
             f"{name}: student and teacher features are on different devices ({feat_s.device} and {feat_t.device})"
         )
-    if feat_s.numel() == 0:
-        raise ValueError(f"{name}: inputs are empty (shape {tuple(feat_s.shape)})")
-    if feat_s.dim() == 3:
-        length = feat_s.shape[1]
-        h = math.isqrt(length)
-        if length % h:
-            raise ValueError(
-                f"{name}: {length} tokens cannot be viewed as a map of height floor(sqrt(L)) = {h} "
-                f"(L must be a multiple of it); remove the class token or other prefix tokens first"
-            )
 
 
 def _check_device(name: str, device: torch.device) -> None:

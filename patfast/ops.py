@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import math
 import sys
 from collections.abc import Callable, Sequence
 
@@ -103,33 +102,10 @@ def _check_backend_arg(op: str, backend: object) -> None:
         raise ValueError(f"{op}: backend must be a string, one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
 
 
-def _check_hcl_inputs(op: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
-    if feat_s.shape != feat_t.shape:
-        raise ValueError(
-            f"{op}: student and teacher features must have the same shape, got {tuple(feat_s.shape)} and "
-            f"{tuple(feat_t.shape)} (align the student to the teacher first)"
-        )
-    if feat_s.dim() not in (3, 4):
-        raise ValueError(
-            f"{op}: expected (B, C, H, W) maps or (B, L, C) tokens, got a rank-{feat_s.dim()} tensor of shape "
-            f"{tuple(feat_s.shape)}"
-        )
-    if feat_s.numel() == 0:
-        raise ValueError(f"{op}: inputs are empty (shape {tuple(feat_s.shape)})")
-    if feat_s.dim() == 3:
-        length = feat_s.shape[1]
-        h = math.isqrt(length)
-        if length % h:
-            raise ValueError(
-                f"{op}: {length} tokens cannot be viewed as a map of height floor(sqrt(L)) = {h} "
-                f"(L must be a multiple of it); remove the class token or other prefix tokens first"
-            )
-
-
 def hcl_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Hierarchical context loss of one stage -> scalar. feat_s, feat_t: (B, C, H, W) or (B, L, C), same shape."""
     _check_backend_arg("hcl_loss", backend)
-    _check_hcl_inputs("hcl_loss", feat_s, feat_t)
+    reference.check_feature_pair("hcl_loss", feat_s, feat_t)
     return _select("hcl_loss", backend, feat_s.device, feat_s.dtype)(feat_s, feat_t)
 
 
@@ -141,7 +117,7 @@ def hcl_loss_stages(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Ten
         raise ValueError(f"hcl_loss_stages: need the same non-zero number of student and teacher stages, got "
                          f"{len(feats_s)} and {len(feats_t)}")
     for a, b in zip(feats_s, feats_t):
-        _check_hcl_inputs("hcl_loss_stages", a, b)
+        reference.check_feature_pair("hcl_loss_stages", a, b)
     first = feats_s[0]
     return _select("hcl_loss_stages", backend, first.device, first.dtype)(list(feats_s), list(feats_t))
 
