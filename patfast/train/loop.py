@@ -185,7 +185,7 @@ def _run(cfg, command, device, dtype, out, log) -> dict:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg["model_ema_decay"])
-    mixup = make_mixup(cfg["mixup"], cfg["cutmix"], cfg["smoothing"], k)
+    mixup = make_mixup(cfg["mixup"], cfg["cutmix"], cfg["smoothing"], k, seed=cfg["seed"])
     terms = TERMS[distiller_name]
     columns = ["epoch", "lr", "train_loss", *terms, "eval_top1", "eval_top5", "ema_top1", "ema_top5", "img_per_s",
                "epoch_s"]
