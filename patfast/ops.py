@@ -87,8 +87,7 @@ def _select(op: str, backend: str, device: torch.device, dtype: torch.dtype = to
     if backend == "triton":
         if triton_target is None:
             raise NotImplementedError(
-                f"{op}: backend='triton' is not available yet: the Triton kernel lands with issue #3/#4; "
-                "use backend='reference' (or 'auto', which falls back to it)"
+                f"{op} has no Triton kernel; use backend='reference' (or 'auto', which falls back to it)"
             )
         return _load(triton_target)
     if (backend == "auto" and triton_target is not None and device.type == "cuda" and dtype in _KERNEL_DTYPES
