@@ -49,6 +49,16 @@ RAA_BLOCK_RATIOS = (("eager", 3.0), ("compiled", 1.3), ("sdpa", 1.2))  # sdpa: t
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _launches_cell(r: dict, notes, measured: bool) -> str:
+    """The "launches fwd/bwd" cell of a kernel row: "-" unless fwd+bwd, else the counts or why they are missing."""
+    if r["mode"] != "fwd+bwd":
+        return "-"
+    if r.get("launches_fwd") is None:
+        reason = r.get("launches_note") or ("launches are counted on CUDA only" if r.get("device") != "cuda" else None)
+        return "not measured" + (notes.ref(reason) if measured else "")
+    return f"{r['launches_fwd']}/{r['launches_bwd']}"
+
+
 def environment() -> dict:
     """patfast.train.report.environment() plus the GPU's details and the date."""
     import torch
@@ -281,14 +291,7 @@ def _table(rows: list[dict], kd: bool, notes: _Notes) -> list[str]:
             "not measured" if r.get("frac_copy") is None else f"{100 * r['frac_copy']:.1f}%",
             _ratio(r.get("vs_eager")), _ratio(r.get("vs_compiled")),
         ]
-        if r["mode"] != "fwd+bwd":
-            cells.append("-")
-        elif r.get("launches_fwd") is None:
-            reason = r.get("launches_note") or ("launches are counted on CUDA only" if r.get("device") != "cuda"
-                                                else None)
-            cells.append("not measured" + (notes.ref(reason) if measured else ""))
-        else:
-            cells.append(f"{r['launches_fwd']}/{r['launches_bwd']}")
+        cells.append(_launches_cell(r, notes, measured))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -438,14 +441,7 @@ def _raa_table(rows: list[dict], notes: _Notes) -> list[str]:
         if block:
             cells.append(_ratio(r.get("vs_compiled")))
         cells += [_ratio(r.get("vs_sdpa_flash")), _ratio(r.get("vs_sdpa_cudnn"))]
-        if r["mode"] != "fwd+bwd":
-            cells.append("-")
-        elif r.get("launches_fwd") is None:
-            reason = r.get("launches_note") or ("launches are counted on CUDA only" if r.get("device") != "cuda"
-                                                else None)
-            cells.append("not measured" + (notes.ref(reason) if measured else ""))
-        else:
-            cells.append(f"{r['launches_fwd']}/{r['launches_bwd']}")
+        cells.append(_launches_cell(r, notes, measured))
         if block:
             cells.append(r.get("inductor_sdpa") or "-" if r["provider"] == "compiled" else "-")
         lines.append("| " + " | ".join(cells) + " |")
