@@ -14,14 +14,17 @@
 #   4 kernels    patfast bench kernels: eager / torch.compile / Triton, fwd and fwd+bwd, PAT shapes, B 64/128/256
 #                (HCL, KD, and RAA whole block + core, which also times SDPA with the flash / cuDNN backend pinned;
 #                the dry run takes Triton RAA through the interpreter once per case and mode, untimed, like HCL/KD)
-#   5 data       (issue #5)   6 e2e (issue #6)
+#   5 data       patfast bench data: loader-only img/s of the torch, dali and gpu backends on digits at 224, B 128,
+#                beside the img/s an (eager, bf16) Swin-T -> ResNet18 PAT step consumes; the GPU machine has no
+#                DALI (and no network to install it): its row says "not measured: not installed"
+#   6 e2e        (issue #6)
 # results.json and results.md are rewritten after every step, so a run cut short still leaves what it measured;
 # OUTDIR/gpu_check.log holds the whole output. Exit status 0 when every step ran cleanly, else 1 (results written).
-# Expected on an H100: env ~5 s, ceilings ~10 s, gpu_tests ~1-2 min, kernels ~2-4 min (compiling the torch.compile
-# reference is the expensive part: it is timed at B=128 only and stops starting new shapes after KERNELS_BUDGET s).
-# Worst case, every step running into its timeout: 30 + 60 + 150 + 270 = 510 s (each limit can be overridden:
-# ENV_TIMEOUT, CEILINGS_TIMEOUT, TESTS_TIMEOUT, KERNELS_TIMEOUT, KERNELS_BUDGET; GPU_CHECK_KERNEL_ARGS adds flags
-# to `patfast bench kernels`, e.g. "--quick").
+# Expected on an H100: env ~5 s, ceilings ~10 s, gpu_tests ~1-2 min, kernels ~2-3 min (compiling the torch.compile
+# reference is the expensive part: it is timed at B=128 only and stops starting new shapes after KERNELS_BUDGET s),
+# data ~30 s. Worst case, every step running into its timeout: 30 + 45 + 130 + 200 + 75 = 480 s (each limit can be
+# overridden: ENV_TIMEOUT, CEILINGS_TIMEOUT, TESTS_TIMEOUT, KERNELS_TIMEOUT, KERNELS_BUDGET, DATA_TIMEOUT;
+# GPU_CHECK_KERNEL_ARGS adds flags to `patfast bench kernels`, e.g. "--quick"; GPU_CHECK_DATA_ARGS to `bench data`).
 set -euo pipefail
 
 usage() { echo "usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
@@ -55,14 +58,18 @@ finish() {  # let tee drain before the script ends (the last lines are the resul
 trap finish EXIT
 
 ENV_TIMEOUT="${ENV_TIMEOUT:-30}"
-CEILINGS_TIMEOUT="${CEILINGS_TIMEOUT:-60}"
-TESTS_TIMEOUT="${TESTS_TIMEOUT:-150}"
-KERNELS_TIMEOUT="${KERNELS_TIMEOUT:-270}"
-KERNELS_BUDGET="${KERNELS_BUDGET:-180}"   # seconds after which no new torch.compile shape is started
+CEILINGS_TIMEOUT="${CEILINGS_TIMEOUT:-45}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-130}"
+KERNELS_TIMEOUT="${KERNELS_TIMEOUT:-200}"
+KERNELS_BUDGET="${KERNELS_BUDGET:-130}"   # seconds after which no new torch.compile shape is started
+DATA_TIMEOUT="${DATA_TIMEOUT:-75}"
 
 MERGE_FLAGS=()
 CEILINGS_FLAGS=()
 KERNEL_FLAGS=(--budget "$KERNELS_BUDGET")
+DATA_FLAGS=(--data digits --data-backend all --img-size 224 --batch-size 128 --no-progress)
+read -r -a EXTRA_DATA_FLAGS <<<"${GPU_CHECK_DATA_ARGS:-}"   # e.g. GPU_CHECK_DATA_ARGS="--batches 10"
+DATA_FLAGS+=("${EXTRA_DATA_FLAGS[@]}")
 read -r -a EXTRA_KERNEL_FLAGS <<<"${GPU_CHECK_KERNEL_ARGS:-}"   # e.g. GPU_CHECK_KERNEL_ARGS="--quick"
 KERNEL_FLAGS+=("${EXTRA_KERNEL_FLAGS[@]}")
 if (( DRY )); then
@@ -71,6 +78,7 @@ if (( DRY )); then
     MERGE_FLAGS+=(--dry-run)
     CEILINGS_FLAGS+=(--dry-run)
     KERNEL_FLAGS+=(--interpret-check)
+    DATA_FLAGS+=(--dry-run)
 else
     unset TRITON_INTERPRET
 fi
@@ -133,9 +141,8 @@ fi
 if [[ -s "$PARTS/ceilings.json" ]]; then KERNEL_FLAGS+=(--ceilings "$PARTS/ceilings.json"); fi
 run_step kernels "$KERNELS_TIMEOUT" "$PY" -m patfast bench kernels --json "$PARTS/kernels.json" "${KERNEL_FLAGS[@]}"
 
-# 5. ---- issue #5: the data-loader benchmark goes here (gpu backend; DALI reported as absent when it is),
-#         as: run_step data <timeout> "$PY" -m patfast bench data --json "$PARTS/data.json" [--dry-run]
-#         and results.py's merge reads parts/data.json.
+# 5. Data loaders (torch, dali, gpu) beside the PAT step rate
+run_step data "$DATA_TIMEOUT" "$PY" -m patfast bench data --json "$PARTS/data.json" "${DATA_FLAGS[@]}"
 # 6. ---- issue #6: the end-to-end train-step benchmark goes here (fast path vs reference path, same pair, batch
 #         and card, with the time split), as: run_step e2e <timeout> ... --json "$PARTS/e2e.json" (a list; merge
 #         puts it under "e2e").

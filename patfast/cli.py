@@ -15,7 +15,7 @@ COMMANDS = {
     "train": "distil a student from a teacher (PAT, KD) or train it alone; no arguments: the bundled digits demo",
     "teacher": "train or fine-tune a teacher on the same data",
     "eval": "evaluate a checkpoint (student.safetensors, teacher.safetensors or last.pth) on a test split",
-    "bench": "benchmark the kernels on PAT's shapes against their references (patfast bench kernels)",
+    "bench": "benchmarks: kernels against their references (bench kernels), data loaders (bench data)",
     "info": "versions, device and the available backends",
 }
 
@@ -94,7 +94,8 @@ def cmd_eval(args) -> int:
     model = create_model(name, dataset.num_classes, img_size)
     load_state(model, weights, source=path, meta=meta)
     loader = make_loader(dataset, "test", batch_size=cfg["batch_size"], img_size=img_size, train=False,
-                         seed=cfg["seed"], workers=cfg["workers"], crop_pct=cfg["crop_pct"])
+                         seed=cfg["seed"], workers=cfg["workers"], crop_pct=cfg["crop_pct"], device=device,
+                         backend=cfg["data_backend"], progress=cfg["progress"])
     model.to(device)
     top1, top5 = evaluate(model, loader, device, amp_dtype("auto", device), cfg["progress"])
     print(f"{name} on {cfg['data']} test split ({len(loader.dataset)} images, {img_size}px): "
@@ -122,7 +123,8 @@ def cmd_info(args) -> int:
     print(f"{'op backends':<18} reference (all ops); triton: {triton_ops}"
           + ("" if torch.cuda.is_available() else " (CPU: auto uses reference)"))
     dali = importlib.util.find_spec("nvidia.dali") is not None if importlib.util.find_spec("nvidia") else False
-    print(f"{'data backends':<18} torch; dali: {'installed' if dali else 'not installed'} (not wired yet)")
+    print(f"{'data backends':<18} torch, gpu; dali: {'installed' if dali else 'not installed'}"
+          + ("" if torch.cuda.is_available() else " (CPU: auto uses torch)"))
     print(f"{'bundled data':<18} digits (scikit-learn, 1,797 images, 10 classes)")
     return 0
 

@@ -4,6 +4,7 @@ results.json, exactly these keys:
     {"env": {"gpu", "torch", "triton", "cuda", ...},
      "ceilings": {"copy_gbps", "bf16_tflops", ...},            (measured in the same run; null = not measured)
      "kernels": [{"op", "shape", "dtype", "mode", "provider", "ms", "gbps", ...}, ...],
+     "data": {"rows": [...], "step": {...}} or null,          (patfast bench data: loader img/s, PAT step rate)
      "e2e": [],                                                (issue #6 fills it)
      "gpu_tests": {"mode", "passed", "failed", ...} or null}  (pytest -m gpu, written by gpu_check.sh)
 A figure that was not measured is null in the JSON and "not measured" in the markdown, with the reason.
@@ -76,12 +77,12 @@ def environment() -> dict:
 
 
 def make_doc(env: dict, ceilings: dict | None, kernels: list[dict], gpu_tests: dict | None = None,
-             e2e: list | None = None) -> dict:
+             e2e: list | None = None, data: dict | None = None) -> dict:
     ceilings = dict(ceilings or {})
     ceilings.setdefault("copy_gbps", None)
     ceilings.setdefault("bf16_tflops", None)
-    doc = {"env": env, "ceilings": ceilings, "kernels": [dict(r) for r in kernels], "e2e": list(e2e or []),
-           "gpu_tests": gpu_tests}
+    doc = {"env": env, "ceilings": ceilings, "kernels": [dict(r) for r in kernels], "data": data,
+           "e2e": list(e2e or []), "gpu_tests": gpu_tests}
     derive(doc)
     return doc
 
@@ -345,8 +346,15 @@ def render_md(doc: dict, sections=("env", "ceilings", "gpu_tests", "kernels", "t
         out += [f"| {t['target']} | {t['figure']} | **{t['verdict']}** |" for t in targets(doc)]
         out.append("")
     if "later" in sections:
-        out += ["## Data loaders", "", "not measured (the data benchmark lands with issue #5)", "",
-                "## End-to-end train step", ""]
+        out += ["## Data loaders (`patfast bench data`)", ""]
+        data = doc.get("data")
+        if data:
+            from patfast.bench.data import render
+
+            out += [render(data.get("rows") or [], data.get("step")), ""]
+        else:
+            out += ["not measured (the data step did not run or wrote nothing)", ""]
+        out += ["## End-to-end train step", ""]
         out += [f"- `{json.dumps(e)}`" for e in doc.get("e2e") or []] or \
             ["not measured (the end-to-end benchmark lands with issue #6)"]
         out.append("")
@@ -541,8 +549,10 @@ def merge(parts: str, out_dir: str, dry_run: bool = False) -> dict:
                 name, rc, seconds = line.rstrip("\n").split("\t")
                 steps.append({"step": name, "rc": int(rc), "seconds": int(seconds)})
     env = dict(env, gpu_check={"dry_run": dry_run, "steps": steps})
+    data_doc = _load(os.path.join(parts, "data.json"))
+    data = {"rows": data_doc.get("data", []), "step": data_doc.get("step")} if data_doc else None
     doc = make_doc(env, ceilings, kernels_doc.get("kernels", []), _load(os.path.join(parts, "gpu_tests.json")),
-                   _load(os.path.join(parts, "e2e.json")))
+                   _load(os.path.join(parts, "e2e.json")), data)
     os.makedirs(out_dir, exist_ok=True)
     write_json(doc, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as f:

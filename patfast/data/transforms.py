@@ -17,6 +17,27 @@ from patfast.errors import UserError
 RATIO = (3 / 4, 4 / 3)
 
 
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, with 0 bits giving black as Pillow < 13 did (Pillow 13 raises for bits < 1)."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    # timm's RandAugment asks for 0 bits at high magnitudes (PosterizeIncreasing at m=10, Posterize below 2.5):
+    # about 0.15% of images under rand-m9-mstd0.5-inc1, each an exception with Pillow 13.
+    from timm.data import auto_augment
+
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
 def build_transform(train: bool, img_size: int, mean: Sequence[float], std: Sequence[float], *,
                     crop_scale: Sequence[float] = (0.08, 1.0), hflip: float = 0.5, auto_augment: str | None = None,
                     re_prob: float = 0.0, re_mode: str = "pixel", color_jitter: float = 0.0,
@@ -28,6 +49,8 @@ def build_transform(train: bool, img_size: int, mean: Sequence[float], std: Sequ
     ignored (crop_pct for train; crop_scale, hflip, auto_augment, re_prob, color_jitter for eval).
     """
     from timm.data import create_transform
+
+    _patch_timm_posterize()
 
     if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size <= 0:
         raise UserError(f"image size must be a positive integer, got {img_size!r}")

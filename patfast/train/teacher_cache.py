@@ -13,7 +13,8 @@ from patfast.train.config import data_kind, resolve
 from patfast.train.report import Log
 
 BUNDLED = ("digits",)
-KEYS = ("data", "teacher", "img_size", "batch_size", "seed", "device", "amp", "workers", "deterministic", "progress")
+KEYS = ("data", "teacher", "img_size", "batch_size", "seed", "device", "amp", "data_backend", "workers",
+        "deterministic", "progress")
 
 
 def cache_root() -> str:

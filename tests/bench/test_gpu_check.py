@@ -14,7 +14,7 @@ from patfast.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-TOP_KEYS = {"env", "ceilings", "kernels", "e2e", "gpu_tests"}
+TOP_KEYS = {"env", "ceilings", "kernels", "data", "e2e", "gpu_tests"}
 ROW_KEYS = {"op", "shape", "dtype", "mode", "provider", "ms", "gbps"}
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (reference-only) behaviour")
 
@@ -57,7 +57,13 @@ def test_gpu_check_dry_run_writes_results(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert_schema(doc)
     assert doc["env"]["gpu"] is None and doc["env"]["gpu_check"]["dry_run"] is True
-    assert [s["step"] for s in doc["env"]["gpu_check"]["steps"]] == ["env", "ceilings", "gpu_tests", "kernels"]
+    assert [s["step"] for s in doc["env"]["gpu_check"]["steps"]] == ["env", "ceilings", "gpu_tests", "kernels",
+                                                                      "data"]
+    rows = doc["data"]["rows"]
+    assert [r["backend"] for r in rows] == ["torch", "dali", "gpu"]
+    for r in rows:  # a figure, or a reason why not
+        assert r["img_s"] is not None or r["note"].startswith("not measured"), r
+    assert doc["data"]["step"]["img_s"] > 0  # the dry run times a tiny PAT step on the CPU
     assert all(s["rc"] == 0 for s in doc["env"]["gpu_check"]["steps"])
     assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["bf16_tflops"] > 0
     assert doc["ceilings"]["device"].startswith("CPU")
@@ -83,7 +89,8 @@ def test_gpu_check_real_mode_records_a_failing_test_step_and_still_benchmarks(tm
     # The GPU code path of the script (not --dry-run) on the CPU: pytest -m gpu really runs (everything skips),
     # here cut off by a 1 s limit to stand for a failing step; the kernel step must still run and write results.
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, TESTS_TIMEOUT="1", GPU_CHECK_KERNEL_ARGS="--quick --op kd")
+    env = dict(os.environ, PYTHON=sys.executable, TESTS_TIMEOUT="1", GPU_CHECK_KERNEL_ARGS="--quick --op kd",
+               GPU_CHECK_DATA_ARGS="--img-size 32 --batch-size 16 --batches 2 --workers 0")
     proc = subprocess.run(["bash", SCRIPT, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -91,7 +98,8 @@ def test_gpu_check_real_mode_records_a_failing_test_step_and_still_benchmarks(tm
     doc = json.loads((out / "results.json").read_text())
     assert_schema(doc)
     steps = {s["step"]: s["rc"] for s in doc["env"]["gpu_check"]["steps"]}
-    assert steps == {"env": 0, "ceilings": 0, "gpu_tests": 124, "kernels": 0}
+    assert steps == {"env": 0, "ceilings": 0, "gpu_tests": 124, "kernels": 0, "data": 0}
+    assert doc["data"]["step"]["img_s"] is None  # no GPU: the PAT step rate is not measured
     assert doc["gpu_tests"]["mode"] == "run" and doc["gpu_tests"]["timed_out"]
     assert {r["op"] for r in doc["kernels"]} == {"kd_loss_pair", "kd_loss"}
     assert "timed out after 150" not in (out / "results.md").read_text()
