@@ -1,10 +1,14 @@
-"""Benchmarks: `patfast bench kernels` (issues #3 and #4), and the pieces benchmarks/gpu_check.sh runs.
+"""Benchmarks: `patfast bench kernels` (issues #3 and #4), `patfast bench data` (#5), and the pieces
+benchmarks/gpu_check.sh runs.
 
     kernels.py   the kernel benchmark cases (PAT shapes), providers (eager reference, torch.compile(reference),
                  Triton; for RAA also SDPA with the flash / cuDNN backend pinned), the timing loop and the traffic
                  model
     ceilings.py  the measured ceilings of the same run: device-to-device copy bandwidth, bf16 matmul rate
     results.py   results.json / results.md: environment, ceilings, kernel rows with their baselines, the targets
+    data.py      loader-only images/s of each data backend, beside the rate a PAT step consumes
+    step.py      a PAT training step on synthetic data, timed (the rate a loader must keep up with)
+    train.py     `patfast bench train`: fast path vs reference path vs floor, peak memory, the time split
 
 Timing: on CUDA ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed before each, median with
 p20/p80); on the CPU a host clock (the CPU is synchronous), which is only ever used for the tiny dry-run sizes.
@@ -64,9 +68,23 @@ def quantiles(values: list[float], qs) -> list[float]:
 
 
 def add_options(parser) -> None:
-    """Options of `patfast bench WHAT` (cli.py builds the sub-parser, this fills it)."""
-    parser.add_argument("what", choices=["kernels"], metavar="WHAT",
-                        help="what to benchmark: kernels (HCL, KD, RAA); data and e2e arrive with issues #5 and #6")
+    """Sub-commands of `patfast bench` (cli.py builds the `bench` parser, this fills it)."""
+    from patfast.bench import data, train
+
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True, parser_class=type(parser))
+    kernels = sub.add_parser("kernels", help="HCL, KD and RAA kernels against their references on PAT's shapes",
+                             description="HCL, KD and RAA kernels against their references on PAT's shapes")
+    add_kernel_options(kernels)
+    p = sub.add_parser("data", help="loader-only images/s of the torch, dali and gpu data backends",
+                       description=data.__doc__.split("\n\n")[0])
+    data.add_options(p)
+    p = sub.add_parser("train", help="images/s of a PAT step: fast path, reference path and floor, with the split",
+                       description=train.__doc__.split("\n\n")[0])
+    train.add_options(p)
+
+
+def add_kernel_options(parser) -> None:
+    """Options of `patfast bench kernels`."""
     parser.add_argument("--op", choices=["hcl", "kd", "raa", "all"], default="all",
                         help="hcl: HCL over 4 teacher stages; kd: kd_loss_pair and kd_loss; raa: region-aware "
                              "attention, whole block and core (N=64, D=512, 8 heads); all (default)")
@@ -102,6 +120,14 @@ def run(args) -> int:
     """`patfast bench ...`"""
     if args.what == "kernels":
         from patfast.bench.kernels import main
+
+        return main(args)
+    if args.what == "data":
+        from patfast.bench.data import main
+
+        return main(args)
+    if args.what == "train":
+        from patfast.bench.train import main
 
         return main(args)
     raise AssertionError(args.what)  # argparse choices keep us from here

@@ -38,7 +38,9 @@ class PAT(Distiller):
         self.raa = RegionAwareAttention(student_taps.stage_shapes, dim, num_heads, queries_per_stage,
                                         pos_by_batch_index=variant.pos_by_batch_index, backend=backend)
         targets = teacher.taps.stage_shapes
-        self.aligners = nn.ModuleList(stage_aligner(dim, t, self.raa.queries) for t in targets)
+        # the reference backend keeps the aligners' plain order (resize, then BatchNorm + conv): the authors' way
+        self.aligners = nn.ModuleList(stage_aligner(dim, t, self.raa.queries, upsample_last=backend != "reference")
+                                      for t in targets)
         self.prompts = nn.ModuleDict({
             str(i): PromptBlock(teacher.taps.prompt_shapes[i - 1], targets[i - 1], se_gate_only=variant.se_gate_only)
             for i in self.afp_stages})

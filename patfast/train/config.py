@@ -97,9 +97,17 @@ OPTIONS = [
            ("train", "teacher", "eval")),
     Option("model_ema", bool, True, "keep and evaluate an EMA of the student"),
     Option("model_ema_decay", float, 0.9998, "EMA decay per step"),
+    Option("compile", bool, None, "torch.compile the training step (auto: on CUDA, off on the CPU; the first "
+           "steps compile)"),
+    Option("compile_mode", str, "default", "torch.compile mode; reduce-overhead adds CUDA graphs",
+           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
+    Option("channels_last", bool, None, "channels_last memory format for conv models (auto: on CUDA, off on the CPU)"),
     Option("amp", str, "auto", "auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16 (with a grad scaler)",
            choices=("auto", "none", "bf16", "fp16")),
-    Option("workers", int, 0, "data loader worker processes", ("train", "teacher", "eval")),
+    Option("data_backend", str, "auto", "data loader: auto (dali if installed on CUDA, else gpu on CUDA for in-memory "
+           "data, else torch) | torch | gpu | dali", ("train", "teacher", "eval"),
+           choices=("auto", "torch", "gpu", "dali")),
+    Option("workers", int, 0, "data loader worker processes (torch) or threads (dali)", ("train", "teacher", "eval")),
     Option("seed", int, 0, "random seed", ("train", "teacher", "eval")),
     Option("deterministic", bool, False, "deterministic algorithms (slower)"),
     Option("out", str, None, "output directory (default: runs/<command>-<time>)", ("train", "teacher")),
@@ -120,7 +128,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             continue
         if o.type is bool:
             parser.add_argument(flag(o.name), dest=o.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{o.help} (default: {o.default})")
+                                help=f"{o.help} (default: {'auto' if o.default is None else o.default})")
         else:
             parser.add_argument(flag(o.name), dest=o.name, default=None, metavar=o.name.split("_")[-1].upper(),
                                 help=f"{o.help} (default: {_show(o.default)})")

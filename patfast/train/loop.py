@@ -26,6 +26,7 @@ from patfast.models.create import create_model, load_weights, save_weights
 from patfast.train import checkpoint as ckpt
 from patfast.train.optim import WarmupCosine, make_optimizer
 from patfast.train.report import EpochTable, Log, SummaryCsv, header, plot_curves
+from patfast.train.step import TrainStep, amp_dtype, resolve_speed
 
 TERMS = {"none": ["loss_gt"], "kd": ["loss_gt", "loss_kd"], "pat": ["loss_gt", "loss_kd", "loss_fd", "loss_reg"]}
 
@@ -52,12 +53,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "none"
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def prepare_out(out: str | None, command: str) -> str:
@@ -125,8 +120,9 @@ def _run(cfg, command, device, dtype, out, log) -> dict:
     with open(os.path.join(out, "args.yaml"), "w") as f:
         yaml.safe_dump({"command": command, **cfg}, f, sort_keys=False)
     dataset = load_data(cfg["data"])
-    loader_args = {"batch_size": cfg["batch_size"], "img_size": cfg["img_size"], "device": "cpu",
-                   "seed": cfg["seed"], "workers": cfg["workers"], "crop_pct": cfg["crop_pct"]}
+    loader_args = {"batch_size": cfg["batch_size"], "img_size": cfg["img_size"], "device": device,
+                   "backend": cfg["data_backend"], "seed": cfg["seed"], "workers": cfg["workers"],
+                   "crop_pct": cfg["crop_pct"], "progress": cfg["progress"]}
     train_loader = make_loader(dataset, "train", train=True, crop_scale=tuple(cfg["crop_scale"]),
                                hflip=cfg["hflip"], auto_augment=cfg["auto_augment"] or None, re_prob=cfg["reprob"],
                                **loader_args)
@@ -168,6 +164,7 @@ def _run(cfg, command, device, dtype, out, log) -> dict:
     n_extra = sum(p.numel() for p in params) - n_student
     what = f"{distiller_name}" + (f" ({cfg['pat_variant']} variant)" if distiller_name == "pat" else "")
     log(f"data: {cfg['data']} ({len(train_loader)} train batches of {cfg['batch_size']}, {k} classes, "
+        f"{train_loader.backend} loader, "
         f"{cfg['img_size']}px) | "
         f"{role}: {name} ({n_student / 1e6:.2f}M params) | distiller: {what}"
         + (f" (+{n_extra / 1e6:.2f}M trainable params)" if n_extra else ""))
@@ -175,16 +172,19 @@ def _run(cfg, command, device, dtype, out, log) -> dict:
         teacher_top = evaluate(distiller.teacher.model, test_loader, device, dtype, show_bars, "teacher eval")
         log(f"teacher test accuracy: top-1 {teacher_top[0]:.2f}%  top-5 {teacher_top[1]:.2f}%")
 
-    optimizer = make_optimizer(params, cfg["opt"], cfg["lr"], cfg["weight_decay"], cfg["momentum"])
+    speed = resolve_speed(cfg, device)
+    optimizer = make_optimizer(params, cfg["opt"], cfg["lr"], cfg["weight_decay"], cfg["momentum"],
+                               fused=device.type == "cuda")
     steps_per_epoch = len(train_loader)
     schedule = WarmupCosine(optimizer, cfg["lr"], cfg["min_lr"], round(cfg["warmup_epochs"] * steps_per_epoch),
                             cfg["epochs"] * steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    train_step = TrainStep(distiller, optimizer, params, speed, device, clip=cfg["clip_grad"])
     ema = None
-    if cfg["model_ema"]:
+    if cfg["model_ema"]:  # after TrainStep: the copy takes the student's memory format
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg["model_ema_decay"])
+        ema = train_step.ema = ModelEmaV3(model, decay=cfg["model_ema_decay"])
+    log(f"step: {speed.describe()}" + (f" | ops backend: {cfg['backend']}" if distiller_name != "none" else ""))
     mixup = make_mixup(cfg["mixup"], cfg["cutmix"], cfg["smoothing"], k, seed=cfg["seed"])
     terms = TERMS[distiller_name]
     columns = ["epoch", "lr", "train_loss", *terms, "eval_top1", "eval_top5", "ema_top1", "ema_top5", "img_per_s",
@@ -205,30 +205,14 @@ def _run(cfg, command, device, dtype, out, log) -> dict:
             lr = schedule.step(step)
             if mixup is not None:
                 x, y = mixup(x, y)
-            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                _, losses = distiller(x, y, first_batch=i == 0)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            if cfg["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            if ema is not None:
-                ema.update(model, step=step)
+            losses = train_step(x, y, step=step, first_batch=i == 0)
             for t in terms:
-                sums[t] += losses[t].detach().float()
+                sums[t] += losses[t].float()
             seen += x.shape[0]
             step += 1
-            if cfg["progress"] and (i % 10 == 0 or i == steps_per_epoch - 1):
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if show_bars and (i % 10 == 0 or i == steps_per_epoch - 1):  # the only host read inside an epoch
+                loss = float(sum(losses.values()))
+                bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.close()
         train_s = time.perf_counter() - t0
         means = {t: float(sums[t]) / max(1, i + 1) for t in terms}
@@ -246,7 +230,8 @@ def _run(cfg, command, device, dtype, out, log) -> dict:
         for which, acc in (("raw", top1), ("ema", ema_top[0])):
             if acc is not None and acc > best["top1"]:
                 best = {"top1": acc, "epoch": epoch, "which": which}
-        state = ckpt.training_state(distiller, optimizer, scaler, ema, epoch=epoch, step=step, best=best, config=cfg)
+        state = ckpt.training_state(distiller, optimizer, train_step.scaler, ema, epoch=epoch, step=step, best=best,
+                                    config=cfg)
         ckpt.atomic_save(state, os.path.join(out, "last.pth"))
         plot_curves(rows, terms, os.path.join(out, "curves.png"),
                     f"{role} {name} | {what} | {cfg['data']}")

@@ -16,12 +16,14 @@ def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(params: list[nn.Parameter], opt: str, lr: float, weight_decay: float,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
+                   momentum: float = 0.9, fused: bool = False) -> torch.optim.Optimizer:
+    """fused: one kernel for the whole update (CUDA; same arithmetic as the for-each implementation)."""
     groups = param_groups(params, weight_decay)
+    extra = {"fused": True} if fused else {}
     if opt == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, **extra)
     if opt == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, **extra)
     raise ValueError(f"unknown optimizer {opt!r}")
 
 

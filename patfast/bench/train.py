@@ -1,0 +1,334 @@
+"""`patfast bench train`: images/s of a PAT training step, the fast path against the reference path, one process.
+
+Paths (patfast/train/step.py):
+  fast       torch.compile of the distiller, bf16 autocast (fp32 on the CPU), channels_last on CUDA, Triton ops "auto",
+             the aligners' upsample-last rewrite, fused SGD on CUDA
+  reference  eager, fp16 autocast + grad scaler on CUDA (fp32 on the CPU: fp16 autocast is not how anyone runs on a
+             CPU), reference ops, plain aligners: how the authors' code runs
+  floor      the teacher and student passes alone, compiled and bf16 like the fast path: a clean teacher forward,
+             a teacher forward + activation backward (the prompted pass without prompts), student forward +
+             backward + SGD on a cross-entropy; no RAA, aligners, prompts or PAT losses
+Random-initialised timm models, synthetic images and labels already on the device (`--loader DATA` also times the
+real loader's batch delivery). Each path: `--warmup` untimed steps (compilation, and the recompile when the
+feedback first exists), then `--steps` timed steps (CUDA events; host clock on the CPU); peak memory on CUDA.
+
+The time split comes from torch.profiler over a few eager steps of each path's settings (compiled code has no
+module boundaries): forward time of each region (clean teacher, prompted teacher, student, RAA + aligners, losses =
+the rest of the forward), backward time attributed to the region whose forward op created each autograd node
+(matched by sequence number), optimizer (+ EMA-free update) and, with --loader, the data wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+
+from patfast.bench import num
+from patfast.errors import UserError
+
+PATHS = ("fast", "reference", "floor")
+REGIONS = ("teacher_clean", "teacher_prompted", "student", "raa_aligners", "losses", "optimizer", "data_wait")
+TARGETS = {"vs_reference": 3.0, "vs_floor": 0.8}  # issue #6, Swin-T -> ResNet18, 224 px, B = 128 on an H100
+
+
+def add_options(parser) -> None:
+    parser.add_argument("--teacher", default="swin_tiny_patch4_window7_224", help="teacher timm model")
+    parser.add_argument("--student", default="resnet18", help="student timm model")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per path (default 20)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation; default 4)")
+    parser.add_argument("--paths", default="fast,reference,floor", help="comma list of fast, reference, floor")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
+                        help="profile the time split (default on)")
+    parser.add_argument("--loader", default=None, metavar="DATA",
+                        help="also time the real loader (e.g. digits) with --data-backend: the data wait")
+    parser.add_argument("--data-backend", default="auto", choices=("auto", "torch", "gpu", "dali"))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dry-run", action="store_true", help="tiny models and sizes on the CPU (code paths only)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows (a list) as JSON here")
+    parser.add_argument("--md", default=None, metavar="PATH")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build(args, device, path: str):
+    """(TrainStep-like callable, distiller or None) for `path`."""
+    import torch
+
+    from patfast.distill.build import build_distiller
+    from patfast.models.create import create_model
+    from patfast.train.optim import make_optimizer
+    from patfast.train.step import Speed, TrainStep
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    teacher = create_model(args.teacher, args.classes, args.img_size)
+    student = create_model(args.student, args.classes, args.img_size)
+    if path == "floor":
+        return FloorStep(teacher, student, device, args.compile_mode), None
+    backend = "auto" if path == "fast" else "reference"
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    distiller = build_distiller("pat", student, teacher, img_size=args.img_size, data_mean=mean, data_std=std,
+                                backend=backend).to(device)
+    distiller.train()
+    params = distiller.trainable_parameters()
+    optimizer = make_optimizer(params, "sgd", 0.01, 1e-4, fused=cuda and path == "fast")
+    if path == "fast":
+        speed = Speed(compile=True, compile_mode=args.compile_mode, amp=torch.bfloat16 if cuda else None,
+                      channels_last=cuda)
+    else:
+        speed = Speed(compile=False, compile_mode="default", amp=torch.float16 if cuda else None, channels_last=False)
+    return TrainStep(distiller, optimizer, params, speed, device), distiller
+
+
+class FloorStep:
+    """The teacher and student passes alone (compiled, bf16 on CUDA): see the module docstring."""
+
+    def __init__(self, teacher, student, device, compile_mode: str):
+        import torch
+
+        self.device = device
+        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        self.student = student.to(device).train()
+        if device.type == "cuda":
+            self.teacher.to(memory_format=torch.channels_last)
+            self.student.to(memory_format=torch.channels_last)
+        self.amp = torch.bfloat16 if device.type == "cuda" else None
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9,
+                                         **({"fused": True} if device.type == "cuda" else {}))
+        mode = None if compile_mode == "default" else compile_mode
+        self.forward = torch.compile(self._forward, mode=mode)
+
+    def _forward(self, x, y):
+        import torch
+        import torch.nn.functional as F
+
+        with torch.no_grad():
+            clean = self.teacher(x)
+        prompted = self.teacher(x.detach().requires_grad_())
+        logits = self.student(x)
+        return F.cross_entropy(logits.float(), y) + prompted.float().mean() + 0 * clean.float().mean()
+
+    def __call__(self, x, y, step: int = 0):
+        import torch
+
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext():
+            loss = self.forward(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+
+def time_steps(step, x, y, steps: int, warmup: int, device) -> tuple[float, float, float | None]:
+    """-> (ms per step, warm-up seconds, peak GiB on CUDA or None)."""
+    import torch
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(x, y, step=i)
+    _sync(device)
+    warm_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for i in range(steps):
+            step(x, y, step=warmup + i)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps, warm_s, torch.cuda.max_memory_allocated(device) / 2**30
+    t0 = time.perf_counter()
+    for i in range(steps):
+        step(x, y, step=warmup + i)
+    return (time.perf_counter() - t0) * 1e3 / steps, warm_s, None
+
+
+def time_split(step, distiller, x, y, device, steps: int = 3) -> dict[str, float]:
+    """ms per step in each region (REGIONS), from torch.profiler over `steps` eager steps (see module docstring)."""
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    open_ranges = []
+
+    def enter(label_of):
+        def hook(module, args):
+            rf = record_function(f"pf::{label_of()}")
+            rf.__enter__()
+            open_ranges.append(rf)
+        return hook
+
+    def leave(module, args, out):
+        open_ranges.pop().__exit__(None, None, None)
+
+    teacher_label = lambda: "teacher_prompted" if distiller.teacher.taps.prompting else "teacher_clean"  # noqa: E731
+    handles = []
+    for module, label in ((distiller.teacher.model, teacher_label), (distiller.student, lambda: "student"),
+                          (distiller.raa, lambda: "raa_aligners"), (distiller.aligners, None)):
+        if label is None:
+            for a in module:
+                handles += [a.register_forward_pre_hook(enter(lambda: "raa_aligners")),
+                            a.register_forward_hook(leave)]
+            continue
+        handles += [module.register_forward_pre_hook(enter(label)), module.register_forward_hook(leave)]
+    eager = step.forward
+    step.forward = distiller  # eager: module boundaries exist
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        step(x, y)  # warm
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                with record_function("pf::step"):
+                    step(x, y)
+            _sync(device)
+    finally:
+        step.forward = eager
+        for h in handles:
+            h.remove()
+    return _attribute(prof.events(), device.type == "cuda", steps)
+
+
+def _attribute(events, cuda: bool, steps: int) -> dict[str, float]:
+    """Region -> ms per step: forward by enclosing pf:: range; backward nodes by their forward op's region."""
+    def t(e):  # microseconds of device (CUDA) or CPU time, children included
+        return (getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)) if cuda else e.cpu_time_total
+
+    def region(e):
+        p = e.cpu_parent
+        while p is not None:
+            if p.name.startswith("pf::") and p.name != "pf::step":
+                return p.name[4:]
+            p = p.cpu_parent
+        return None
+
+    out = dict.fromkeys(REGIONS, 0.0)
+    seq_region = {}
+    forward_total = 0.0
+    for e in events:
+        if e.name.startswith("pf::") and e.name != "pf::step":
+            if region(e) is None:  # outermost range only (the teacher may sit inside nothing else)
+                out[e.name[4:]] += t(e)
+        if e.sequence_nr is not None and e.sequence_nr >= 0 and not e.name.startswith("autograd::"):
+            r = region(e)
+            if r is not None:
+                seq_region.setdefault((e.thread, e.sequence_nr), r)
+    for e in events:
+        if e.name.startswith("autograd::engine::evaluate_function"):
+            r = seq_region.get((getattr(e, "fwd_thread", e.thread), e.sequence_nr))
+            if r is not None:
+                out[r] += t(e)
+        if e.name.startswith("Optimizer.step") or e.name.startswith("Optimizer.zero_grad"):
+            out["optimizer"] += t(e)
+        if e.name == "pf::step":
+            forward_total += t(e)
+    # losses: what the step spent outside every other region (the loss ops and their backward, glue)
+    out["losses"] = max(0.0, forward_total - sum(out.values()))
+    return {k: v / 1e3 / steps for k, v in out.items()}
+
+
+def run_pair(args, device) -> dict:
+    import torch
+
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    bad = [p for p in paths if p not in PATHS]
+    if bad or not paths:
+        raise UserError(f"--paths takes a comma list of {', '.join(PATHS)}, got '{args.paths}'")
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, generator=g)
+    y = torch.randint(0, args.classes, (args.batch_size,), device=device, generator=g)
+    row = {"pair": f"{args.teacher} -> {args.student}", "batch": args.batch_size, "img_size": args.img_size,
+           "device": str(device), "fast_img_s": None, "reference_img_s": None, "floor_img_s": None,
+           "fast_peak_gb": None, "reference_peak_gb": None, "split": {}, "paths": {}}
+    for path in paths:
+        step, distiller = _build(args, device, path)
+        ms, warm_s, peak = time_steps(step, x, y, args.steps, args.warmup, device)
+        row[f"{path}_img_s"] = args.batch_size * 1e3 / ms
+        if path != "floor":
+            row[f"{path}_peak_gb"] = peak
+        row["paths"][path] = {"step_ms": ms, "warmup_s": warm_s, "peak_gb": peak,
+                              "how": step.speed.describe() if hasattr(step, "speed") else "compiled floor"}
+        if args.split and distiller is not None:
+            split = time_split(step, distiller, x, y, device, steps=1 if args.dry_run else 3)
+            row["split"][path] = split
+        print(f"{path:>9}: {num(row[f'{path}_img_s'])} img/s ({ms:.1f} ms/step, warm-up {warm_s:.1f} s"
+              + (f", peak {peak:.2f} GiB" if peak is not None else "") + ")", flush=True)
+        del step, distiller
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if args.loader:
+        row["data_wait_ms"] = _loader_ms(args, device)
+        for split in row["split"].values():
+            split["data_wait"] = row["data_wait_ms"]
+    return row
+
+
+def _loader_ms(args, device) -> float:
+    from patfast.data import make_loader
+
+    loader = make_loader(args.loader, "train", backend=args.data_backend, batch_size=args.batch_size,
+                         img_size=args.img_size, train=True, device=device)
+    it = iter(loader)
+    next(it)
+    _sync(device)
+    t0, n = time.perf_counter(), min(5, len(loader) - 1)
+    for _ in range(n):
+        next(it)
+    _sync(device)
+    return (time.perf_counter() - t0) * 1e3 / max(n, 1)
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| pair | batch | size | fast img/s | reference img/s | fast / reference | floor img/s | fast / floor | "
+             "peak GiB fast / ref |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs_ref = f"{r['fast_img_s'] / r['reference_img_s']:.2f}x" if r["fast_img_s"] and r["reference_img_s"] \
+            else "not measured"
+        vs_floor = f"{r['fast_img_s'] / r['floor_img_s']:.0%}" if r["fast_img_s"] and r["floor_img_s"] \
+            else "not measured"
+        peaks = f"{num(r['fast_peak_gb'])} / {num(r['reference_peak_gb'])}"
+        lines.append(f"| {r['pair']} | {r['batch']} | {r['img_size']} | {num(r['fast_img_s'])} | "
+                     f"{num(r['reference_img_s'])} | {vs_ref} | {num(r['floor_img_s'])} | {vs_floor} | {peaks} |")
+    for r in rows:
+        for path, split in r.get("split", {}).items():
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if v)
+            lines.append(f"\nSplit, {r['pair']}, {path} settings run eagerly (ms per step, torch.profiler): {parts}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from patfast.train.loop import resolve_device
+
+    if args.dry_run:
+        args.teacher, args.student, args.img_size, args.batch_size = "convnext_atto", "resnet10t", 32, 4
+        args.steps, args.warmup, args.device, args.classes = 1, 2, "cpu", 10
+    for name in ("batch_size", "img_size", "steps", "classes"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 2:
+        raise UserError("--warmup must be >= 2 (the first steps compile, the second with the feedback)")
+    device = resolve_device(args.device)
+    row = run_pair(args, device)
+    text = render([row])
+    print()
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([row], f, indent=2)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text + "\n")
+    return 0
