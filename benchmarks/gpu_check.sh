@@ -17,14 +17,19 @@
 #   5 data       patfast bench data: loader-only img/s of the torch, dali and gpu backends on digits at 224, B 128,
 #                beside the img/s an (eager, bf16) Swin-T -> ResNet18 PAT step consumes; the GPU machine has no
 #                DALI (and no network to install it): its row says "not measured: not installed"
-#   6 e2e        (issue #6)
+#   6 e2e        patfast bench train per pair at 224, B 128: fast path (compiled, bf16) vs reference path (eager, fp16
+#                + scaler) vs floor (teacher + student passes alone, compiled), peak memory, time split; pairs in
+#                order Swin-T -> ResNet18 (the target), ConvNeXt-T -> DeiT-T, ViT-S -> MobileNetV2; no new pair is
+#                started after E2E_BUDGET s (the rest are reported not measured)
 # results.json and results.md are rewritten after every step, so a run cut short still leaves what it measured;
 # OUTDIR/gpu_check.log holds the whole output. Exit status 0 when every step ran cleanly, else 1 (results written).
-# Expected on an H100: env ~5 s, ceilings ~10 s, gpu_tests ~1-2 min, kernels ~2-3 min (compiling the torch.compile
+# Expected on an H100: env ~5 s, ceilings ~10 s, gpu_tests ~1-2 min, kernels ~2 min (compiling the torch.compile
 # reference is the expensive part: it is timed at B=128 only and stops starting new shapes after KERNELS_BUDGET s),
-# data ~30 s. Worst case, every step running into its timeout: 30 + 45 + 130 + 200 + 75 = 480 s (each limit can be
-# overridden: ENV_TIMEOUT, CEILINGS_TIMEOUT, TESTS_TIMEOUT, KERNELS_TIMEOUT, KERNELS_BUDGET, DATA_TIMEOUT;
-# GPU_CHECK_KERNEL_ARGS adds flags to `patfast bench kernels`, e.g. "--quick"; GPU_CHECK_DATA_ARGS to `bench data`).
+# data ~30 s, e2e ~1.5-3 min per pair (compilation). Worst case, every step running into its timeout:
+# 25 + 40 + 100 + 140 + 60 + 200 = 565 s (each limit can be overridden: ENV_TIMEOUT, CEILINGS_TIMEOUT,
+# TESTS_TIMEOUT, KERNELS_TIMEOUT, KERNELS_BUDGET, DATA_TIMEOUT, E2E_TIMEOUT, E2E_BUDGET;
+# GPU_CHECK_KERNEL_ARGS adds flags to `patfast bench kernels`, e.g. "--quick"; GPU_CHECK_DATA_ARGS to
+# `bench data`, GPU_CHECK_E2E_ARGS to `bench train`).
 set -euo pipefail
 
 usage() { echo "usage: bash benchmarks/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
@@ -57,12 +62,18 @@ finish() {  # let tee drain before the script ends (the last lines are the resul
 }
 trap finish EXIT
 
-ENV_TIMEOUT="${ENV_TIMEOUT:-30}"
-CEILINGS_TIMEOUT="${CEILINGS_TIMEOUT:-45}"
-TESTS_TIMEOUT="${TESTS_TIMEOUT:-130}"
-KERNELS_TIMEOUT="${KERNELS_TIMEOUT:-200}"
-KERNELS_BUDGET="${KERNELS_BUDGET:-130}"   # seconds after which no new torch.compile shape is started
-DATA_TIMEOUT="${DATA_TIMEOUT:-75}"
+ENV_TIMEOUT="${ENV_TIMEOUT:-25}"
+CEILINGS_TIMEOUT="${CEILINGS_TIMEOUT:-40}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-100}"
+KERNELS_TIMEOUT="${KERNELS_TIMEOUT:-140}"
+KERNELS_BUDGET="${KERNELS_BUDGET:-80}"   # seconds after which no new torch.compile shape is started
+DATA_TIMEOUT="${DATA_TIMEOUT:-60}"
+E2E_TIMEOUT="${E2E_TIMEOUT:-200}"
+E2E_BUDGET="${E2E_BUDGET:-90}"   # seconds into the e2e step after which no new pair is started
+E2E_PAIRS=(swin_tiny_patch4_window7_224,resnet18 convnext_tiny,deit_tiny_patch16_224 vit_small_patch16_224,mobilenetv2_100)
+E2E_FLAGS=(--img-size 224 --batch-size 128 --steps 10 --warmup 4)
+read -r -a EXTRA_E2E_FLAGS <<<"${GPU_CHECK_E2E_ARGS:-}"   # e.g. GPU_CHECK_E2E_ARGS="--no-split"
+E2E_FLAGS+=("${EXTRA_E2E_FLAGS[@]}")
 
 MERGE_FLAGS=()
 CEILINGS_FLAGS=()
@@ -79,6 +90,8 @@ if (( DRY )); then
     CEILINGS_FLAGS+=(--dry-run)
     KERNEL_FLAGS+=(--interpret-check)
     DATA_FLAGS+=(--dry-run)
+    E2E_PAIRS=(dry-run,dry-run)   # --dry-run picks its own tiny pair
+    E2E_FLAGS=(--dry-run "${EXTRA_E2E_FLAGS[@]}")
 else
     unset TRITON_INTERPRET
 fi
@@ -143,9 +156,21 @@ run_step kernels "$KERNELS_TIMEOUT" "$PY" -m patfast bench kernels --json "$PART
 
 # 5. Data loaders (torch, dali, gpu) beside the PAT step rate
 run_step data "$DATA_TIMEOUT" "$PY" -m patfast bench data --json "$PARTS/data.json" "${DATA_FLAGS[@]}"
-# 6. ---- issue #6: the end-to-end train-step benchmark goes here (fast path vs reference path, same pair, batch
-#         and card, with the time split), as: run_step e2e <timeout> ... --json "$PARTS/e2e.json" (a list; merge
-#         puts it under "e2e").
+# 6. End-to-end train step, one `patfast bench train` per pair (each writes e2e_N.json; merge lists them under
+#    "e2e"); pairs not started within E2E_BUDGET s are written as not measured
+run_step e2e "$E2E_TIMEOUT" bash -c '
+    start=$(date +%s); n=0; py="$1"; budget="$2"; parts="$3"; shift 3
+    flags=(); while [[ "$1" != "--" ]]; do flags+=("$1"); shift; done; shift
+    rc=0
+    for pair in "$@"; do
+        n=$((n + 1))
+        if (( $(date +%s) - start > budget )); then
+            "$py" -m patfast.bench.results e2e-skipped --pair "$pair" --why "not started: past E2E_BUDGET=${budget} s"                 --json "$parts/e2e_$n.json" || rc=1
+            continue
+        fi
+        "$py" -m patfast bench train --teacher "${pair%%,*}" --student "${pair##*,}" "${flags[@]}"             --json "$parts/e2e_$n.json" || rc=1
+    done
+    exit $rc' _ "$PY" "$E2E_BUDGET" "$PARTS" "${E2E_FLAGS[@]}" -- "${E2E_PAIRS[@]}"
 
 # Final results: results.json + results.md in OUTDIR, the markdown printed last.
 echo

@@ -5,7 +5,8 @@ results.json, exactly these keys:
      "ceilings": {"copy_gbps", "bf16_tflops", ...},            (measured in the same run; null = not measured)
      "kernels": [{"op", "shape", "dtype", "mode", "provider", "ms", "gbps", ...}, ...],
      "data": {"rows": [...], "step": {...}} or null,          (patfast bench data: loader img/s, PAT step rate)
-     "e2e": [],                                                (issue #6 fills it)
+     "e2e": [{"pair", "batch", "img_size", "fast_img_s", "reference_img_s", "floor_img_s", "fast_peak_gb",
+              "reference_peak_gb", "split": {...}}, ...],      (patfast bench train, one per pair)
      "gpu_tests": {"mode", "passed", "failed", ...} or null}  (pytest -m gpu, written by gpu_check.sh)
 A figure that was not measured is null in the JSON and "not measured" in the markdown, with the reason.
 
@@ -354,9 +355,17 @@ def render_md(doc: dict, sections=("env", "ceilings", "gpu_tests", "kernels", "t
             out += [render(data.get("rows") or [], data.get("step")), ""]
         else:
             out += ["not measured (the data step did not run or wrote nothing)", ""]
-        out += ["## End-to-end train step", ""]
-        out += [f"- `{json.dumps(e)}`" for e in doc.get("e2e") or []] or \
-            ["not measured (the end-to-end benchmark lands with issue #6)"]
+        out += ["## End-to-end train step (`patfast bench train`)", ""]
+        if doc.get("e2e"):
+            from patfast.bench.train import render as render_e2e
+
+            out += [render_e2e(doc["e2e"]), ""]
+            out += [f"- {e['pair']}: {e['note']}" for e in doc["e2e"] if e.get("note")]
+            out += ["", "| target (issue #6, Swin-T -> ResNet18, 224, B 128, GPU) | measured | verdict |",
+                    "|---|---|---|"]
+            out += [f"| {t['target']} | {t['figure']} | **{t['verdict']}** |" for t in e2e_targets(doc)]
+        else:
+            out += ["not measured (the e2e step did not run or wrote nothing)"]
         out.append("")
     steps = (env.get("gpu_check") or {}).get("steps")
     if "steps" in sections and steps:
@@ -524,6 +533,36 @@ def parse_gpu_tests(rc: int, log_path: str | None, junit_path: str | None, colle
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def e2e_targets(doc: dict) -> list[dict]:
+    """Issue #6's GPU targets for Swin-T -> ResNet18: fast >= 3x reference, >= 80 % of the floor, peak <= reference."""
+    row = next((e for e in doc.get("e2e") or [] if e["pair"].startswith("swin_tiny")
+                and e.get("batch") == 128 and e.get("img_size") == 224), None)
+    on_gpu = row is not None and str(row.get("device", "")).startswith("cuda")
+    checks = [("fast path >= 3x the reference path's img/s", "fast_img_s", "reference_img_s", 3.0, "x"),
+              (">= 80 % of the floor's img/s", "fast_img_s", "floor_img_s", 0.8, "%"),
+              ("peak memory <= the reference path's", "reference_peak_gb", "fast_peak_gb", 1.0, "GiB")]
+    out = []
+    for target, a, b, need, unit in checks:
+        if not on_gpu or not row.get(a) or not row.get(b):
+            out.append({"target": target, "figure": "not measured", "verdict": "not measured"})
+            continue
+        ratio = row[a] / row[b]
+        figure = {"x": f"{ratio:.2f}x", "%": f"{ratio:.0%}",
+                  "GiB": f"{row['fast_peak_gb']:.2f} vs {row['reference_peak_gb']:.2f} GiB"}[unit]
+        out.append({"target": target, "figure": figure, "verdict": "met" if ratio >= need else "not met"})
+    return out
+
+
+def _e2e_parts(parts: str) -> list[dict]:
+    """The e2e rows the e2e step wrote (e2e_1.json, e2e_2.json, ... in order; each a list)."""
+    names = sorted((f for f in os.listdir(parts) if re.fullmatch(r"e2e_\d+\.json", f)),
+                   key=lambda f: int(f[4:-5]))
+    rows = []
+    for name in names:
+        rows += _load(os.path.join(parts, name)) or []
+    return rows
+
+
 def _load(path: str):
     if not os.path.exists(path):
         return None
@@ -552,7 +591,7 @@ def merge(parts: str, out_dir: str, dry_run: bool = False) -> dict:
     data_doc = _load(os.path.join(parts, "data.json"))
     data = {"rows": data_doc.get("data", []), "step": data_doc.get("step")} if data_doc else None
     doc = make_doc(env, ceilings, kernels_doc.get("kernels", []), _load(os.path.join(parts, "gpu_tests.json")),
-                   _load(os.path.join(parts, "e2e.json")), data)
+                   _e2e_parts(parts), data)
     os.makedirs(out_dir, exist_ok=True)
     write_json(doc, os.path.join(out_dir, "results.json"))
     with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -572,6 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--timeout", type=float, default=None)
     p.add_argument("--pytest-command", default=None, help="the pytest command line, for the record")
+    p.add_argument("--json", required=True)
+    p = sub.add_parser("e2e-skipped", help="an e2e row for a pair that was not run -> JSON (a one-row list)")
+    p.add_argument("--pair", required=True, help="TEACHER,STUDENT")
+    p.add_argument("--why", required=True)
     p.add_argument("--json", required=True)
     p = sub.add_parser("merge", help="write results.json and results.md from the steps' parts")
     p.add_argument("--parts", required=True)
@@ -593,6 +636,12 @@ def main(argv: list[str] | None = None) -> int:
         t = parse_gpu_tests(args.rc, args.log, args.junit, args.collect_only, args.timeout, args.pytest_command)
         write_json(t, args.json)
         print(_gpu_tests_line(t))
+    elif args.command == "e2e-skipped":
+        teacher, _, student = args.pair.partition(",")
+        row = {"pair": f"{teacher} -> {student}", "batch": None, "img_size": None, "fast_img_s": None,
+               "reference_img_s": None, "floor_img_s": None, "fast_peak_gb": None, "reference_peak_gb": None,
+               "split": {}, "note": f"not measured: {args.why}"}
+        write_json([row], args.json)
     else:
         doc = merge(args.parts, args.out, args.dry_run)
         if not args.quiet:

@@ -1,7 +1,8 @@
 """`patfast bench train`: images/s of a PAT training step, the fast path against the reference path, one process.
 
 Paths (patfast/train/step.py):
-  fast       torch.compile of the distiller, bf16 autocast (fp32 on the CPU), channels_last on CUDA, Triton ops "auto",
+  fast       torch.compile of the distiller, bf16 autocast (on a CPU only with native bf16), channels_last on CUDA,
+             Triton ops "auto",
              the aligners' upsample-last rewrite, fused SGD on CUDA
   reference  eager, fp16 autocast + grad scaler on CUDA (fp32 on the CPU: fp16 autocast is not how anyone runs on a
              CPU), reference ops, plain aligners: how the authors' code runs
@@ -85,11 +86,23 @@ def _build(args, device, path: str):
     params = distiller.trainable_parameters()
     optimizer = make_optimizer(params, "sgd", 0.01, 1e-4, fused=cuda and path == "fast")
     if path == "fast":
-        speed = Speed(compile=True, compile_mode=args.compile_mode, amp=torch.bfloat16 if cuda else None,
+        speed = Speed(compile=True, compile_mode=args.compile_mode, amp=torch.bfloat16 if fast_bf16(device) else None,
                       channels_last=cuda)
     else:
         speed = Speed(compile=False, compile_mode="default", amp=torch.float16 if cuda else None, channels_last=False)
     return TrainStep(distiller, optimizer, params, speed, device), distiller
+
+
+def fast_bf16(device) -> bool:
+    """bf16 on the fast path: always on CUDA; on a CPU only where it has native bf16 (AVX512-BF16 / AMX)."""
+    import torch
+
+    if device.type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class FloorStep:
@@ -104,7 +117,7 @@ class FloorStep:
         if device.type == "cuda":
             self.teacher.to(memory_format=torch.channels_last)
             self.student.to(memory_format=torch.channels_last)
-        self.amp = torch.bfloat16 if device.type == "cuda" else None
+        self.amp = torch.bfloat16 if fast_bf16(device) else None
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9,
                                          **({"fused": True} if device.type == "cuda" else {}))
         mode = None if compile_mode == "default" else compile_mode

@@ -62,7 +62,10 @@ class PAT(Distiller):
         loss_kd, loss_reg = ops.kd_loss_pair(logits, logits_pt, logits_t, self.temperature, backend=self.backend)
         if self.training:
             for i in self.afp_stages:  # feedback for the NEXT step (a different batch: intended)
-                self.prompts[str(i)].feedback = (aligned[i - 1] - feats_t[i - 1]).detach()
+                # one fixed layout (standard strides, even on size-1 axes) whatever produced it, eager or compiled,
+                # so the compiled step never recompiles on the feedback's strides
+                diff = (aligned[i - 1] - feats_t[i - 1]).detach()
+                self.prompts[str(i)].feedback = diff.clone(memory_format=torch.contiguous_format)
         return logits, {
             "loss_gt": self.gt_loss(logits, targets),
             "loss_kd": self.w_kd * loss_kd,

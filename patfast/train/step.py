@@ -103,6 +103,14 @@ class TrainStep:
         # where it matters, so the paper variant compiles one graph.
         variant = getattr(distiller, "variant", None)
         self.uses_first_batch = bool(variant is not None and variant.teacher_train_first_batch)
+        self.prompts = list(getattr(distiller, "prompts", {}).values())
+
+    def _forward(self):
+        """The compiled forward once every prompt block has feedback; before that (PAT's first step, which skips
+        the fusion block) the eager one, so that only the steady-state graph is ever compiled."""
+        if self.forward is not self.distiller and any(p.feedback is None for p in self.prompts):
+            return self.distiller
+        return self.forward
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.speed.amp) if self.speed.amp else nullcontext()
@@ -111,11 +119,12 @@ class TrainStep:
                  ) -> dict[str, torch.Tensor]:
         if self.speed.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        forward = self._forward()
         with self.autocast():
             if self.uses_first_batch:
-                _, losses = self.forward(x, y, first_batch=first_batch)
+                _, losses = forward(x, y, first_batch=first_batch)
             else:
-                _, losses = self.forward(x, y)
+                _, losses = forward(x, y)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:

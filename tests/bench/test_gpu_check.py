@@ -16,6 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 TOP_KEYS = {"env", "ceilings", "kernels", "data", "e2e", "gpu_tests"}
 ROW_KEYS = {"op", "shape", "dtype", "mode", "provider", "ms", "gbps"}
+E2E_KEYS = {"pair", "batch", "img_size", "fast_img_s", "reference_img_s", "floor_img_s", "fast_peak_gb",
+            "reference_peak_gb", "split"}
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (reference-only) behaviour")
 
 
@@ -31,7 +33,10 @@ def assert_schema(doc):
     assert set(doc) == TOP_KEYS
     assert {"gpu", "torch", "triton", "cuda"} <= set(doc["env"])
     assert {"copy_gbps", "bf16_tflops"} <= set(doc["ceilings"])
-    assert doc["e2e"] == []
+    for row in doc["e2e"]:
+        assert E2E_KEYS <= set(row), row
+        if row["fast_img_s"] is None:
+            assert row["note"].startswith("not measured"), row
     assert doc["kernels"]
     for row in doc["kernels"]:
         assert ROW_KEYS <= set(row), row
@@ -58,7 +63,10 @@ def test_gpu_check_dry_run_writes_results(tmp_path):
     assert_schema(doc)
     assert doc["env"]["gpu"] is None and doc["env"]["gpu_check"]["dry_run"] is True
     assert [s["step"] for s in doc["env"]["gpu_check"]["steps"]] == ["env", "ceilings", "gpu_tests", "kernels",
-                                                                      "data"]
+                                                                      "data", "e2e"]
+    (e2e,) = doc["e2e"]  # the dry run's one tiny pair, all three paths timed, the split profiled
+    assert e2e["fast_img_s"] > 0 and e2e["reference_img_s"] > 0 and e2e["floor_img_s"] > 0
+    assert set(e2e["split"]) == {"fast", "reference"} and e2e["split"]["fast"]["student"] > 0
     rows = doc["data"]["rows"]
     assert [r["backend"] for r in rows] == ["torch", "dali", "gpu"]
     for r in rows:  # a figure, or a reason why not
@@ -90,7 +98,8 @@ def test_gpu_check_real_mode_records_a_failing_test_step_and_still_benchmarks(tm
     # here cut off by a 1 s limit to stand for a failing step; the kernel step must still run and write results.
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, TESTS_TIMEOUT="1", GPU_CHECK_KERNEL_ARGS="--quick --op kd",
-               GPU_CHECK_DATA_ARGS="--img-size 32 --batch-size 16 --batches 2 --workers 0")
+               GPU_CHECK_DATA_ARGS="--img-size 32 --batch-size 16 --batches 2 --workers 0",
+               GPU_CHECK_E2E_ARGS="--dry-run --paths reference --no-split", E2E_BUDGET="0")
     proc = subprocess.run(["bash", SCRIPT, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -98,7 +107,10 @@ def test_gpu_check_real_mode_records_a_failing_test_step_and_still_benchmarks(tm
     doc = json.loads((out / "results.json").read_text())
     assert_schema(doc)
     steps = {s["step"]: s["rc"] for s in doc["env"]["gpu_check"]["steps"]}
-    assert steps == {"env": 0, "ceilings": 0, "gpu_tests": 124, "kernels": 0, "data": 0}
+    assert steps == {"env": 0, "ceilings": 0, "gpu_tests": 124, "kernels": 0, "data": 0, "e2e": 0}
+    # the first pair always starts (here a tiny dry-run stand-in); the others come after E2E_BUDGET = 0 s
+    assert [e["reference_img_s"] is not None for e in doc["e2e"]] == [True, False, False]
+    assert "past E2E_BUDGET=0 s" in doc["e2e"][1]["note"]
     assert doc["data"]["step"]["img_s"] is None  # no GPU: the PAT step rate is not measured
     assert doc["gpu_tests"]["mode"] == "run" and doc["gpu_tests"]["timed_out"]
     assert {r["op"] for r in doc["kernels"]} == {"kd_loss_pair", "kd_loss"}
