@@ -31,7 +31,6 @@ from patfast.errors import UserError
 
 PATHS = ("fast", "reference", "floor")
 REGIONS = ("teacher_clean", "teacher_prompted", "student", "raa_aligners", "losses", "optimizer", "data_wait")
-TARGETS = {"vs_reference": 3.0, "vs_floor": 0.8}  # issue #6, Swin-T -> ResNet18, 224 px, B = 128 on an H100
 
 
 def add_options(parser) -> None:
@@ -51,7 +50,10 @@ def add_options(parser) -> None:
                         help="also time the real loader (e.g. digits) with --data-backend: the data wait")
     parser.add_argument("--data-backend", default="auto", choices=("auto", "torch", "gpu", "dali"))
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--dry-run", action="store_true", help="tiny models and sizes on the CPU (code paths only)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="compile the fast path and the floor (default on; --dry-run turns it off)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny models and sizes on the CPU, nothing compiled (the harness's code paths only)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the rows (a list) as JSON here")
     parser.add_argument("--md", default=None, metavar="PATH")
 
@@ -77,7 +79,7 @@ def _build(args, device, path: str):
     teacher = create_model(args.teacher, args.classes, args.img_size)
     student = create_model(args.student, args.classes, args.img_size)
     if path == "floor":
-        return FloorStep(teacher, student, device, args.compile_mode), None
+        return FloorStep(teacher, student, device, args.compile_mode if args.compile else None), None
     backend = "auto" if path == "fast" else "reference"
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     distiller = build_distiller("pat", student, teacher, img_size=args.img_size, data_mean=mean, data_std=std,
@@ -86,8 +88,8 @@ def _build(args, device, path: str):
     params = distiller.trainable_parameters()
     optimizer = make_optimizer(params, "sgd", 0.01, 1e-4, fused=cuda and path == "fast")
     if path == "fast":
-        speed = Speed(compile=True, compile_mode=args.compile_mode, amp=torch.bfloat16 if fast_bf16(device) else None,
-                      channels_last=cuda)
+        speed = Speed(compile=args.compile, compile_mode=args.compile_mode,
+                      amp=torch.bfloat16 if fast_bf16(device) else None, channels_last=cuda)
     else:
         speed = Speed(compile=False, compile_mode="default", amp=torch.float16 if cuda else None, channels_last=False)
     return TrainStep(distiller, optimizer, params, speed, device), distiller
@@ -108,7 +110,7 @@ def fast_bf16(device) -> bool:
 class FloorStep:
     """The teacher and student passes alone (compiled, bf16 on CUDA): see the module docstring."""
 
-    def __init__(self, teacher, student, device, compile_mode: str):
+    def __init__(self, teacher, student, device, compile_mode: str | None):
         import torch
 
         self.device = device
@@ -120,8 +122,9 @@ class FloorStep:
         self.amp = torch.bfloat16 if fast_bf16(device) else None
         self.optimizer = torch.optim.SGD(self.student.parameters(), lr=0.01, momentum=0.9,
                                          **({"fused": True} if device.type == "cuda" else {}))
-        mode = None if compile_mode == "default" else compile_mode
-        self.forward = torch.compile(self._forward, mode=mode)
+        self.forward = self._forward
+        if compile_mode is not None:  # None: eager (dry runs)
+            self.forward = torch.compile(self._forward, mode=None if compile_mode == "default" else compile_mode)
 
     def _forward(self, x, y):
         import torch
@@ -273,7 +276,8 @@ def run_pair(args, device) -> dict:
         if path != "floor":
             row[f"{path}_peak_gb"] = peak
         row["paths"][path] = {"step_ms": ms, "warmup_s": warm_s, "peak_gb": peak,
-                              "how": step.speed.describe() if hasattr(step, "speed") else "compiled floor"}
+                              "how": step.speed.describe() if hasattr(step, "speed")
+                              else ("compiled" if args.compile else "eager") + " floor"}
         if args.split and distiller is not None:
             split = time_split(step, distiller, x, y, device, steps=1 if args.dry_run else 3)
             row["split"][path] = split
@@ -327,7 +331,7 @@ def main(args) -> int:
 
     if args.dry_run:
         args.teacher, args.student, args.img_size, args.batch_size = "convnext_atto", "resnet10t", 32, 4
-        args.steps, args.warmup, args.device, args.classes = 1, 2, "cpu", 10
+        args.steps, args.warmup, args.device, args.classes, args.compile = 1, 2, "cpu", 10, False
     for name in ("batch_size", "img_size", "steps", "classes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
