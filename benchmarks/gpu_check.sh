@@ -26,7 +26,7 @@
 # Expected on an H100: env ~5 s, ceilings ~10 s, gpu_tests ~1-2 min, kernels ~2 min (compiling the torch.compile
 # reference is the expensive part: it is timed at B=128 only and stops starting new shapes after KERNELS_BUDGET s),
 # data ~30 s, e2e ~1.5-3 min per pair (compilation). Worst case, every step running into its timeout:
-# 25 + 40 + 100 + 140 + 60 + 200 = 565 s (each limit can be overridden: ENV_TIMEOUT, CEILINGS_TIMEOUT,
+# 25 + 40 + 120 + 140 + 60 + 180 = 565 s (each limit can be overridden: ENV_TIMEOUT, CEILINGS_TIMEOUT,
 # TESTS_TIMEOUT, KERNELS_TIMEOUT, KERNELS_BUDGET, DATA_TIMEOUT, E2E_TIMEOUT, E2E_BUDGET;
 # GPU_CHECK_KERNEL_ARGS adds flags to `patfast bench kernels`, e.g. "--quick"; GPU_CHECK_DATA_ARGS to
 # `bench data`, GPU_CHECK_E2E_ARGS to `bench train`).
@@ -64,11 +64,11 @@ trap finish EXIT
 
 ENV_TIMEOUT="${ENV_TIMEOUT:-25}"
 CEILINGS_TIMEOUT="${CEILINGS_TIMEOUT:-40}"
-TESTS_TIMEOUT="${TESTS_TIMEOUT:-100}"
+TESTS_TIMEOUT="${TESTS_TIMEOUT:-120}"
 KERNELS_TIMEOUT="${KERNELS_TIMEOUT:-140}"
 KERNELS_BUDGET="${KERNELS_BUDGET:-80}"   # seconds after which no new torch.compile shape is started
 DATA_TIMEOUT="${DATA_TIMEOUT:-60}"
-E2E_TIMEOUT="${E2E_TIMEOUT:-200}"
+E2E_TIMEOUT="${E2E_TIMEOUT:-180}"
 E2E_BUDGET="${E2E_BUDGET:-90}"   # seconds into the e2e step after which no new pair is started
 E2E_PAIRS=(swin_tiny_patch4_window7_224,resnet18 convnext_tiny,deit_tiny_patch16_224 vit_small_patch16_224,mobilenetv2_100)
 E2E_FLAGS=(--img-size 224 --batch-size 128 --steps 10 --warmup 4)

@@ -9,7 +9,7 @@ import argparse
 import importlib.util
 import sys
 
-from patfast.errors import UserError
+from patfast.errors import TrainingStopped, UserError
 
 COMMANDS = {
     "train": "distil a student from a teacher (PAT, KD) or train it alone; no arguments: the bundled digits demo",
@@ -52,20 +52,39 @@ def _token_student(name: str) -> bool:
         return False  # an unknown name is reported later, with the rest of the setup
 
 
+def check_inputs(cfg: dict, command: str) -> None:
+    """The cheap checks of what a run reads (data spec, model names, weights files), before its output directory
+    is created or written: a mistake there leaves --out as it was. Contents (corrupt data or weights, an image size
+    too small for a model) are found when the run loads them."""
+    from patfast.data import parse_data_spec
+    from patfast.models.create import check_file, check_model_name
+
+    parse_data_spec(cfg["data"])
+    if command == "teacher":
+        check_model_name(cfg["teacher"])
+        if cfg.get("init_checkpoint"):
+            check_file(cfg["init_checkpoint"])
+        return
+    check_model_name(cfg["student"])
+    if cfg.get("distiller", "pat") != "none":
+        check_model_name(cfg["teacher"])
+        if cfg.get("teacher_checkpoint"):
+            check_file(cfg["teacher_checkpoint"])
+
+
 def cmd_train(args, command: str) -> int:
     from patfast.train.config import resolve
     from patfast.train.loop import run
 
     cfg = resolve(args, command, student_is_tokens=_token_student)
+    check_inputs(cfg, command)
     run(cfg, command)
     return 0
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from patfast.data import load_data, make_loader
-    from patfast.models.create import create_model, load_state, read_state_dict
+    from patfast.models.create import create_model, load_state, read_state_dict, torch_load
     from patfast.train.config import resolve
     from patfast.train.loop import amp_dtype, evaluate, resolve_device
 
@@ -74,21 +93,25 @@ def cmd_eval(args) -> int:
         raise UserError("eval: --checkpoint is required")
     path = cfg["checkpoint"]
     if path.endswith(".pth"):  # last.pth of a run: the student part of the distiller
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read checkpoint {path} safely (weights only): {str(e).splitlines()[0]}") from None
-        if not isinstance(state, dict) or "distiller" not in state:
+        state = torch_load(path)
+        if not isinstance(state, dict) or not isinstance(state.get("distiller"), dict):
             raise UserError(f"{path} is not a patfast training state (last.pth)")
-        run_cfg = state.get("config", {})
+        run_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
         weights = {k.removeprefix("student."): v for k, v in state["distiller"].items() if k.startswith("student.")}
+        if not weights:
+            raise UserError(f"{path} holds no student weights (not a last.pth of `patfast train` or `teacher`)")
         meta = {"model": run_cfg.get("student") or run_cfg.get("teacher"), "img_size": run_cfg.get("img_size")}
     else:
         weights, meta = read_state_dict(path)
     name = cfg.get("model") or meta.get("model")
     if not name:
         raise UserError(f"{path} does not say which model it holds: pass --model")
-    img_size = cfg["img_size"] if args.img_size is not None else int(meta.get("img_size") or cfg["img_size"])
+    img_size = cfg["img_size"]
+    if args.img_size is None and meta.get("img_size"):
+        try:
+            img_size = int(meta["img_size"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path} records image size {meta['img_size']!r}: pass --img-size") from None
     device = resolve_device(cfg["device"])
     dataset = load_data(cfg["data"])
     model = create_model(name, dataset.num_classes, img_size)
@@ -147,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"patfast: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"patfast: {e}", file=sys.stderr)
+        return e.status
     except KeyboardInterrupt:
         print("patfast: interrupted", file=sys.stderr)
         return 130

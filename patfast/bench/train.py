@@ -286,6 +286,8 @@ def run_pair(args, device) -> dict:
         del step, distiller
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    missing = [p for p in PATHS if p not in paths]
+    row["note"] = f"not measured: {', '.join(missing)} (not in --paths)" if missing else None
     if args.loader:
         row["data_wait_ms"] = _loader_ms(args, device)
         for split in row["split"].values():

@@ -433,13 +433,15 @@ class DaliLoader:
         """The epoch the next iteration will use."""
         return self._next_epoch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Make the next iteration epoch `epoch`: its order and augmentation depend only on (seed, epoch).
 
-        Without a call, each full or partial iteration advances the epoch by one (starting at 0).
+        skip_batches: the next iteration starts after that many batches (resuming mid-epoch; per-sample draws make
+        the rest identical). Without a call, each full or partial iteration advances the epoch by one (from 0).
         """
         self._next_epoch = int(epoch)
         self.sampler.set_epoch(self._next_epoch)
+        self.sampler.skip_next(skip_batches * self.batch_size)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -536,12 +538,13 @@ class DaliLoader:
         self.sampler.set_epoch(epoch)
         keys = list(self.sampler)
         order = [i for i, _ in keys]
+        count = len(order) // self.batch_size if self.drop_last else math.ceil(len(order) / self.batch_size)
         draws, ra = self._draws(np.array([s for _, s in keys], dtype=np.uint64))
         files = isinstance(self.dataset, FolderImages)
         # an in-memory pipeline that finished its last epoch is reused (DALI reset); files need their new order
         reused, self._idle = self._idle, None
         pipe, feed = reused if reused is not None else (None, _EpochFeed(self.batch_size, wrap=files))
-        feed.set(order, len(self), draws, ra)
+        feed.set(order, count, draws, ra)
         try:
             if pipe is None:
                 pipe = self._pipeline(epoch, feed, order)
@@ -554,7 +557,7 @@ class DaliLoader:
         stream = torch.cuda.current_stream(self.device) if self._cuda() else None
         finished = False
         try:
-            for k in range(len(self)):
+            for k in range(count):
                 try:
                     images, labels = pipe.run(stream) if stream is not None else pipe.run()
                 except RuntimeError as e:

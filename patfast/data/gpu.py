@@ -13,9 +13,9 @@ backend's up to PIL's own rounding. A split too big for
 the memory budget is refused with a UserError (use the torch or dali backend).
 
 Order and sharding are those of the torch backend (ShardedSampler: same samples in the same order for a (seed,
-epoch)). Augmentation draws from a torch.Generator on the device seeded from (seed, epoch, rank), per batch rather
-than per sample, so it is reproducible for a given (seed, epoch, batch size, world size) but differs from the torch
-backend's per-sample draws.
+epoch)). Batch k of an epoch draws its augmentation from a torch.Generator on the device seeded from (seed, epoch,
+rank, k), per batch rather than per sample, so it is reproducible for a given (seed, epoch, batch size, world size)
+(and a resumed epoch continues exactly) but differs from the torch backend's per-sample draws.
 """
 
 from __future__ import annotations
@@ -137,10 +137,12 @@ class GpuLoader:
         """The epoch the next iteration will use."""
         return self._next_epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration epoch `epoch`: its order and augmentation depend only on (seed, epoch)."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Make the next iteration epoch `epoch` (order and augmentation depend only on (seed, epoch)), starting
+        after `skip_batches` batches of it (resuming mid-epoch)."""
         self._next_epoch = int(epoch)
         self.sampler.set_epoch(self._next_epoch)
+        self.sampler.skip_next(skip_batches * self.batch_size)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -167,10 +169,12 @@ class GpuLoader:
         self._next_epoch = epoch + 1
         self.sampler.set_epoch(epoch)
         order = torch.tensor(self.sampler.indices(), dtype=torch.int64).to(self.device, non_blocking=True)
-        generator = None
-        if self.train:
-            generator = torch.Generator(self.device).manual_seed(_mix(self.seed, epoch, self.rank, 0x6B0))
-        for k in range(len(self)):
+        first = self.sampler.skipped // self.batch_size
+        generator = torch.Generator(self.device) if self.train else None
+        count = len(order) // self.batch_size if self.drop_last else math.ceil(len(order) / self.batch_size)
+        for k in range(count):
+            if generator is not None:  # batch k's own draws: a resumed epoch continues exactly
+                generator.manual_seed(_mix(self.seed, epoch, self.rank, first + k, 0x6B0))
             yield self.batch(order[k * self.batch_size:(k + 1) * self.batch_size], generator)
 
     def __repr__(self) -> str:

@@ -51,22 +51,30 @@ class ShardedSampler(Sampler):
     def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int):
         self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
         self.epoch = 0
+        self._skip = 0  # samples to leave out at the start of the next indices() call (resuming mid-epoch)
+        self.skipped = 0  # what the last indices() call left out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def skip_next(self, samples: int) -> None:
+        """Make the next indices() call start `samples` into the epoch's order (once; len() stays the epoch's)."""
+        self._skip = int(samples)
+
     def indices(self) -> list[int]:
-        """This rank's sample indices for the current epoch, in order."""
+        """This rank's sample indices for the current epoch, in order (minus a pending skip_next)."""
+        skip, self._skip = self._skip, 0
+        self.skipped = skip
         if not self.shuffle:
-            return list(range(self.rank, self.n, self.world_size))
+            return list(range(self.rank, self.n, self.world_size))[skip:]
         g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5EED))
         order = torch.randperm(self.n, generator=g)
         order = order[: self.n - self.n % self.world_size]
-        return order[self.rank :: self.world_size].tolist()
+        return order[self.rank :: self.world_size].tolist()[skip:]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        for i in self.indices():
-            yield i, _mix(self.seed, self.epoch, i)
+        keys = [(i, _mix(self.seed, self.epoch, i)) for i in self.indices()]  # now: consumes a pending skip
+        return iter(keys)
 
     def __len__(self) -> int:
         if self.shuffle:
@@ -148,13 +156,16 @@ class TorchLoader:
         """The epoch the next iteration will use."""
         return self._next_epoch
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Make the next iteration epoch `epoch`: its order and augmentation depend only on (seed, epoch).
 
-        Without a call, each full or partial iteration advances the epoch by one (starting at 0).
+        skip_batches: the next iteration starts after that many batches of the epoch (resuming mid-epoch; the rest
+        of the epoch is exactly what an uninterrupted iteration would have given). Without a call, each full or
+        partial iteration advances the epoch by one (starting at 0).
         """
         self._next_epoch = int(epoch)
         self.sampler.set_epoch(self._next_epoch)
+        self.sampler.skip_next(skip_batches * self.batch_size)
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -193,12 +204,13 @@ def _check_int(name: str, value, minimum: int) -> int:
 class BatchErasing:
     """A loader whose training batches get random erasing (timm "pixel" mode) on the batch tensors.
 
-    Each epoch's erasing draws from a generator seeded from (seed, epoch, rank). Everything else is the wrapped
+    Batch k of an epoch draws from a generator seeded from (seed, epoch, rank, k). Everything else is the wrapped
     loader's (attributes are passed through).
     """
 
     def __init__(self, loader, prob: float, rank: int):
         self.loader, self.prob, self.rank = loader, prob, rank
+        self._skip = 0
 
     def __getattr__(self, name: str):
         return getattr(self.loader, name)
@@ -206,12 +218,17 @@ class BatchErasing:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.loader.set_epoch(epoch, skip_batches)
+        self._skip = skip_batches
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from patfast.data.batch_augment import random_erase
 
-        epoch = self.loader.epoch
-        generator = torch.Generator(self.loader.device).manual_seed(_mix(self.loader.seed, epoch, self.rank, 0xE7A))
-        for images, labels in self.loader:
+        epoch, skip, self._skip = self.loader.epoch, self._skip, 0
+        generator = torch.Generator(self.loader.device)
+        for k, (images, labels) in enumerate(self.loader, start=skip):
+            generator.manual_seed(_mix(self.loader.seed, epoch, self.rank, k, 0xE7A))  # batch k's own draws
             yield random_erase(images, self.prob, generator), labels
 
     def __repr__(self) -> str:

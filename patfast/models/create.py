@@ -13,16 +13,21 @@ from torch import nn
 from patfast.errors import UserError
 
 
+def check_model_name(name: str) -> None:
+    """A UserError, with the closest names, unless timm knows a model called `name`."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
+        raise UserError(f"unknown timm model '{name}'{hint}")
+
+
 def create_model(name: str, num_classes: int, img_size: int, **kwargs) -> nn.Module:
     """A timm model by name, randomly initialised, with `num_classes` outputs, built for `img_size` inputs.
 
     Models that take an `img_size` argument (ViT, Swin, Mixer...) are built for that size; the others (CNNs) accept
     any size as they are.
     """
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
-        raise UserError(f"unknown timm model '{name}'{hint}")
+    check_model_name(name)
     if img_size <= 0 or num_classes <= 0:
         raise UserError(f"cannot build {name} with {num_classes} classes for {img_size}px images")
     try:
@@ -47,8 +52,7 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     Torch files may hold the weights directly or under "state_dict", "model", "student" or "model_ema";
     a "module." prefix (DDP) is removed.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
+    check_file(path)
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 
@@ -57,13 +61,10 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
                 meta = dict(f.metadata() or {})
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise UserError(f"cannot read checkpoint {path}: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot read checkpoint {path}: {first}") from None
         return state, meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path} safely (weights only): {first}") from None
+    obj = torch_load(path)
     meta: dict[str, str] = {}
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "student", "model_ema"):
@@ -75,6 +76,42 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
         raise UserError(f"checkpoint {path} holds no state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     return state, meta
+
+
+def check_file(path: str) -> None:
+    """A UserError unless `path` is a regular file that can be opened for reading."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory, not a weights file")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"checkpoint {path} is not readable (permission denied)")
+
+
+def torch_load(path: str):
+    """torch.load(path, weights_only=True) on the CPU: no code from the file runs; a UserError says why it failed."""
+    check_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} safely (weights only): {_load_failure(e)}") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """The one line that says why torch.load(weights_only=True) failed, out of torch's many-line messages."""
+    text = str(e).strip()
+    if not text:
+        return "the file is empty or truncated" if isinstance(e, EOFError) else type(e).__name__
+    if "Unsupported global" in text:  # a pickled Python object (class, function): loading it would run its code
+        name = text.split("GLOBAL ", 1)[-1].split()[0] if "GLOBAL " in text else "a Python object"
+        return (f"it holds a pickled {name}, which only loads by running code from the file; save plain tensors "
+                "(a state_dict) or a .safetensors file instead")
+    if "WeightsUnpickler error" in text:  # not a pickle at all, or one with opcodes a weights file never has
+        detail = [line.strip() for line in text.split("WeightsUnpickler error:", 1)[1].splitlines() if line.strip()]
+        return f"not a torch weights file ({detail[0] if detail else 'unsupported pickle content'})"
+    if "failed finding central directory" in text or "PytorchStreamReader" in text:
+        return "truncated or corrupt torch zip archive"
+    return text.splitlines()[0]
 
 
 def load_weights(model: nn.Module, path: str, *, what: str = "model") -> dict[str, str]:

@@ -1,30 +1,157 @@
-"""Writing the training state (last.pth) atomically: temporary file, flush + fsync, rename."""
+"""The training state (last.pth, best.pth): what it holds, writing it atomically, reading it safely, resuming.
+
+A state holds everything that shapes the rest of a run: the trainable modules (student, RAA, aligners, prompt
+blocks), the teacher's buffers (the official variant's first-batch switch updates its BatchNorm statistics),
+optimizer, grad scaler, EMA, mixup RNG, the position (epoch, batches done in it, global step), the partial sums of
+the epoch's loss terms, the PAT feedback, the best metric, the finished epochs' summary rows, the RNG states
+(Python, NumPy, torch CPU and CUDA) and the resolved config. Only tensors and plain Python values: it is read back
+with `torch.load(weights_only=True)`, never executing pickled code.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import torch
+
+from patfast.errors import UserError
+
+VERSION = 1
+# Config keys that may change on resume without changing what the run computes.
+FREE_KEYS = {"out", "resume", "progress", "workers", "device", "checkpoint_every", "allow_config_change",
+             "nonfinite_patience", "config", "compile", "compile_mode", "channels_last"}
 
 
 def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, flush + fsync, rename: a kill at any moment leaves the old file or the new."""
     tmp = f"{path}.tmp"
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    test_kill_point("save")
     os.replace(tmp, path)
 
 
-def training_state(distiller, optimizer, scaler, ema, *, epoch: int, step: int, best: dict, config: dict) -> dict:
-    """Everything needed to continue a run (the frozen teacher excluded: it comes from its own checkpoint)."""
+def test_kill_point(where: str) -> None:
+    """Tests only: PATFAST_TEST_KILL=where:N sends SIGKILL to this process the N-th time `where` is reached
+    ("step": after a training step; "save": inside a checkpoint write, before its rename)."""
+    spec = os.environ.get("PATFAST_TEST_KILL")
+    if not spec or not spec.startswith(where + ":"):
+        return
+    counts = test_kill_point.__dict__.setdefault("counts", {})
+    counts[where] = counts.get(where, 0) + 1
+    if counts[where] == int(spec.split(":", 1)[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_rng(state) -> list:
+    kind, keys, pos, has_gauss, gauss = state
+    return [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, gauss]
+
+
+def training_state(distiller, optimizer, scaler, ema, *, epoch: int, batch: int, step: int, best: dict,
+                   rows: list[dict], sums: dict[str, float], seen: int, counted: int, skipped: int, mixup=None,
+                   config: dict) -> dict:
+    """The state after `batch` batches of epoch `epoch` (batch == the epoch's length: the epoch is finished)."""
+    teacher = getattr(distiller, "teacher", None)
+    prompts = getattr(distiller, "prompts", {})
     return {
+        "version": VERSION,
         "distiller": distiller.trainable_state_dict(),
+        "teacher_buffers": dict(teacher.model.named_buffers()) if teacher is not None else {},
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": ema.module.state_dict() if ema is not None else None,
+        "mixup": _numpy_rng(mixup.state_dict()["rng"]) if mixup is not None else None,
+        "feedback": {name: p.feedback for name, p in prompts.items()},
         "epoch": epoch,
+        "batch": batch,
         "step": step,
-        "best": best,
-        "config": config,
+        "best": dict(best),
+        "rows": [dict(r) for r in rows],
+        "sums": dict(sums),
+        "seen": seen,
+        "counted": counted,
+        "skipped": skipped,
+        "rng": rng_state(),
+        "config": dict(config),
     }
+
+
+def read_state(path: str) -> dict:
+    """A training state written by atomic_save, read without executing pickled code; UserError otherwise."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint to resume from: {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, garbage, or needing code execution
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path} safely (weights only): {first}") from None
+    if not isinstance(state, dict) or state.get("version") != VERSION or "distiller" not in state:
+        raise UserError(f"{path} is not a patfast training state of this version (written by `patfast train`)")
+    return state
+
+
+def check_compatible(saved: dict, cfg: dict, path: str, allow_change: bool) -> list[str]:
+    """Keys whose values differ between the checkpoint's config and this one (UserError unless allowed)."""
+    keys = sorted((set(saved) | set(cfg)) - FREE_KEYS)
+    changed = [k for k in keys if saved.get(k) != cfg.get(k)]
+    if changed and not allow_change:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {cfg.get(k)!r})" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise UserError(f"cannot resume from {path}: the run was made with another config: {shown}{more} "
+                        "(--allow-config-change to resume anyway)")
+    return changed
+
+
+def restore(state: dict, distiller, optimizer, scaler, ema, mixup) -> None:
+    """Load a state into freshly built objects (same config): modules, optimizer, scaler, EMA, mixup, feedback,
+    RNG states. The position (epoch, batch, step, sums) is the caller's to use."""
+    missing, unexpected = distiller.load_state_dict(state["distiller"], strict=False)
+    missing = [k for k in missing if not k.startswith("teacher.")]
+    if missing or unexpected:
+        raise UserError(f"the checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    teacher = getattr(distiller, "teacher", None)
+    if teacher is not None:
+        buffers = dict(teacher.model.named_buffers())
+        for name, value in state["teacher_buffers"].items():
+            buffers[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None and state["ema"] is not None:
+        ema.module.load_state_dict(state["ema"])
+    if mixup is not None and state["mixup"] is not None:
+        kind, keys, pos, has_gauss, gauss = state["mixup"]
+        mixup.load_state_dict({"rng": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)})
+    device = next(distiller.parameters()).device
+    for name, p in getattr(distiller, "prompts", {}).items():
+        fb = state["feedback"].get(name)
+        p.feedback = fb.to(device) if fb is not None else None
+    set_rng_state(state["rng"])

@@ -108,6 +108,14 @@ OPTIONS = [
            "data, else torch) | torch | gpu | dali", ("train", "teacher", "eval"),
            choices=("auto", "torch", "gpu", "dali")),
     Option("workers", int, 0, "data loader worker processes (torch) or threads (dali)", ("train", "teacher", "eval")),
+    Option("resume", str, None, "continue the run in DIR (its last.pth), or 'auto': continue --out if it holds "
+           "one, else start it", ("train", "teacher")),
+    Option("checkpoint_every", int, 0, "also write last.pth every N steps (0: only at the end of each epoch)",
+           ("train", "teacher")),
+    Option("allow_config_change", bool, False, "resume even though the config differs from the checkpoint's",
+           ("train", "teacher")),
+    Option("nonfinite_patience", int, 10, "stop (exit status 3) after this many consecutive steps with a NaN/Inf "
+           "loss (each is skipped)", ("train", "teacher")),
     Option("seed", int, 0, "random seed", ("train", "teacher", "eval")),
     Option("deterministic", bool, False, "deterministic algorithms (slower)"),
     Option("out", str, None, "output directory (default: runs/<command>-<time>)", ("train", "teacher")),
@@ -231,16 +239,19 @@ def _validate(cfg: dict) -> None:
             raise UserError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {cfg[name]}")
 
     for name in ("epochs", "batch_size", "img_size", "lr", "teacher_epochs", "pat_dim", "pat_heads",
-                 "kd_temperature", "model_ema_decay"):
+                 "kd_temperature", "model_ema_decay", "nonfinite_patience"):
         positive(name)
     for name in ("min_lr", "warmup_epochs", "weight_decay", "momentum", "clip_grad", "smoothing", "mixup", "cutmix",
-                 "reprob", "hflip", "workers", "gt_weight", "kd_weight", "fd_weight", "reg_weight"):
+                 "reprob", "hflip", "workers", "gt_weight", "kd_weight", "fd_weight", "reg_weight",
+                 "checkpoint_every"):
         positive(name, allow_zero=True)
     for name in ("hflip", "reprob", "smoothing"):
         if name in cfg and cfg[name] > 1:
             raise UserError(f"{flag(name)} must be a probability in [0, 1], got {cfg[name]}")
     if "model_ema_decay" in cfg and cfg["model_ema_decay"] >= 1:
         raise UserError(f"--model-ema-decay must be < 1, got {cfg['model_ema_decay']}")
+    if cfg.get("seed") is not None and not 0 <= cfg["seed"] < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32 - 1], got {cfg['seed']}")
     if "crop_pct" in cfg and not 0 < cfg["crop_pct"] <= 1:
         raise UserError(f"--crop-pct must be in (0, 1], got {cfg['crop_pct']}")
     if "crop_scale" in cfg:

@@ -21,11 +21,12 @@ from patfast.data import load_data, make_loader
 from patfast.data.mixup import make_mixup
 from patfast.distill.base import Vanilla
 from patfast.distill.build import build_distiller
-from patfast.errors import UserError
+from patfast.errors import TrainingStopped, UserError
 from patfast.models.create import create_model, load_weights, save_weights
 from patfast.train import checkpoint as ckpt
 from patfast.train.optim import WarmupCosine, make_optimizer
 from patfast.train.report import EpochTable, Log, SummaryCsv, header, plot_curves
+from patfast.train.signals import StopSignals
 from patfast.train.step import TrainStep, amp_dtype, resolve_speed
 
 TERMS = {"none": ["loss_gt"], "kd": ["loss_gt", "loss_kd"], "pat": ["loss_gt", "loss_kd", "loss_fd", "loss_reg"]}
@@ -55,10 +56,40 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def prepare_out(out: str | None, command: str) -> str:
+def resume_dir(cfg: dict) -> str | None:
+    """The run directory to continue (--resume DIR, or --resume auto with an --out holding last.pth), or None."""
+    resume = cfg.get("resume")
+    if not resume:
+        return None
+    if resume == "auto":
+        out = cfg.get("out")
+        return out if out and os.path.isfile(os.path.join(out, "last.pth")) else None
+    if not os.path.isdir(resume):
+        raise UserError(f"--resume {resume}: no such run directory")
+    if not os.path.isfile(os.path.join(resume, "last.pth")):
+        raise UserError(f"--resume {resume}: the directory holds no last.pth (not a patfast run, or it never "
+                        "finished a checkpoint)")
+    if cfg.get("out") and os.path.abspath(cfg["out"]) != os.path.abspath(resume):
+        raise UserError(f"--resume {resume} continues that directory; --out {cfg['out']} names another")
+    return resume
+
+
+def _holds_a_run(out: str) -> bool:
+    """A checkpoint, or a summary.csv with at least one finished epoch (a header alone is a run that never got
+    anywhere: fix the mistake and run again into the same directory)."""
+    if os.path.exists(os.path.join(out, "last.pth")):
+        return True
+    try:
+        with open(os.path.join(out, "summary.csv")) as f:
+            return sum(1 for line in f if line.strip()) > 1
+    except OSError:
+        return False
+
+
+def prepare_out(out: str | None, command: str, resuming: bool = False) -> str:
     out = out or os.path.join("runs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("summary.csv", "last.pth")):
-        raise UserError(f"output directory {out} already holds a run; choose another --out")
+    if not resuming and os.path.isdir(out) and _holds_a_run(out):
+        raise UserError(f"output directory {out} already holds a run; choose another --out, or --resume {out}")
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".write-test")
@@ -105,20 +136,30 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
     device = resolve_device(cfg["device"])
     seed_everything(cfg["seed"], cfg["deterministic"])
     dtype = amp_dtype(cfg["amp"], device)
-    out = prepare_out(cfg.get("out"), command)
+    resume = resume_dir(cfg)
+    state = None
+    if resume:
+        state = ckpt.read_state(os.path.join(resume, "last.pth"))
+        saved = state["config"]
+        if saved.get("command", command) != command:
+            raise UserError(f"--resume {resume}: that run is a `patfast {saved.get('command')}` run")
+        ckpt.check_compatible({k: v for k, v in saved.items() if k != "command"}, cfg,
+                              os.path.join(resume, "last.pth"), cfg.get("allow_config_change", False))
+    out = prepare_out(resume or cfg.get("out"), command, resuming=resume is not None)
     own_log = log is None
     log = log or Log(os.path.join(out, "log.txt"))
     try:
-        return _run(cfg, command, device, dtype, out, log)
+        return _run(cfg, command, device, dtype, out, log, state)
     finally:
         if own_log:
             log.close()
 
 
-def _run(cfg, command, device, dtype, out, log) -> dict:
+def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
     header(log, device, cfg)
-    with open(os.path.join(out, "args.yaml"), "w") as f:
-        yaml.safe_dump({"command": command, **cfg}, f, sort_keys=False)
+    if state is None:  # a resumed run keeps the args.yaml it was started with
+        with open(os.path.join(out, "args.yaml"), "w") as f:
+            yaml.safe_dump({"command": command, **cfg}, f, sort_keys=False)
     dataset = load_data(cfg["data"])
     loader_args = {"batch_size": cfg["batch_size"], "img_size": cfg["img_size"], "device": device,
                    "backend": cfg["data_backend"], "seed": cfg["seed"], "workers": cfg["workers"],
@@ -189,52 +230,104 @@ def _run(cfg, command, device, dtype, out, log) -> dict:
     terms = TERMS[distiller_name]
     columns = ["epoch", "lr", "train_loss", *terms, "eval_top1", "eval_top5", "ema_top1", "ema_top5", "img_per_s",
                "epoch_s"]
-    summary = SummaryCsv(os.path.join(out, "summary.csv"), columns)
-    table = EpochTable(log, terms)
     rows, best, step = [], {"top1": -1.0, "epoch": 0, "which": ""}, 0
+    start_epoch, start_batch, partial = 1, 0, None
+    if state is not None:
+        ckpt.restore(state, distiller, optimizer, train_step.scaler, ema, mixup)
+        rows, best, step = state["rows"], state["best"], state["step"]
+        start_epoch, start_batch = state["epoch"], state["batch"]
+        if start_batch >= steps_per_epoch:  # saved at the end of an epoch
+            start_epoch, start_batch = start_epoch + 1, 0
+        else:
+            partial = state
+        log(f"resumed from {os.path.join(out, 'last.pth')}: epoch {start_epoch}, after {start_batch} of "
+            f"{steps_per_epoch} batches (step {step})")
+    summary = SummaryCsv(os.path.join(out, "summary.csv"), columns, rows)  # finished epochs, as the state saw them
+    table = EpochTable(log, terms)
+    run_info = {"command": command, **cfg}
+    stop = StopSignals()
     distiller.train()
-    for epoch in range(1, cfg["epochs"] + 1):
-        train_loader.set_epoch(epoch)
-        t0 = time.perf_counter()
-        sums = {t: torch.zeros((), device=device) for t in terms}
-        seen = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=not show_bars,
-                   dynamic_ncols=True)
-        for i, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            lr = schedule.step(step)
-            if mixup is not None:
-                x, y = mixup(x, y)
-            losses = train_step(x, y, step=step, first_batch=i == 0)
-            for t in terms:
-                sums[t] += losses[t].float()
-            seen += x.shape[0]
-            step += 1
-            if show_bars and (i % 10 == 0 or i == steps_per_epoch - 1):  # the only host read inside an epoch
-                loss = float(sum(losses.values()))
-                bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        bar.close()
-        train_s = time.perf_counter() - t0
-        means = {t: float(sums[t]) / max(1, i + 1) for t in terms}
-        if not all(math.isfinite(v) for v in means.values()):
-            bad = [t for t, v in means.items() if not math.isfinite(v)]
-            log(f"warning: non-finite loss term(s) in epoch {epoch}: {', '.join(bad)}")
-        top1, top5 = evaluate(model, test_loader, device, dtype)
-        ema_top = evaluate(ema.module, test_loader, device, dtype) if ema is not None else (None, None)
-        row = {"epoch": epoch, "lr": lr, "train_loss": sum(means.values()), **means, "eval_top1": top1,
-               "eval_top5": top5, "ema_top1": ema_top[0], "ema_top5": ema_top[1], "img_per_s": seen / train_s,
-               "epoch_s": time.perf_counter() - t0}
-        rows.append(row)
-        summary.append(row)
-        table.row(row)
-        for which, acc in (("raw", top1), ("ema", ema_top[0])):
-            if acc is not None and acc > best["top1"]:
-                best = {"top1": acc, "epoch": epoch, "which": which}
-        state = ckpt.training_state(distiller, optimizer, train_step.scaler, ema, epoch=epoch, step=step, best=best,
-                                    config=cfg)
+
+    def save(epoch, batch, sums, seen, counted, skipped, *, best_too=False):
+        if not all(bool(torch.isfinite(p).all()) for p in params):  # never replace a good checkpoint by a bad one
+            log(f"warning: non-finite weights at epoch {epoch}, step {step}: checkpoint not written")
+            return
+        state = ckpt.training_state(distiller, optimizer, train_step.scaler, ema, epoch=epoch, batch=batch,
+                                    step=step, best=best, rows=rows, sums={t: float(v) for t, v in sums.items()},
+                                    seen=seen, counted=counted, skipped=skipped, mixup=mixup, config=run_info)
         ckpt.atomic_save(state, os.path.join(out, "last.pth"))
-        plot_curves(rows, terms, os.path.join(out, "curves.png"),
-                    f"{role} {name} | {what} | {cfg['data']}")
+        if best_too:
+            ckpt.atomic_save(state, os.path.join(out, "best.pth"))
+
+    with stop:
+        for epoch in range(start_epoch, cfg["epochs"] + 1):
+            first = start_batch if epoch == start_epoch else 0
+            train_loader.set_epoch(epoch, skip_batches=first)
+            t0 = time.perf_counter()
+            sums = {t: torch.zeros((), device=device) for t in terms}
+            seen = counted = skipped = 0
+            if first and partial is not None:
+                sums = {t: torch.tensor(partial["sums"][t], device=device) for t in terms}
+                seen, counted, skipped = partial["seen"], partial["counted"], partial["skipped"]
+            run_bad = 0
+            bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=not show_bars,
+                       dynamic_ncols=True, initial=first, total=steps_per_epoch)
+            for i, (x, y) in enumerate(bar, start=first):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                lr = schedule.step(step)
+                if mixup is not None:
+                    x, y = mixup(x, y)
+                losses = train_step(x, y, step=step, first_batch=i == 0)
+                step += 1
+                if train_step.skipped:
+                    skipped += 1
+                    run_bad += 1
+                    bad = [t for t in terms if not math.isfinite(float(losses[t]))]
+                    if run_bad >= cfg["nonfinite_patience"]:
+                        raise TrainingStopped(
+                            f"{run_bad} consecutive steps with a non-finite loss ({', '.join(bad) or 'total'}) at "
+                            f"epoch {epoch}, step {step}; each was skipped; the last good checkpoint "
+                            f"{os.path.join(out, 'last.pth')} is intact (lower --lr, or check the data)", 3)
+                else:
+                    run_bad = 0
+                    for t in terms:
+                        sums[t] += losses[t].float()
+                    counted += 1
+                seen += x.shape[0]
+                if show_bars and (i % 10 == 0 or i == steps_per_epoch - 1):
+                    loss = float(sum(losses.values()))
+                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                ckpt.test_kill_point("step")
+                # no checkpoint inside a run of non-finite steps: their forwards may have put NaN into BatchNorm
+                # statistics, and the last good checkpoint must stay the last one written
+                due = stop.signum or (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0)
+                if i + 1 < steps_per_epoch and due and run_bad == 0:
+                    save(epoch, i + 1, sums, seen, counted, skipped)
+                if stop.signum:
+                    bar.close()
+                    raise stop.stopped(os.path.join(out, "last.pth"), out, i + 1 < steps_per_epoch)
+            bar.close()
+            train_s = time.perf_counter() - t0
+            means = {t: float(sums[t]) / max(1, counted) for t in terms}
+            if skipped:
+                log(f"warning: {skipped} step(s) of epoch {epoch} had a non-finite loss and were skipped")
+            top1, top5 = evaluate(model, test_loader, device, dtype)
+            ema_top = evaluate(ema.module, test_loader, device, dtype) if ema is not None else (None, None)
+            row = {"epoch": epoch, "lr": lr, "train_loss": sum(means.values()), **means, "eval_top1": top1,
+                   "eval_top5": top5, "ema_top1": ema_top[0], "ema_top5": ema_top[1], "img_per_s": seen / train_s,
+                   "epoch_s": time.perf_counter() - t0}
+            rows.append(row)
+            table.row(row)
+            improved = False
+            for which, acc in (("raw", top1), ("ema", ema_top[0])):
+                if acc is not None and acc > best["top1"]:
+                    best, improved = {"top1": acc, "epoch": epoch, "which": which}, True
+            save(epoch, steps_per_epoch, {}, 0, 0, 0, best_too=improved)
+            summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows
+            plot_curves(rows, terms, os.path.join(out, "curves.png"),
+                        f"{role} {name} | {what} | {cfg['data']}")
+            if stop.signum:
+                raise stop.stopped(os.path.join(out, "last.pth"), out, False)
 
     meta = {"model": name, "num_classes": k, "img_size": cfg["img_size"], "mean": list(dataset.mean),
             "std": list(dataset.std), "data": cfg["data"], "top1": rows[-1]["eval_top1"]}

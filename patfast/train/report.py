@@ -83,14 +83,25 @@ def _pct(v) -> str:
 class SummaryCsv:
     """summary.csv: one row per epoch, written and flushed as each epoch ends."""
 
-    def __init__(self, path: str, columns: list[str]):
+    def __init__(self, path: str, columns: list[str], rows: list[dict] = ()):
+        """Start the file with its header and `rows` (a resumed run's finished epochs), written atomically."""
         self.path, self.columns = path, columns
-        with open(path, "w", newline="") as f:
-            csv.writer(f).writerow(columns)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            for row in rows:
+                writer.writerow(self._cells(row))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _cells(self, row: dict) -> list[str]:
+        return ["" if row.get(c) is None else _fmt(row[c]) for c in self.columns]
 
     def append(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow(["" if row.get(c) is None else _fmt(row[c]) for c in self.columns])
+            csv.writer(f).writerow(self._cells(row))
             f.flush()
             os.fsync(f.fileno())
 

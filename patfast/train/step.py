@@ -3,8 +3,8 @@
 Fast path (the default on CUDA): the distiller's whole forward under torch.compile (student, both teacher passes,
 prompt blocks, RAA and aligners in one region; `mode` as torch.compile's, "reduce-overhead" adds CUDA graphs),
 bf16 autocast without a grad scaler, channels_last for conv models, the Triton ops through patfast.ops "auto", the
-aligners' exact upsample-last rewrite, a fused optimizer on CUDA. Nothing in a step reads a value back to the host:
-the loss terms are returned detached on the device and summed there.
+aligners' exact upsample-last rewrite, a fused optimizer on CUDA. The one host read in a step is the non-finite
+check, made after the backward is queued; the loss terms are returned detached on the device and summed there.
 Reference path (`--backend reference --no-compile --amp fp16`): eager, fp16 autocast + grad scaler, reference ops,
 the aligners' plain order: how the authors' code runs.
 
@@ -79,7 +79,8 @@ def has_convs(module: torch.nn.Module) -> bool:
 
 
 class TrainStep:
-    """step(x, y, first_batch) -> {term: detached loss (on device)}; applies the update.
+    """step(x, y, first_batch) -> {term: detached loss (on device)}; applies the update unless the loss is NaN/Inf
+    (then `skipped` is True and nothing changes).
 
     `forward` is the distiller or its compiled version; `optimizer`, `scaler` (None without fp16), `clip` (0: off),
     `ema` (timm ModelEmaV3 or None) as the loop builds them.
@@ -89,6 +90,7 @@ class TrainStep:
                  ema=None):
         self.distiller, self.optimizer, self.params = distiller, optimizer, params
         self.speed, self.device, self.clip, self.ema = speed, device, clip, ema
+        self.skipped = False
         self.scaler = torch.amp.GradScaler(device.type) if speed.scaler else None
         if speed.channels_last and has_convs(distiller):
             distiller.to(memory_format=torch.channels_last)  # 4-D parameters only; others are unchanged
@@ -132,6 +134,14 @@ class TrainStep:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        # The non-finite guard: the step's one host read, after the backward is queued (only the optimizer's
+        # launch waits for it). A NaN/Inf loss skips the update (and the EMA); the caller counts it.
+        self.skipped = not bool(torch.isfinite(loss.detach()))
+        if self.skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.update()  # lowers the scale as a skipped fp16 step does
+            return {k: v.detach() for k, v in losses.items()}
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
         if self.scaler is not None:

@@ -215,3 +215,21 @@ def test_gpu_backend_refuses_a_split_over_its_memory_budget(monkeypatch):
     monkeypatch.setattr(gpu, "memory_budget", lambda device: 100)
     with pytest.raises(UserError, match="memory budget"):
         make_loader(index_data(8), "train", backend="gpu", batch_size=4, img_size=8, train=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("re_prob", [0.0, 0.5])
+def test_resuming_mid_epoch_continues_exactly(backend, re_prob):
+    # set_epoch(e, skip_batches=k): the batches an uninterrupted epoch yields from batch k on, bit for bit
+    data = index_data(100, size=12)
+    kw = dict(backend=backend, batch_size=8, img_size=16, train=True, seed=7, re_prob=re_prob)
+    full = make_loader(data, "train", **kw)
+    full.set_epoch(3)
+    whole = list(full)
+    resumed = make_loader(data, "train", **kw)
+    resumed.set_epoch(3, skip_batches=5)
+    rest = list(resumed)
+    assert len(whole) == 12 and len(rest) == 7
+    for (xa, ya), (xb, yb) in zip(whole[5:], rest):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert len(list(resumed)) == 12  # the skip applies to one iteration only

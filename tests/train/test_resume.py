@@ -1,0 +1,115 @@
+"""Never lose a run: kill -9 at several points (mid-epoch, at an epoch end, inside a checkpoint write), resume, and
+get the uninterrupted run's summary.csv (timing columns aside) and final weights, bit for bit (CPU, --deterministic).
+Also: SIGTERM finishes the step, checkpoints and exits 143; a run of NaN losses stops with exit 3 and an intact
+checkpoint; an incompatible resume is refused."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from patfast.models.create import create_model, save_weights
+
+TIMING = ("img_per_s", "epoch_s")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(create_model("convnext_atto", 10, 32), str(path), {"model": "convnext_atto", "num_classes": 10,
+                                                                    "img_size": 32})
+    return str(path)
+
+
+def train(out, teacher, *extra, kill=None, check=True):
+    argv = [sys.executable, "-m", "patfast", "train", "--data", "digits", "--teacher", "convnext_atto",
+            "--student", "resnet10t", "--teacher-checkpoint", teacher, "--img-size", "32", "--batch-size", "128",
+            "--epochs", "2", "--checkpoint-every", "4", "--deterministic", "--no-progress", "--out", str(out),
+            "--pat-dim", "64", "--pat-heads", "4", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATFAST_CACHE=str(out) + "-cache")
+    env.pop("PATFAST_TEST_KILL", None)
+    if kill:
+        env["PATFAST_TEST_KILL"] = kill
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def summary(out):
+    with open(os.path.join(out, "summary.csv")) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, teacher):
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    train(out, teacher)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["step:6", "step:11", "step:14", "save:2", "save:3"],
+                         ids=["mid-epoch-1", "end-of-epoch-1", "mid-epoch-2", "inside-a-mid-epoch-save",
+                              "inside-the-epoch-end-save"])
+def test_kill_and_resume_gives_the_uninterrupted_run(tmp_path, teacher, uninterrupted, kill):
+    # 11 steps per epoch (1,437 images, batch 128): checkpoints after steps 4, 8, (end of epoch 1), 12, 16, 20
+    # and at the end of epoch 2; "step:N" kills after step N (before its checkpoint), "save:N" inside write N
+    out = tmp_path / "run"
+    killed = train(out, teacher, kill=kill, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert os.path.isfile(out / "last.pth")  # the previous checkpoint survived (a kill inside a save included)
+    resumed = train(out, teacher, "--resume", str(out))
+    assert "resumed from" in resumed.stdout
+    assert summary(out) == summary(uninterrupted)
+    a, b = load_file(out / "student.safetensors"), load_file(uninterrupted / "student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    e1, e2 = load_file(out / "student_ema.safetensors"), load_file(uninterrupted / "student_ema.safetensors")
+    assert all(torch.equal(e1[k], e2[k]) for k in e1)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_143(tmp_path, teacher):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "patfast", "train", "--data", "digits", "--teacher", "convnext_atto",
+            "--student", "resnet10t", "--teacher-checkpoint", teacher, "--img-size", "32", "--batch-size", "128",
+            "--epochs", "50", "--no-progress", "--out", str(out), "--pat-dim", "64", "--pat-heads", "4"]
+    proc = subprocess.Popen(argv, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "log.txt").exists() or "step: " not in (out / "log.txt").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    time.sleep(2)  # inside the first epoch's steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "--resume" in err
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert state["step"] >= 1
+
+
+@pytest.mark.slow
+def test_nonfinite_losses_stop_with_status_3_and_keep_the_checkpoint(tmp_path, teacher):
+    out = tmp_path / "run"
+    proc = train(out, teacher, "--lr", "1e12", "--nonfinite-patience", "3", "--distiller", "none",
+                 "--checkpoint-every", "1", check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("patfast: 3 consecutive steps with a non-finite loss (loss_gt)"), line
+    state = torch.load(out / "last.pth", weights_only=True)  # the last checkpoint before the NaNs, readable
+    assert all(torch.isfinite(v).all() for v in state["distiller"].values() if v.is_floating_point())
+
+
+def test_resume_refuses_another_config(tmp_path, teacher, uninterrupted):
+    proc = train(uninterrupted, teacher, "--resume", str(uninterrupted), "--lr", "0.3", check=False)
+    assert proc.returncode == 2
+    assert "cannot resume from" in proc.stderr and "lr" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
