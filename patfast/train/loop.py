@@ -24,6 +24,8 @@ from patfast.distill.build import build_distiller
 from patfast.errors import TrainingStopped, UserError
 from patfast.models.create import create_model, load_weights, save_weights
 from patfast.train import checkpoint as ckpt
+from patfast.train import distributed as dist_
+from patfast.train.distributed import World
 from patfast.train.optim import WarmupCosine, make_optimizer
 from patfast.train.report import EpochTable, Log, SummaryCsv, header, plot_curves
 from patfast.train.signals import StopSignals
@@ -103,8 +105,8 @@ def prepare_out(out: str | None, command: str, resuming: bool = False) -> str:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.dtype | None,
-             progress: bool = False, desc: str = "eval") -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of `model` over the loader."""
+             progress: bool = False, desc: str = "eval", world: World | None = None) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of `model` over the loader (summed over the ranks' shards under torchrun)."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0
@@ -118,6 +120,9 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, dtype: torch.
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
         total += y.numel()
     model.train(was_training)
+    if world is not None and world.distributed:
+        counts = dist_.all_sum(torch.tensor([correct1, correct5, total], dtype=torch.float64, device=device), world)
+        correct1, correct5, total = counts.tolist()
     return 100.0 * correct1 / total, 100.0 * correct5 / total
 
 
@@ -133,7 +138,17 @@ def _teacher_stats(cfg: dict, meta: dict, dataset) -> tuple[list[float], list[fl
 
 def run(cfg: dict, command: str, log: Log | None = None) -> dict:
     """Train according to the resolved config; returns the final figures. command: "train" or "teacher"."""
+    world = dist_.from_env()
     device = resolve_device(cfg["device"])
+    if world.distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", world.local_rank)
+            torch.cuda.set_device(device)
+        if not cfg.get("out"):
+            raise UserError("under torchrun, give --out (every process must write to the same run directory)")
+        if command == "train" and cfg.get("distiller") != "none" and not cfg.get("teacher_checkpoint"):
+            raise UserError("under torchrun, give --teacher-checkpoint (train the teacher first with "
+                            "`patfast teacher`, or with a one-process `patfast train`)")
     seed_everything(cfg["seed"], cfg["deterministic"])
     dtype = amp_dtype(cfg["amp"], device)
     resume = resume_dir(cfg)
@@ -145,25 +160,37 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
             raise UserError(f"--resume {resume}: that run is a `patfast {saved.get('command')}` run")
         ckpt.check_compatible({k: v for k, v in saved.items() if k != "command"}, cfg,
                               os.path.join(resume, "last.pth"), cfg.get("allow_config_change", False))
-    out = prepare_out(resume or cfg.get("out"), command, resuming=resume is not None)
-    own_log = log is None
-    log = log or Log(os.path.join(out, "log.txt"))
+    world = dist_.setup(device) if world.distributed else world
     try:
-        return _run(cfg, command, device, dtype, out, log, state)
+        out = resume or cfg.get("out")
+        if world.main:  # rank 0 owns the run directory; the others wait for it
+            out = prepare_out(out, command, resuming=resume is not None)
+        dist_.barrier(world)
+        own_log = log is None
+        log = log or Log(os.path.join(out, "log.txt") if world.main else None, quiet=not world.main)
+        try:
+            return _run(cfg, command, device, dtype, out, log, state, world)
+        finally:
+            if own_log:
+                log.close()
     finally:
-        if own_log:
-            log.close()
+        if world.distributed:
+            dist_.teardown()
 
 
-def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
+def _run(cfg, command, device, dtype, out, log, state=None, world: World | None = None) -> dict:
+    world = world or World()
     header(log, device, cfg)
-    if state is None:  # a resumed run keeps the args.yaml it was started with
+    if world.distributed:
+        log(f"torchrun: {world.size} processes (rank 0 writes the outputs), batch {cfg['batch_size']} per process")
+    if state is None and world.main:  # a resumed run keeps the args.yaml it was started with
         with open(os.path.join(out, "args.yaml"), "w") as f:
             yaml.safe_dump({"command": command, **cfg}, f, sort_keys=False)
     dataset = load_data(cfg["data"])
     loader_args = {"batch_size": cfg["batch_size"], "img_size": cfg["img_size"], "device": device,
                    "backend": cfg["data_backend"], "seed": cfg["seed"], "workers": cfg["workers"],
-                   "crop_pct": cfg["crop_pct"], "progress": cfg["progress"]}
+                   "crop_pct": cfg["crop_pct"], "progress": cfg["progress"], "rank": world.rank,
+                   "world_size": world.size}
     train_loader = make_loader(dataset, "train", train=True, crop_scale=tuple(cfg["crop_scale"]),
                                hflip=cfg["hflip"], auto_augment=cfg["auto_augment"] or None, re_prob=cfg["reprob"],
                                **loader_args)
@@ -198,6 +225,7 @@ def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
             w_reg=cfg["reg_weight"], temperature=cfg["kd_temperature"], dim=cfg["pat_dim"],
             num_heads=cfg["pat_heads"], backend=cfg["backend"])
     distiller.to(device)
+    dist_.broadcast_module(distiller, world)
     show_bars = cfg["progress"] and sys.stderr.isatty()  # bars only where a person watches; the table is the log
     model = distiller.student
     params = distiller.trainable_parameters()
@@ -210,7 +238,7 @@ def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
         f"{role}: {name} ({n_student / 1e6:.2f}M params) | distiller: {what}"
         + (f" (+{n_extra / 1e6:.2f}M trainable params)" if n_extra else ""))
     if getattr(distiller, "teacher", None) is not None:
-        teacher_top = evaluate(distiller.teacher.model, test_loader, device, dtype, show_bars, "teacher eval")
+        teacher_top = evaluate(distiller.teacher.model, test_loader, device, dtype, show_bars, "teacher eval", world)
         log(f"teacher test accuracy: top-1 {teacher_top[0]:.2f}%  top-5 {teacher_top[1]:.2f}%")
 
     speed = resolve_speed(cfg, device)
@@ -219,7 +247,7 @@ def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
     steps_per_epoch = len(train_loader)
     schedule = WarmupCosine(optimizer, cfg["lr"], cfg["min_lr"], round(cfg["warmup_epochs"] * steps_per_epoch),
                             cfg["epochs"] * steps_per_epoch)
-    train_step = TrainStep(distiller, optimizer, params, speed, device, clip=cfg["clip_grad"])
+    train_step = TrainStep(distiller, optimizer, params, speed, device, clip=cfg["clip_grad"], world=world)
     ema = None
     if cfg["model_ema"]:  # after TrainStep: the copy takes the student's memory format
         from timm.utils import ModelEmaV3
@@ -242,13 +270,15 @@ def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
             partial = state
         log(f"resumed from {os.path.join(out, 'last.pth')}: epoch {start_epoch}, after {start_batch} of "
             f"{steps_per_epoch} batches (step {step})")
-    summary = SummaryCsv(os.path.join(out, "summary.csv"), columns, rows)  # finished epochs, as the state saw them
+    summary = SummaryCsv(os.path.join(out, "summary.csv"), columns, rows) if world.main else None
     table = EpochTable(log, terms)
     run_info = {"command": command, **cfg}
     stop = StopSignals()
     distiller.train()
 
     def save(epoch, batch, sums, seen, counted, skipped, *, best_too=False):
+        if not world.main:
+            return
         if not all(bool(torch.isfinite(p).all()) for p in params):  # never replace a good checkpoint by a bad one
             log(f"warning: non-finite weights at epoch {epoch}, step {step}: checkpoint not written")
             return
@@ -298,6 +328,9 @@ def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
                     loss = float(sum(losses.values()))
                     bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
                 ckpt.test_kill_point("step")
+                if world.distributed:  # a signal to any process stops them all after the same step
+                    flag = dist_.all_max(torch.tensor([stop.signum or 0], device=device), world)
+                    stop.signum = int(flag.item()) or None
                 # no checkpoint inside a run of non-finite steps: their forwards may have put NaN into BatchNorm
                 # statistics, and the last good checkpoint must stay the last one written
                 due = stop.signum or (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0)
@@ -308,11 +341,17 @@ def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
                     raise stop.stopped(os.path.join(out, "last.pth"), out, i + 1 < steps_per_epoch)
             bar.close()
             train_s = time.perf_counter() - t0
+            if world.distributed:  # the epoch's figures over all processes
+                totals = dist_.all_sum(torch.stack([*(sums[t].float() for t in terms),
+                                                    torch.tensor(float(counted), device=device),
+                                                    torch.tensor(float(seen), device=device)]), world)
+                sums = dict(zip(terms, totals[:len(terms)]))
+                counted, seen = int(totals[-2]), int(totals[-1])
             means = {t: float(sums[t]) / max(1, counted) for t in terms}
             if skipped:
                 log(f"warning: {skipped} step(s) of epoch {epoch} had a non-finite loss and were skipped")
-            top1, top5 = evaluate(model, test_loader, device, dtype)
-            ema_top = evaluate(ema.module, test_loader, device, dtype) if ema is not None else (None, None)
+            top1, top5 = evaluate(model, test_loader, device, dtype, world=world)
+            ema_top = evaluate(ema.module, test_loader, device, dtype, world=world) if ema is not None else (None, None)
             row = {"epoch": epoch, "lr": lr, "train_loss": sum(means.values()), **means, "eval_top1": top1,
                    "eval_top5": top5, "ema_top1": ema_top[0], "ema_top5": ema_top[1], "img_per_s": seen / train_s,
                    "epoch_s": time.perf_counter() - t0}
@@ -323,17 +362,19 @@ def _run(cfg, command, device, dtype, out, log, state=None) -> dict:
                 if acc is not None and acc > best["top1"]:
                     best, improved = {"top1": acc, "epoch": epoch, "which": which}, True
             save(epoch, steps_per_epoch, {}, 0, 0, 0, best_too=improved)
-            summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows
-            plot_curves(rows, terms, os.path.join(out, "curves.png"),
-                        f"{role} {name} | {what} | {cfg['data']}")
+            if world.main:
+                summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows
+                plot_curves(rows, terms, os.path.join(out, "curves.png"),
+                            f"{role} {name} | {what} | {cfg['data']}")
             if stop.signum:
                 raise stop.stopped(os.path.join(out, "last.pth"), out, False)
 
     meta = {"model": name, "num_classes": k, "img_size": cfg["img_size"], "mean": list(dataset.mean),
             "std": list(dataset.std), "data": cfg["data"], "top1": rows[-1]["eval_top1"]}
     weights = os.path.join(out, f"{role}.safetensors")
-    save_weights(model, weights, meta)
-    if ema is not None:
+    if world.main:
+        save_weights(model, weights, meta)
+    if ema is not None and world.main:
         save_weights(ema.module, os.path.join(out, f"{role}_ema.safetensors"), {**meta, "top1": rows[-1]["ema_top1"]})
     result = {"out": out, "weights": weights, "role": role, "model": name, "distiller": what, "last": rows[-1],
               "best": best, "teacher_top1": teacher_top[0] if teacher_top else None,

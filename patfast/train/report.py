@@ -13,11 +13,14 @@ import torch
 class Log:
     """Print to stdout and append to <out>/log.txt, flushed line by line (nothing lost on a crash)."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, quiet: bool = False):
+        """quiet: print nothing (the other processes of a torchrun run; rank 0 speaks)."""
         self.file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (kept open for the run)
+        self.quiet = quiet
 
     def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
+        if not self.quiet:
+            print(line, flush=True)
         if self.file:
             self.file.write(line + "\n")
 

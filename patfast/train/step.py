@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from patfast.errors import UserError
+from patfast.train.distributed import all_max, average_gradients
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -87,7 +88,10 @@ class TrainStep:
     """
 
     def __init__(self, distiller, optimizer, params, speed: Speed, device: torch.device, *, clip: float = 0.0,
-                 ema=None):
+                 ema=None, world=None):
+        from patfast.train.distributed import World
+
+        self.world = world or World()
         self.distiller, self.optimizer, self.params = distiller, optimizer, params
         self.speed, self.device, self.clip, self.ema = speed, device, clip, ema
         self.skipped = False
@@ -129,14 +133,14 @@ class TrainStep:
                 _, losses = forward(x, y)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        average_gradients(self.params, self.world)  # torchrun: the mean over the ranks (no-op on one)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
+            self.scaler.unscale_(self.optimizer)  # after the mean: every rank sees the same inf/NaN
         # The non-finite guard: the step's one host read, after the backward is queued (only the optimizer's
-        # launch waits for it). A NaN/Inf loss skips the update (and the EMA); the caller counts it.
-        self.skipped = not bool(torch.isfinite(loss.detach()))
+        # launch waits for it). A NaN/Inf loss (on any rank) skips the update (and the EMA); the caller counts it.
+        bad = all_max((~torch.isfinite(loss.detach())).float().reshape(1), self.world)
+        self.skipped = bool(bad.item())
         if self.skipped:
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:

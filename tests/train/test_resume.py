@@ -14,18 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from patfast.models.create import create_model, save_weights
-
 TIMING = ("img_per_s", "epoch_s")
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
-    torch.manual_seed(0)
-    save_weights(create_model("convnext_atto", 10, 32), str(path), {"model": "convnext_atto", "num_classes": 10,
-                                                                    "img_size": 32})
-    return str(path)
 
 
 def train(out, teacher, *extra, kill=None, check=True):

@@ -1,0 +1,41 @@
+"""torchrun with 2 processes (gloo, CPU) on the bundled data: it finishes, rank 0 writes the outputs, and its
+figures match a 1-process run of the same global batch (2 x 64 vs 1 x 128: the same samples in every step).
+
+Not bit-equal: BatchNorm statistics are per process (64 samples each instead of 128), as in any DDP run without
+SyncBatchNorm; the tolerances below are what that leaves after one epoch.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run(out, teacher, batch, nproc):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                "29533", "-m", "patfast"] if nproc > 1 else [sys.executable, "-m", "patfast"]
+    argv = [*launcher, "train", "--data", "digits", "--teacher", "convnext_atto", "--student", "resnet10t",
+            "--teacher-checkpoint", teacher, "--img-size", "32", "--batch-size", str(batch), "--epochs", "2",
+            "--pat-dim", "64", "--pat-heads", "4", "--no-progress", "--out", str(out), "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with open(out / "summary.csv") as f:
+        return list(csv.DictReader(f)), proc
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path, teacher):
+    two, proc = run(tmp_path / "two", teacher, 64, 2)
+    one, _ = run(tmp_path / "one", teacher, 128, 1)
+    assert proc.stdout.count("torchrun: 2 processes") == 1  # rank 0 speaks, once
+    assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    assert len(two) == len(one) == 2
+    for a, b in zip(two, one):
+        for term in ("loss_gt", "loss_kd", "loss_fd", "loss_reg"):
+            x, y = float(a[term]), float(b[term])
+            assert abs(x - y) <= 0.1 * abs(y) + 1e-3, (a["epoch"], term, x, y)  # measured: <= 5.4 %
+        assert abs(float(a["eval_top1"]) - float(b["eval_top1"])) <= 10.0, (a, b)
+        assert float(a["lr"]) == float(b["lr"])  # the same schedule: the same number of global steps
