@@ -4,7 +4,9 @@ A state holds everything that shapes the rest of a run: the trainable modules (s
 blocks), the teacher's buffers (the official variant's first-batch switch updates its BatchNorm statistics),
 optimizer, grad scaler, EMA, mixup RNG, the position (epoch, batches done in it, global step), the partial sums of
 the epoch's loss terms, the PAT feedback, the best metric, the finished epochs' summary rows, the RNG states
-(Python, NumPy, torch CPU and CUDA) and the resolved config. Only tensors and plain Python values: it is read back
+(Python, NumPy, torch CPU and CUDA) and the resolved config; under torchrun the feedback, RNG states and partial
+sums of every process (gathered into the one file rank 0 writes, so it stays one atomic write). Only tensors and
+plain Python values: it is read back
 with `torch.load(weights_only=True)`, never executing pickled code.
 """
 
@@ -75,12 +77,29 @@ def _numpy_rng(state) -> list:
     return [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, gauss]
 
 
-def training_state(distiller, optimizer, scaler, ema, *, epoch: int, batch: int, step: int, best: dict,
-                   rows: list[dict], sums: dict[str, float], seen: int, counted: int, skipped: int, mixup=None,
-                   config: dict) -> dict:
-    """The state after `batch` batches of epoch `epoch` (batch == the epoch's length: the epoch is finished)."""
-    teacher = getattr(distiller, "teacher", None)
+def per_process_state(distiller, sums: dict[str, float], seen: int, counted: int, skipped: int) -> dict:
+    """What differs between torchrun processes: PAT feedback, RNG states, the epoch's partial sums."""
     prompts = getattr(distiller, "prompts", {})
+    return {"feedback": {name: p.feedback.cpu() if p.feedback is not None else None for name, p in prompts.items()},
+            "rng": rng_state(), "sums": dict(sums), "seen": seen, "counted": counted, "skipped": skipped}
+
+
+def gather_processes(local: dict, world) -> list[dict]:
+    """Every process's per_process_state, in rank order (a collective: all processes call it)."""
+    if not world.distributed:
+        return [local]
+    import torch.distributed as dist
+
+    out = [None] * world.size
+    dist.all_gather_object(out, local)
+    return out
+
+
+def training_state(distiller, optimizer, scaler, ema, *, epoch: int, batch: int, step: int, best: dict,
+                   rows: list[dict], processes: list[dict], mixup=None, config: dict) -> dict:
+    """The state after `batch` batches of epoch `epoch` (batch == the epoch's length: the epoch is finished).
+    `processes`: per_process_state of each torchrun process in rank order (one entry for a single process)."""
+    teacher = getattr(distiller, "teacher", None)
     return {
         "version": VERSION,
         "distiller": distiller.trainable_state_dict(),
@@ -89,17 +108,12 @@ def training_state(distiller, optimizer, scaler, ema, *, epoch: int, batch: int,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": ema.module.state_dict() if ema is not None else None,
         "mixup": _numpy_rng(mixup.state_dict()["rng"]) if mixup is not None else None,
-        "feedback": {name: p.feedback for name, p in prompts.items()},
+        "processes": processes,
         "epoch": epoch,
         "batch": batch,
         "step": step,
         "best": dict(best),
         "rows": [dict(r) for r in rows],
-        "sums": dict(sums),
-        "seen": seen,
-        "counted": counted,
-        "skipped": skipped,
-        "rng": rng_state(),
         "config": dict(config),
     }
 
@@ -130,9 +144,14 @@ def check_compatible(saved: dict, cfg: dict, path: str, allow_change: bool) -> l
     return changed
 
 
-def restore(state: dict, distiller, optimizer, scaler, ema, mixup) -> None:
-    """Load a state into freshly built objects (same config): modules, optimizer, scaler, EMA, mixup, feedback,
-    RNG states. The position (epoch, batch, step, sums) is the caller's to use."""
+def restore(state: dict, distiller, optimizer, scaler, ema, mixup, rank: int = 0, world_size: int = 1) -> dict:
+    """Load a state into freshly built objects (same config): modules, optimizer, scaler, EMA, mixup, and this
+    process's feedback and RNG states. Returns this process's entry (partial sums); the position (epoch, batch,
+    step) is the caller's to use."""
+    if len(state["processes"]) != world_size:
+        raise UserError(f"the checkpoint was written by {len(state['processes'])} process(es); resume it with as "
+                        f"many (this run has {world_size})")
+    mine = state["processes"][rank]
     missing, unexpected = distiller.load_state_dict(state["distiller"], strict=False)
     missing = [k for k in missing if not k.startswith("teacher.")]
     if missing or unexpected:
@@ -152,6 +171,7 @@ def restore(state: dict, distiller, optimizer, scaler, ema, mixup) -> None:
         mixup.load_state_dict({"rng": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)})
     device = next(distiller.parameters()).device
     for name, p in getattr(distiller, "prompts", {}).items():
-        fb = state["feedback"].get(name)
+        fb = mine["feedback"].get(name)
         p.feedback = fb.to(device) if fb is not None else None
-    set_rng_state(state["rng"])
+    set_rng_state(mine["rng"])
+    return mine

@@ -4,7 +4,8 @@
 (NCCL on CUDA, gloo on the CPU). Gradients are averaged by one all-reduce of the flattened trainable gradients after
 the backward (a gradient that is None — PAT's fusion blocks before the first feedback exists, on every rank alike —
 stays None), so no DDP wrapper and no find_unused_parameters scan are needed; the compiled forward stays one graph.
-BatchNorm statistics stay per rank (no SyncBatchNorm), as in the authors' setup.
+BatchNorm normalises with per-process batch statistics (no SyncBatchNorm); the running statistics are made rank 0's
+on every process before each evaluation and checkpoint.
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ def broadcast_module(module: torch.nn.Module, world: World) -> None:
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)
+
+
+def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
+    """Rank 0's buffers (BatchNorm running statistics, which each process updates from its own batches) on every
+    process: done before evaluating and at each checkpoint, so every process evaluates the model rank 0 saves and a
+    resumed run continues from exactly the state the uninterrupted one had."""
+    if not world.distributed:
+        return
+    with torch.no_grad():
+        for t in module.buffers():
             dist.broadcast(t.data, src=0)
 
 

@@ -261,13 +261,13 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
     rows, best, step = [], {"top1": -1.0, "epoch": 0, "which": ""}, 0
     start_epoch, start_batch, partial = 1, 0, None
     if state is not None:
-        ckpt.restore(state, distiller, optimizer, train_step.scaler, ema, mixup)
+        mine = ckpt.restore(state, distiller, optimizer, train_step.scaler, ema, mixup, world.rank, world.size)
         rows, best, step = state["rows"], state["best"], state["step"]
         start_epoch, start_batch = state["epoch"], state["batch"]
         if start_batch >= steps_per_epoch:  # saved at the end of an epoch
             start_epoch, start_batch = start_epoch + 1, 0
         else:
-            partial = state
+            partial = mine
         log(f"resumed from {os.path.join(out, 'last.pth')}: epoch {start_epoch}, after {start_batch} of "
             f"{steps_per_epoch} batches (step {step})")
     summary = SummaryCsv(os.path.join(out, "summary.csv"), columns, rows) if world.main else None
@@ -277,14 +277,20 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
     distiller.train()
 
     def save(epoch, batch, sums, seen, counted, skipped, *, best_too=False):
-        if not world.main:
-            return
+        # every process comes here at the same step (the gather is collective); the weights are the same on all
         if not all(bool(torch.isfinite(p).all()) for p in params):  # never replace a good checkpoint by a bad one
             log(f"warning: non-finite weights at epoch {epoch}, step {step}: checkpoint not written")
             return
+        for module in (model, ema.module if ema is not None else None):
+            if module is not None:
+                dist_.broadcast_buffers(module, world)
+        local = ckpt.per_process_state(distiller, {t: float(v) for t, v in sums.items()}, seen, counted, skipped)
+        processes = ckpt.gather_processes(local, world)
+        if not world.main:
+            return
         state = ckpt.training_state(distiller, optimizer, train_step.scaler, ema, epoch=epoch, batch=batch,
-                                    step=step, best=best, rows=rows, sums={t: float(v) for t, v in sums.items()},
-                                    seen=seen, counted=counted, skipped=skipped, mixup=mixup, config=run_info)
+                                    step=step, best=best, rows=rows, processes=processes, mixup=mixup,
+                                    config=run_info)
         ckpt.atomic_save(state, os.path.join(out, "last.pth"))
         if best_too:
             ckpt.atomic_save(state, os.path.join(out, "best.pth"))
@@ -350,6 +356,9 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
             means = {t: float(sums[t]) / max(1, counted) for t in terms}
             if skipped:
                 log(f"warning: {skipped} step(s) of epoch {epoch} had a non-finite loss and were skipped")
+            for module in (model, ema.module if ema is not None else None):
+                if module is not None:
+                    dist_.broadcast_buffers(module, world)  # every process evaluates rank 0's model
             top1, top5 = evaluate(model, test_loader, device, dtype, world=world)
             ema_top = evaluate(ema.module, test_loader, device, dtype, world=world) if ema is not None else (None, None)
             row = {"epoch": epoch, "lr": lr, "train_loss": sum(means.values()), **means, "eval_top1": top1,

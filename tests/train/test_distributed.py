@@ -11,16 +11,23 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 
-def run(out, teacher, batch, nproc):
+def run(out, teacher, batch, nproc, *extra, kill=None):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 "29533", "-m", "patfast"] if nproc > 1 else [sys.executable, "-m", "patfast"]
     argv = [*launcher, "train", "--data", "digits", "--teacher", "convnext_atto", "--student", "resnet10t",
             "--teacher-checkpoint", teacher, "--img-size", "32", "--batch-size", str(batch), "--epochs", "2",
-            "--pat-dim", "64", "--pat-heads", "4", "--no-progress", "--out", str(out), "--device", "cpu"]
+            "--pat-dim", "64", "--pat-heads", "4", "--no-progress", "--out", str(out), "--device", "cpu", *extra]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PATFAST_TEST_KILL", None)
+    if kill:
+        env["PATFAST_TEST_KILL"] = kill
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    if kill:
+        return None, proc
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     with open(out / "summary.csv") as f:
         return list(csv.DictReader(f)), proc
@@ -39,3 +46,19 @@ def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path,
             assert abs(x - y) <= 0.1 * abs(y) + 1e-3, (a["epoch"], term, x, y)  # measured: <= 5.4 %
         assert abs(float(a["eval_top1"]) - float(b["eval_top1"])) <= 10.0, (a, b)
         assert float(a["lr"]) == float(b["lr"])  # the same schedule: the same number of global steps
+
+
+@pytest.mark.slow
+def test_two_processes_killed_mid_epoch_resume_exactly(tmp_path, teacher):
+    # every process keeps its own feedback, RNG and partial sums in the one checkpoint: resumed with as many
+    # processes, the run ends as the uninterrupted one did (summary.csv timing aside, weights bit for bit)
+    whole, _ = run(tmp_path / "whole", teacher, 64, 2, "--deterministic", "--checkpoint-every", "4")
+    _, killed = run(tmp_path / "run", teacher, 64, 2, "--deterministic", "--checkpoint-every", "4", kill="step:6")
+    assert killed.returncode != 0 and os.path.isfile(tmp_path / "run" / "last.pth")
+    resumed, _ = run(tmp_path / "run", teacher, 64, 2, "--deterministic", "--checkpoint-every", "4", "--resume",
+                     str(tmp_path / "run"))
+    timing = ("img_per_s", "epoch_s")
+    strip = [[{k: v for k, v in r.items() if k not in timing} for r in rows] for rows in (resumed, whole)]
+    assert strip[0] == strip[1]
+    a, b = (load_file(tmp_path / d / "student.safetensors") for d in ("run", "whole"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
