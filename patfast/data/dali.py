@@ -46,7 +46,7 @@ import torch
 
 from patfast.data.batch_augment import RAND_OPS, RandAugmentSpec, parse_rand_augment
 from patfast.data.datasets import ArrayImages, FolderImages, Split
-from patfast.data.loader import ShardedSampler, _mix
+from patfast.data.loader import EpochLoader, ShardedSampler, _mix
 from patfast.data.transforms import RATIO
 from patfast.errors import UserError
 
@@ -371,7 +371,7 @@ class _EpochFeed:
         return self.ra[self.rows(info.iteration)]
 
 
-class DaliLoader:
+class DaliLoader(EpochLoader):
     """Iterable of (images (B, 3, S, S) float32 normalised, labels (B,) int64), both on `device`.
 
     train=True: random-resized-crop (area `crop_scale`, ratio 3/4..4/3), flip with probability `hflip`,
@@ -427,25 +427,6 @@ class DaliLoader:
         self._next_epoch = 0
         self._idle = None  # (pipeline, feed) of an in-memory split, ready for another epoch
         self._fill = round(255 * sum(self.mean) / 3)  # RandAugment's warp fill: one grey level (DALI: scalar)
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next iteration will use."""
-        return self._next_epoch
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Make the next iteration epoch `epoch`: its order and augmentation depend only on (seed, epoch).
-
-        skip_batches: the next iteration starts after that many batches (resuming mid-epoch; per-sample draws make
-        the rest identical). Without a call, each full or partial iteration advances the epoch by one (from 0).
-        """
-        self._next_epoch = int(epoch)
-        self.sampler.set_epoch(self._next_epoch)
-        self.sampler.skip_next(skip_batches * self.batch_size)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     # ------------------------------------------------------------------------------------------ the pipeline
 
@@ -538,7 +519,7 @@ class DaliLoader:
         self.sampler.set_epoch(epoch)
         keys = list(self.sampler)
         order = [i for i, _ in keys]
-        count = len(order) // self.batch_size if self.drop_last else math.ceil(len(order) / self.batch_size)
+        count = self.batches(len(order))
         draws, ra = self._draws(np.array([s for _, s in keys], dtype=np.uint64))
         files = isinstance(self.dataset, FolderImages)
         # an in-memory pipeline that finished its last epoch is reused (DALI reset); files need their new order

@@ -20,7 +20,6 @@ rank, k), per batch rather than per sample, so it is reproducible for a given (s
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Iterator
@@ -37,7 +36,7 @@ from patfast.data.batch_augment import (
     resized_crop_flip,
 )
 from patfast.data.datasets import ArrayImages, FolderImages, Split
-from patfast.data.loader import ShardedSampler, _mix
+from patfast.data.loader import EpochLoader, ShardedSampler, _mix
 from patfast.data.transforms import RATIO
 from patfast.errors import UserError
 
@@ -96,7 +95,7 @@ def resident_images(split: Split, device: torch.device, progress: bool = True
     return images, torch.from_numpy(sizes[:, 0]).to(device), torch.from_numpy(sizes[:, 1]).to(device)
 
 
-class GpuLoader:
+class GpuLoader(EpochLoader):
     """Iterable of (images (B, 3, S, S) float32 normalised, labels (B,) int64), both on `device`.
 
     train=True: random-resized-crop (area scale `crop_scale`, ratio 3/4..4/3), flip with probability `hflip`,
@@ -132,22 +131,6 @@ class GpuLoader:
         self._scale, self._shift = 1.0 / (255.0 * std), -mean / std  # (x / 255 - mean) / std as one multiply-add
         self._fill = tuple(round(255 * m) for m in self.mean)  # RandAugment's fill, as timm uses the data mean
 
-    @property
-    def epoch(self) -> int:
-        """The epoch the next iteration will use."""
-        return self._next_epoch
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Make the next iteration epoch `epoch` (order and augmentation depend only on (seed, epoch)), starting
-        after `skip_batches` batches of it (resuming mid-epoch)."""
-        self._next_epoch = int(epoch)
-        self.sampler.set_epoch(self._next_epoch)
-        self.sampler.skip_next(skip_batches * self.batch_size)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
     def batch(self, index: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples `index` (B,) on the device, augmented with `generator` (train) -> (images, labels)."""
         heights, widths = self.heights[index], self.widths[index]
@@ -171,7 +154,7 @@ class GpuLoader:
         order = torch.tensor(self.sampler.indices(), dtype=torch.int64).to(self.device, non_blocking=True)
         first = self.sampler.skipped // self.batch_size
         generator = torch.Generator(self.device) if self.train else None
-        count = len(order) // self.batch_size if self.drop_last else math.ceil(len(order) / self.batch_size)
+        count = self.batches(len(order))
         for k in range(count):
             if generator is not None:  # batch k's own draws: a resumed epoch continues exactly
                 generator.manual_seed(_mix(self.seed, epoch, self.rank, first + k, 0x6B0))

@@ -129,7 +129,35 @@ def _seed_worker(worker_id: int) -> None:
     torch.manual_seed(s)
 
 
-class TorchLoader:
+class EpochLoader:
+    """What every backend shares: the epoch counter over a ShardedSampler, set_epoch (with a mid-epoch start) and
+    the number of batches. Subclasses set `sampler`, `batch_size`, `drop_last` and `_next_epoch = 0`."""
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration will use."""
+        return self._next_epoch
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Make the next iteration epoch `epoch`: its order and augmentation depend only on (seed, epoch).
+
+        skip_batches: the next iteration starts after that many batches of the epoch (resuming mid-epoch; the rest
+        of the epoch is exactly what an uninterrupted iteration would have given). Without a call, each full or
+        partial iteration advances the epoch by one (starting at 0).
+        """
+        self._next_epoch = int(epoch)
+        self.sampler.set_epoch(self._next_epoch)
+        self.sampler.skip_next(skip_batches * self.batch_size)
+
+    def batches(self, samples: int) -> int:
+        """Batches that `samples` samples make (the last partial one dropped when drop_last)."""
+        return samples // self.batch_size if self.drop_last else math.ceil(samples / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches(len(self.sampler))
+
+
+class TorchLoader(EpochLoader):
     """Iterable of (images (B, 3, S, S) float32 normalised, labels (B,) int64), both on `device`."""
 
     backend = "torch"
@@ -150,26 +178,6 @@ class TorchLoader:
         self._loader = DataLoader(self._data, batch_size=batch_size, sampler=self.sampler, drop_last=self.drop_last,
                                   num_workers=workers, worker_init_fn=_seed_worker if workers else None,
                                   persistent_workers=workers > 0, pin_memory=device.type == "cuda", generator=g)
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next iteration will use."""
-        return self._next_epoch
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Make the next iteration epoch `epoch`: its order and augmentation depend only on (seed, epoch).
-
-        skip_batches: the next iteration starts after that many batches of the epoch (resuming mid-epoch; the rest
-        of the epoch is exactly what an uninterrupted iteration would have given). Without a call, each full or
-        partial iteration advances the epoch by one (starting at 0).
-        """
-        self._next_epoch = int(epoch)
-        self.sampler.set_epoch(self._next_epoch)
-        self.sampler.skip_next(skip_batches * self.batch_size)
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self._next_epoch
