@@ -15,16 +15,18 @@
 
 Every op takes ``backend="auto" | "reference" | "triton"``. "reference" runs the eager PyTorch code of
 ``patfast.kernels.reference``; "triton" runs the fused Triton kernel (also on CPU tensors under TRITON_INTERPRET=1);
-"auto" picks Triton for CUDA tensors when that op has a Triton kernel, and the reference otherwise (so CPU tensors
-never reach Triton, which also keeps torch.compile on CPU working). All ops are differentiable in every input that
-requires grad, in every backend.
+"auto" picks Triton for CUDA tensors when that op has a Triton kernel and every input is float32, float16 or bfloat16,
+and the reference otherwise (so CPU tensors never reach Triton, which also keeps torch.compile on CPU working).
+Whether triton is importable is decided once, when this module is imported (which then imports the kernels, and
+triton with them): a call only looks up dicts, so torch.compile traces it without a graph break.
+
+All ops are differentiable in every input that requires grad, in every backend.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,9 +45,8 @@ _REFERENCE_IMPLS: dict[str, Callable] = {
     "kd_loss_pair": reference.kd_loss_pair_ref,
 }
 
-# Triton implementations, as "module:function" so that importing patfast.ops never imports triton.
-# Adding a kernel is one line here, e.g.  "hcl_loss": "patfast.kernels.hcl:hcl_loss",
-_TRITON_IMPLS: dict[str, str] = {
+# The ops that have a Triton kernel, as "module:function". Adding a kernel is one line here.
+_TRITON_TARGETS: dict[str, str] = {
     "hcl_loss": "patfast.kernels.hcl:hcl_loss",
     "kd_loss": "patfast.kernels.kd:kd_loss",
     "hcl_loss_stages": "patfast.kernels.hcl:hcl_loss_stages",
@@ -53,46 +54,63 @@ _TRITON_IMPLS: dict[str, str] = {
     "raa_attention": "patfast.kernels.raa:raa_attention",
 }
 
-
-def triton_ops() -> list[str]:
-    """Names of the ops that have a Triton kernel."""
-    return sorted(_TRITON_IMPLS)
-
-
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-_LOADED: dict[str, Callable] = {}
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _load(target: str) -> Callable:
-    fn = _LOADED.get(target)
-    if fn is None:  # the first call imports; torch.compile cannot trace importlib, it traces the dict lookup
-        module_name, _, fn_name = target.partition(":")
-        module = sys.modules.get(module_name) or importlib.import_module(module_name)
-        fn = _LOADED[target] = getattr(module, fn_name)
-    return fn
+def _import_triton_impls() -> tuple[dict[str, Callable], str | None]:
+    """({op: Triton implementation}, None), or ({}, why not) when triton cannot be imported. Runs once, at import.
+
+    Decided here and not per call: torch.compile traces the ops, and Dynamo (torch 2.11) refuses to trace
+    importlib.util.find_spec / importlib.import_module, so a lookup at call time broke a compiled step into pieces.
+    A call now does a dict lookup. (TRITON_INTERPRET, when wanted, must be set before this import, as before any
+    import of triton.)
+    """
+    try:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError) as exc:  # a broken "triton" entry in sys.modules
+        return {}, f"looking for triton failed: {exc}"
+    if not found:
+        return {}, "triton is not installed"
+    impls = {}
+    try:
+        for op, target in _TRITON_TARGETS.items():
+            module_name, _, fn_name = target.partition(":")
+            impls[op] = getattr(importlib.import_module(module_name), fn_name)
+    except Exception as exc:  # noqa: BLE001 - whatever a broken triton install raises, "auto" keeps the reference
+        return {}, f"importing the Triton kernels failed ({type(exc).__name__}: {exc})"
+    return impls, None
 
 
-def _select(op: str, backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Callable:
-    """The implementation of ``op`` that ``backend`` asks for, for tensors on ``device`` of ``dtype``.
+_TRITON_IMPLS, _TRITON_MISSING = _import_triton_impls()
 
-    "auto" takes the Triton kernel for CUDA tensors of the kernel dtypes (fp32/fp16/bf16), else the reference.
+
+def triton_ops() -> list[str]:
+    """Names of the ops that have a Triton kernel."""
+    return sorted(_TRITON_TARGETS)
+
+
+def _select(op: str, backend: str, device: torch.device, *dtypes: torch.dtype) -> Callable:
+    """The implementation of ``op`` that ``backend`` asks for, for tensors on ``device`` of ``dtypes`` (one per input).
+
+    "auto" takes the Triton kernel for CUDA tensors when every dtype is a kernel dtype (fp32/fp16/bf16), else the
+    reference. Only dict lookups and comparisons: this runs inside compiled regions.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(map(repr, BACKENDS))}")
-    triton_target = _TRITON_IMPLS.get(op)
     if backend == "triton":
-        if triton_target is None:
+        if op not in _TRITON_TARGETS:
             raise NotImplementedError(
                 f"{op} has no Triton kernel; use backend='reference' (or 'auto', which falls back to it)"
             )
-        return _load(triton_target)
-    if (backend == "auto" and triton_target is not None and device.type == "cuda" and dtype in _KERNEL_DTYPES
-            and _triton_available()):
-        return _load(triton_target)
+        impl = _TRITON_IMPLS.get(op)
+        if impl is None:
+            raise ImportError(f"{op}: backend='triton' is not available: {_TRITON_MISSING}; use backend='reference' "
+                              "or 'auto'")
+        return impl
+    impl = _TRITON_IMPLS.get(op)
+    if (backend == "auto" and impl is not None and device.type == "cuda"
+            and all(dtype in _KERNEL_DTYPES for dtype in dtypes)):
+        return impl
     return _REFERENCE_IMPLS[op]
 
 
@@ -105,7 +123,7 @@ def hcl_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, *, backend: str = "auto
     """Hierarchical context loss of one stage -> scalar. feat_s, feat_t: (B, C, H, W) or (B, L, C), same shape."""
     _check_backend_arg("hcl_loss", backend)
     reference.check_feature_pair("hcl_loss", feat_s, feat_t)
-    return _select("hcl_loss", backend, feat_s.device, feat_s.dtype)(feat_s, feat_t)
+    return _select("hcl_loss", backend, feat_s.device, feat_s.dtype, feat_t.dtype)(feat_s, feat_t)
 
 
 def hcl_loss_stages(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor], *,
@@ -117,8 +135,8 @@ def hcl_loss_stages(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Ten
                          f"{len(feats_s)} and {len(feats_t)}")
     for a, b in zip(feats_s, feats_t):
         reference.check_feature_pair("hcl_loss_stages", a, b)
-    first = feats_s[0]
-    return _select("hcl_loss_stages", backend, first.device, first.dtype)(list(feats_s), list(feats_t))
+    dtypes = [x.dtype for x in (*feats_s, *feats_t)]  # each stage may bring its own pair of dtypes
+    return _select("hcl_loss_stages", backend, feats_s[0].device, *dtypes)(list(feats_s), list(feats_t))
 
 
 def _check_kd_inputs(op: str, logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> None:
@@ -141,7 +159,8 @@ def kd_loss(
     """T^2 * batch-mean KL(softmax(logits_t/T) || softmax(logits_s/T)) -> scalar. logits: (B, K), same shape."""
     _check_backend_arg("kd_loss", backend)
     _check_kd_inputs("kd_loss", logits_s, logits_t, temperature)
-    return _select("kd_loss", backend, logits_s.device, logits_s.dtype)(logits_s, logits_t, temperature)
+    fn = _select("kd_loss", backend, logits_s.device, logits_s.dtype, logits_t.dtype)
+    return fn(logits_s, logits_t, temperature)
 
 
 def kd_loss_pair(
@@ -155,7 +174,7 @@ def kd_loss_pair(
     _check_backend_arg("kd_loss_pair", backend)
     _check_kd_inputs("kd_loss_pair", logits_s, logits_t, temperature)
     _check_kd_inputs("kd_loss_pair", logits_pt, logits_t, 1.0)
-    fn = _select("kd_loss_pair", backend, logits_s.device, logits_s.dtype)
+    fn = _select("kd_loss_pair", backend, logits_s.device, logits_s.dtype, logits_pt.dtype, logits_t.dtype)
     if fn is not _REFERENCE_IMPLS["kd_loss_pair"] and not logits_s.dtype == logits_pt.dtype == logits_t.dtype:
         dtype = torch.promote_types(torch.promote_types(logits_s.dtype, logits_pt.dtype), logits_t.dtype)
         logits_s, logits_pt, logits_t = (x.to(dtype) for x in (logits_s, logits_pt, logits_t))
@@ -200,5 +219,6 @@ def raa_attention(
             f"raa_attention: pos must be broadcastable to (B, N, D) = {(b, n, d)} with a full last dimension, "
             f"e.g. (1, {n}, {d}) (paper) or ({b}, 1, {d}) (official); got {tuple(pos.shape)}"
         )
-    fn = _select("raa_attention", backend, tokens.device, tokens.dtype)
-    return fn(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)
+    inputs = (tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos)
+    fn = _select("raa_attention", backend, tokens.device, *(x.dtype for x in inputs))
+    return fn(*inputs, num_heads)

@@ -282,16 +282,18 @@ def test_input_errors_are_clear_value_errors(call, match):
         call()
 
 
-def test_ops_dispatch_passes_the_tokens_dtype(monkeypatch):
-    # "auto" must see the dtype: float64 CUDA tokens go to the reference, not to the kernel.
+def test_ops_dispatch_passes_every_input_dtype(monkeypatch):
+    # "auto" must see every input's dtype: float64 anywhere on CUDA goes to the reference, not to the kernel.
     seen = []
     select = ops._select
     monkeypatch.setattr(ops, "_select", lambda *args: seen.append(args) or select(*args))
     xs = _raa_inputs(2, 16, 32, "paper", seed=7, dtype=F64, device="cpu")
     ops.raa_attention(*xs, 4)
-    assert seen[-1][3] == F64
-    monkeypatch.setattr(ops, "_triton_available", lambda: True)
-    assert select("raa_attention", "auto", torch.device("cuda", 0), F64) is reference.raa_attention_ref
+    assert seen[-1][3:] == (F64,) * 8  # tokens, the six parameters and pos
+    cuda = torch.device("cuda", 0)
+    assert select("raa_attention", "auto", cuda, F64) is reference.raa_attention_ref
+    assert select("raa_attention", "auto", cuda, torch.float16, *[torch.float32] * 7) is raa.raa_attention
+    assert select("raa_attention", "auto", cuda, *[torch.float32] * 7, F64) is reference.raa_attention_ref
 
 
 # ----------------------------------------------------------------------------------------------------------------

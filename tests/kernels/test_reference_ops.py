@@ -401,7 +401,8 @@ def test_auto_on_cpu_is_the_reference_exactly(op):
 
 @pytest.mark.parametrize("op", OP_NAMES)
 def test_triton_backend_without_a_kernel_raises(op, monkeypatch):
-    monkeypatch.delitem(ops._TRITON_IMPLS, op)  # every op has a kernel now: test the rule on an unregistered one
+    monkeypatch.delitem(ops._TRITON_TARGETS, op)  # every op has a kernel now: test the rule on an unregistered one
+    monkeypatch.delitem(ops._TRITON_IMPLS, op, raising=False)
     call, _ = _op_calls()[op]
     with pytest.raises(NotImplementedError, match="has no Triton kernel"):
         call(backend="triton")
@@ -420,22 +421,33 @@ def test_auto_picks_a_registered_triton_kernel_only_for_cuda_tensors(monkeypatch
     def fake_kernel(*args):
         return "triton"
 
-    monkeypatch.setitem(ops._TRITON_IMPLS, "kd_loss", "fake.module:fake_kernel")
-    monkeypatch.setattr(ops, "_load", lambda target: fake_kernel)
-    monkeypatch.setattr(ops, "_triton_available", lambda: True)
+    monkeypatch.setitem(ops._TRITON_IMPLS, "kd_loss", fake_kernel)
+    monkeypatch.setitem(ops._TRITON_IMPLS, "raa_attention", fake_kernel)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert ops._select("kd_loss", "auto", cpu) is reference.kd_loss_ref
     assert ops._select("kd_loss", "auto", cuda) is fake_kernel
     assert ops._select("kd_loss", "reference", cuda) is reference.kd_loss_ref
     assert ops._select("kd_loss", "triton", cpu) is fake_kernel  # explicit: also CPU (TRITON_INTERPRET=1)
     assert ops._select("raa_attention", "auto", cuda) is fake_kernel  # registered (issue #4)
+    monkeypatch.delitem(ops._TRITON_TARGETS, "raa_attention")
     monkeypatch.delitem(ops._TRITON_IMPLS, "raa_attention")
     assert ops._select("raa_attention", "auto", cuda) is reference.raa_attention_ref  # not registered
     assert ops._select("kd_loss", "auto", cuda, torch.float64) is reference.kd_loss_ref  # kernels: fp32/16-bit
+    assert ops._select("kd_loss", "auto", cuda, torch.bfloat16, torch.float32) is fake_kernel  # mixed kernel dtypes
+    assert ops._select("kd_loss", "auto", cuda, torch.float32, torch.float64) is reference.kd_loss_ref  # any float64
     s = _randn(3, 41, seed=47, dtype=torch.float32)
     assert ops.kd_loss(s, s, backend="triton") == "triton"
-    monkeypatch.setattr(ops, "_triton_available", lambda: False)
-    assert ops._select("kd_loss", "auto", cuda) is reference.kd_loss_ref
+
+
+def test_without_triton_auto_is_the_reference_and_triton_says_why(monkeypatch):
+    # What patfast.ops decided at import when triton is not importable: no implementations, and the reason.
+    monkeypatch.setattr(ops, "_TRITON_IMPLS", {})
+    monkeypatch.setattr(ops, "_TRITON_MISSING", "triton is not installed")
+    cuda = torch.device("cuda", 0)
+    for op in ops.triton_ops():
+        assert ops._select(op, "auto", cuda, torch.float32) is ops._REFERENCE_IMPLS[op]
+        with pytest.raises(ImportError, match=f"{op}: backend='triton' is not available: triton is not installed"):
+            ops._select(op, "triton", cuda, torch.float32)
 
 
 def _bad_calls():
