@@ -2,6 +2,8 @@
 
 ``compile_kernels([build, ...])`` -> one ``asm`` dict per build ({"ttir", "ttgir", "llir", "ptx", "cubin", ...}),
 from ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``.
+``resource_usage(cubin)`` -> {"REG": registers, "STACK": spill bytes, "SHARED": ..., "LOCAL": ...} per kernel of a
+cubin, from Triton's bundled cuobjdump (None when it is not there).
 A build is a dict:
 
     kernel      a @triton.jit kernel, or "module:name" of one (the module must be importable)
@@ -22,12 +24,13 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
 
-__all__ = ["compile_kernels"]
+__all__ = ["compile_kernels", "resource_usage"]
 
 
 def _kernel_path(kernel) -> str:
@@ -78,3 +81,20 @@ def _subprocess_main(job_path: str, out_path: str) -> None:
     results = [_compile_one(b) for b in builds]
     with open(out_path, "wb") as f:
         pickle.dump(results, f)
+
+
+def resource_usage(cubin: bytes) -> list[dict[str, int]] | None:
+    """Per kernel of ``cubin``: {"REG", "STACK", "SHARED", "LOCAL", ...} as ``cuobjdump -res-usage`` prints them
+    (registers per thread; bytes), from the cuobjdump bundled with Triton's NVIDIA backend; None without it."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.access(tool, os.X_OK):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    usage = [{k: int(v) for k, v in re.findall(r"([A-Z]+):(\d+)", line)} for line in out.splitlines()
+             if "REG:" in line]
+    return usage or None

@@ -6,9 +6,11 @@ loss_fd), with fewer launches than calling ``hcl_loss`` per stage and adding.
 
 Inputs: (B, C, H, W) maps with any strides (contiguous, channels_last, transposed or sliced views) or (B, L, C) tokens,
 read in place: tokens are the map (B, C, h, w), h = floor(sqrt(L)), w = L // h, with strides (sB, sC, w*sL, sL), so a
-token tensor with its class token sliced off (``x[:, 1:]``) costs no copy. float32, float16 or bfloat16 (both inputs
-the same); all arithmetic in float32; the gradients come back in the input dtype (and layout, where the input is
-dense), the loss as a float32 scalar like ``hcl_loss_ref(..., upcast=True)``.
+token tensor with its class token sliced off (``x[:, 1:]``) costs no copy. Each input float32, float16 or bfloat16,
+in its own dtype (under bf16 autocast a bf16 student map meets an fp32 teacher feature): the kernels are specialised
+on each pointer's dtype and load each in place, converting to float32; all arithmetic in float32; each gradient comes
+back in its input's dtype (and layout, where the input is dense), the loss as a float32 scalar like
+``hcl_loss_ref(..., upcast=True)``.
 
 Math. With d = fs - ft, pooling is linear, so pool(fs) - pool(ft) = pool(d), and per (b, c) plane the loss needs only
 sum(d^2) and the 16 + 4 + 1 bin sums of d at levels 4, 2, 1 (adaptive-pool bin i of an axis of size n at level l
@@ -84,7 +86,7 @@ _LEVELS = (4, 2, 1)
 @triton.jit
 def _hcl_fwd_kernel(
     s_ptr,  # [B, C, H, W] student map (tokens: (B, L, C) seen through strides), fp32 / fp16 / bf16
-    t_ptr,  # [B, C, H, W] teacher map, same shape and dtype as s_ptr, its own strides
+    t_ptr,  # [B, C, H, W] teacher map, same shape as s_ptr, its own dtype (fp32 / fp16 / bf16) and strides
     coef_ptr,  # [B, 21, C] fp32 out: per plane, the bin coefficients as prefix sums over column bins (see below)
     partial_ptr,  # [B * cdiv(C, BLOCK_C)] fp32 out: this program's weighted share of the loss
     C,
@@ -188,7 +190,7 @@ def _hcl_bwd_kernel(
     s_ptr,  # [B, C, H, W] student map (as in the forward)
     t_ptr,  # [B, C, H, W] teacher map
     gs_ptr,  # [B, C, H, W] out: dL/dfs, dtype of s_ptr, its own strides
-    gt_ptr,  # [B, C, H, W] out: dL/dft = -dL/dfs, its own strides
+    gt_ptr,  # [B, C, H, W] out: dL/dft = -dL/dfs, dtype of t_ptr, its own strides
     coef_ptr,  # [B, 21, C] fp32: the forward's prefix-summed bin coefficients
     gout_ptr,  # [] fp32: grad_output of the loss
     C,
@@ -334,12 +336,9 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _check(name: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
     check_feature_pair(name, feat_s, feat_t)
-    if feat_s.dtype != feat_t.dtype:
-        raise ValueError(
-            f"{name}: student and teacher features must have the same dtype, got {feat_s.dtype} and {feat_t.dtype}"
-        )
-    if feat_s.dtype not in _DTYPES:
-        raise ValueError(f"{name}: dtype {feat_s.dtype} is not supported; use float32, float16 or bfloat16")
+    for which, x in (("student", feat_s), ("teacher", feat_t)):  # each in its own dtype: no common one needed
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"{name}: {which} dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
     if feat_s.device != feat_t.device:
         raise ValueError(
             f"{name}: student and teacher features are on different devices ({feat_s.device} and {feat_t.device})"
@@ -451,7 +450,8 @@ def hcl_loss(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
     """Hierarchical context loss of one stage -> float32 scalar (SPEC section 2).
 
     feat_s, feat_t: (B, C, H, W) maps (any strides) or (B, L, C) tokens (L = h * (L // h), h = floor(sqrt(L))),
-    same shape and dtype (float32 / float16 / bfloat16), same device. Differentiable in both.
+    same shape and device, each float32 / float16 / bfloat16 (its own dtype). Differentiable in both; each
+    gradient in its input's dtype.
     Launches: forward 2 (the fused kernel + a sum of its per-program partials), backward 1.
     """
     _check("hcl_loss", feat_s, feat_t)
@@ -462,7 +462,7 @@ def hcl_loss(feat_s: torch.Tensor, feat_t: torch.Tensor) -> torch.Tensor:
 def hcl_loss_stages(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum over stages of ``hcl_loss(feats_s[i], feats_t[i])`` -> float32 scalar (PAT's loss_fd before its weight).
 
-    Each pair follows ``hcl_loss``'s rules; stages may differ in shape, layout, rank and dtype, but all must be on
+    Each pair follows ``hcl_loss``'s rules; stages may differ in shape, layout, rank and dtypes, but all must be on
     one device. Launches: forward S + 1 (one kernel per stage into one shared partials buffer, then a single
     sum), backward S (one per stage), against 3S - 1 forward launches for S separate ``hcl_loss`` calls and a sum.
     """

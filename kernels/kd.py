@@ -30,12 +30,17 @@ log p = min((x - m) - log z, 0) from the saved statistics and writes, for grad_o
     d/ds  = g * T / B * (p_s - p_t)
     d/dt  = g * T / B * p_t * (log p_t - log p_s - KL_row)          (p at temperature T)
 (for the pair, d/dpt is the T = 1 form with g_reg, and d/dt sums both terms). Gradients are written only for the
-inputs that require them, in the input dtype; math is fp32 throughout.
+inputs that require them, each in its input's dtype; math is fp32 throughout.
+
+Dtypes: each of s, t, pt may be float32, float16 or bfloat16 on its own (bf16 student logits against an fp32 teacher
+under autocast): the JIT specialises each pointer on its dtype, and every load converts to fp32 in registers, so
+mixed inputs need no promotion copy.
 
 Layout: any row stride, any class stride (a column slice of a wider tensor, a transposed view). When the class
 stride is 1 and K and every row stride are multiples of ALIGN (a power of two <= 16 bytes / element size), the
 kernels receive K // ALIGN and stride // ALIGN and multiply by the constexpr ALIGN, which tells the compiler the
-row starts are 16-byte aligned so the row loads vectorise (ld.global.v4) even for K = 100 or 1000.
+row starts are 16-byte aligned so the row loads vectorise (ld.global.v4) even for K = 100 or 1000. With mixed
+dtypes ALIGN is taken for the widest one (16-byte rows for it, 8 bytes for a 16-bit partner).
 No autotuning: tile sizes come from ``_fwd_config`` / ``_bwd_config`` (plain functions of B and K), so the op is
 traceable by torch.compile and CUDA-graph capturable, and the compile-only tests build exactly these configs.
 """
@@ -87,7 +92,7 @@ def _store_row_stats(stats_ptr, term, B, rows, row_ok, m_x, z_x, m_y, z_y, w):
 
 @triton.jit
 def _kl_fwd_kernel(
-    s_ptr,  # [B, K] student logits: the log_softmax slot of loss_kd
+    s_ptr,  # [B, K] student logits: the log_softmax slot of loss_kd (each of s, t, p: fp32 / fp16 / bf16)
     t_ptr,  # [B, K] clean teacher logits: the target of loss_kd (at T) and of loss_reg (at 1)
     p_ptr,  # [B, K] prompted-teacher logits: the log_softmax slot of loss_reg (read only when PAIR)
     loss_kd_ptr,  # [] fp32 out: T^2 / B * sum_rows KL(p_t^T || p_s^T)
@@ -371,10 +376,6 @@ def _check(fn: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], t
         if x.dtype not in _DTYPES:
             raise ValueError(f"{fn}: {name} has dtype {x.dtype}; the Triton kernel takes float32, float16 or "
                              "bfloat16 (use backend='reference' for others)")
-    for name, x in zip(names[1:], tensors[1:]):
-        if x.dtype != x0.dtype:
-            raise ValueError(f"{fn}: all logits must have the same dtype, got {first} {x0.dtype} and "
-                             f"{name} {x.dtype}")
     if x0.numel() == 0:
         raise ValueError(f"{fn}: logits are empty (shape {tuple(x0.shape)})")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -387,8 +388,9 @@ def _check(fn: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], t
 def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 * batch-mean KL(softmax(logits_t / T) || softmax(logits_s / T)) -> fp32 scalar, fused.
 
-    logits_s, logits_t: (B, K), same shape, dtype (float32 / float16 / bfloat16) and device; any strides.
-    Differentiable in both inputs (gradients in their dtype). One kernel launch forward, one backward.
+    logits_s, logits_t: (B, K), same shape and device, each float32 / float16 / bfloat16 in its own dtype; any
+    strides. Differentiable in both inputs (each gradient in its input's dtype). One kernel launch forward, one
+    backward.
     """
     temperature = _check("kd_loss", ("logits_s", "logits_t"), (logits_s, logits_t), temperature)
     return _KDLoss.apply(logits_s, logits_t, temperature)
@@ -401,8 +403,9 @@ def pat_kl_pair(
 
     loss_kd  = kd_loss(logits_s, logits_t, temperature)   (student vs clean teacher at T)
     loss_reg = kd_loss(logits_pt, logits_t, 1.0)           (prompted teacher vs clean teacher at 1)
-    All three (B, K), same shape, dtype and device. Gradients flow to logits_s and logits_pt, and also to
-    logits_t if it requires grad (in PAT it is the no-grad clean teacher). One launch forward, one backward.
+    All three (B, K), same shape and device, each float32 / float16 / bfloat16 in its own dtype. Gradients (each in
+    its input's dtype) flow to logits_s and logits_pt, and also to logits_t if it requires grad (in PAT it is the
+    no-grad clean teacher). One launch forward, one backward.
     """
     temperature = _check("pat_kl_pair", ("logits_s", "logits_pt", "logits_t"), (logits_s, logits_pt, logits_t),
                          temperature)

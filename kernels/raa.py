@@ -34,11 +34,16 @@ Core kernels. One program per (batch, head): grid (B * H,), one launch forward a
 Masking: N is padded to BLOCK_N = next power of two >= max(N, 16) (keys beyond N get S = -inf and P = 0; query
 rows beyond N are loaded as 0 and never stored); head_dim is padded to BLOCK_D = next power of two >= max(hd, 16)
 (tl.dot needs K >= 16) with zeros, which change no dot product.
-Precision: fp32, fp16 or bf16 inputs; S, softmax, LSE and every accumulator in fp32. fp32 dots run with
-input_precision="ieee" (true fp32, not tf32: fp32 callers get fp32 results, 1e-5 relative; tf32 would be ~1e-3).
-16-bit dots take 16-bit operands (P and dS are rounded to the input dtype before their dots) with fp32 accumulation.
-Under torch.autocast the core takes q, k, v in the autocast dtype (as autocast does for a matmul); otherwise in their
-promoted dtype.
+Precision: q, k, v each fp32, fp16 or bf16, in its own dtype: the kernels load each in place and convert it in
+registers to the compute dtype, the dtype of O (and so of dO): the autocast dtype under torch.autocast (as autocast
+does for a matmul), otherwise the promoted dtype of q, k, v. Under bf16 autocast q and k come out of "Linear + pos"
+in fp32 (an fp32 pos promotes them) and v in bf16; the core reads all three without a cast copy. S, softmax, LSE
+and every accumulator in fp32. fp32 dots run with input_precision="ieee" (true fp32, not tf32: fp32 callers get
+fp32 results, 1e-5 relative; tf32 would be ~1e-3). 16-bit dots take 16-bit operands (P and dS are rounded to the
+compute dtype before their dots) with fp32 accumulation. dQ, dK, dV are stored in the dtypes of q, k, v.
+Front dtypes: tokens, the LayerNorm / Linear parameters and pos may differ; outside autocast the front runs in their
+promoted dtype (F.linear refuses mixed operands), under autocast by autocast's rules. The output has the dtype of
+tokens.
 Limits: N <= 256 (MAX_N) and head_dim <= 128 (MAX_HEAD_DIM): all of a head's keys and values, and in the backward
 the dK and dV accumulators, sit in one program's registers / shared memory.
 
@@ -63,12 +68,15 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
+from .reference import to_common_dtype
+
 __all__ = ["raa_attention", "raa_core", "MAX_N", "MAX_HEAD_DIM"]
 
 MAX_N = 256  # tokens per (batch, head): all keys of a head live in one program
 MAX_HEAD_DIM = 128
 LAYER_NORM_EPS = 1e-5
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INPUT_NAMES = ("tokens", "norm_weight", "norm_bias", "q_weight", "q_bias", "kv_weight", "kv_bias", "pos")
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 
@@ -80,10 +88,10 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _raa_fwd_kernel(
-    q_ptr,  # [B, H, N, HEAD_DIM] queries: strides (q_sb, q_sh, q_sn, 1)
+    q_ptr,  # [B, H, N, HEAD_DIM] queries: strides (q_sb, q_sh, q_sn, 1); q, k, v each fp32 / fp16 / bf16
     k_ptr,  # [B, H, N, HEAD_DIM] keys: strides (k_sb, k_sh, k_sn, 1)
     v_ptr,  # [B, H, N, HEAD_DIM] values: strides (v_sb, v_sh, v_sn, 1)
-    o_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, input dtype: softmax(q k^T * scale) v, heads merged
+    o_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, compute dtype: softmax(q k^T * scale) v, heads merged
     lse_ptr,  # [B, H, N] fp32 out: log-sum-exp of each row of q k^T * scale
     H,  # heads
     N,  # tokens (queries = keys)
@@ -96,6 +104,7 @@ def _raa_fwd_kernel(
     BLOCK_N: tl.constexpr,  # all keys: next power of two >= max(N, 16)
     BLOCK_D: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16)
 ):
+    dot_dtype = o_ptr.dtype.element_ty  # the compute dtype: q, k, v are converted to it in registers
     pid = tl.program_id(0)  # = b * H + h
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -104,22 +113,25 @@ def _raa_fwd_kernel(
     key_ok = keys < N
     d_ok = dims < HEAD_DIM
     kv_mask = key_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * k_sb + h * k_sh + keys[:, None] * k_sn + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * v_sb + h * v_sh + keys[:, None] * v_sn + dims[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + b * k_sb + h * k_sh + keys[:, None] * k_sn + dims[None, :], mask=kv_mask,
+                other=0.0).to(dot_dtype)
+    v = tl.load(v_ptr + b * v_sb + h * v_sh + keys[:, None] * v_sn + dims[None, :], mask=kv_mask,
+                other=0.0).to(dot_dtype)
     qk_scale = scale * _LOG2E  # S in log2 units: exp(x) = exp2(x * log2 e)
     o_base = o_ptr + b * N * (H * HEAD_DIM) + h * HEAD_DIM
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sn + dims[None, :], mask=q_mask, other=0.0)
+        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sn + dims[None, :], mask=q_mask,
+                    other=0.0).to(dot_dtype)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # [BLOCK_M, BLOCK_N] fp32
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m = tl.max(s, axis=1)
         p = tl.exp2(s - m[:, None])
         l_sum = tl.sum(p, axis=1)
         p = p * (1.0 / l_sum)[:, None]
-        o = tl.dot(p.to(v.dtype), v, input_precision="ieee")  # [BLOCK_M, BLOCK_D] fp32
+        o = tl.dot(p.to(dot_dtype), v, input_precision="ieee")  # [BLOCK_M, BLOCK_D] fp32
         tl.store(o_base + rows[:, None] * (H * HEAD_DIM) + dims[None, :], o.to(o_ptr.dtype.element_ty), mask=q_mask)
         tl.store(lse_ptr + pid.to(tl.int64) * N + rows, (m + tl.log2(l_sum)) * _LN2, mask=row_ok)
 
@@ -129,11 +141,11 @@ def _raa_bwd_kernel(
     q_ptr,  # [B, H, N, HEAD_DIM] queries: strides (q_sb, q_sh, q_sn, 1)
     k_ptr,  # [B, H, N, HEAD_DIM] keys: strides (k_sb, k_sh, k_sn, 1)
     v_ptr,  # [B, H, N, HEAD_DIM] values: strides (v_sb, v_sh, v_sn, 1)
-    do_ptr,  # [B, H, N, HEAD_DIM] upstream gradient of O: strides (do_sb, do_sh, do_sn, 1)
+    do_ptr,  # [B, H, N, HEAD_DIM] upstream gradient of O, compute dtype: strides (do_sb, do_sh, do_sn, 1)
     lse_ptr,  # [B, H, N] fp32: the forward's row log-sum-exp
-    dq_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, input dtype
-    dk_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, input dtype
-    dv_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, input dtype
+    dq_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, dtype of q
+    dk_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, dtype of k
+    dv_ptr,  # [B, N, H, HEAD_DIM] out, contiguous, dtype of v
     H,  # heads
     N,  # tokens
     q_sb, q_sh, q_sn,
@@ -146,6 +158,7 @@ def _raa_bwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    dot_dtype = do_ptr.dtype.element_ty  # the compute dtype (that of O and dO): q, k, v are converted to it
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = pid % H
@@ -154,8 +167,10 @@ def _raa_bwd_kernel(
     key_ok = keys < N
     d_ok = dims < HEAD_DIM
     kv_mask = key_ok[:, None] & d_ok[None, :]
-    k = tl.load(k_ptr + b * k_sb + h * k_sh + keys[:, None] * k_sn + dims[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + b * v_sb + h * v_sh + keys[:, None] * v_sn + dims[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(k_ptr + b * k_sb + h * k_sh + keys[:, None] * k_sn + dims[None, :], mask=kv_mask,
+                other=0.0).to(dot_dtype)
+    v = tl.load(v_ptr + b * v_sb + h * v_sh + keys[:, None] * v_sn + dims[None, :], mask=kv_mask,
+                other=0.0).to(dot_dtype)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = scale * _LOG2E
@@ -164,7 +179,8 @@ def _raa_bwd_kernel(
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sn + dims[None, :], mask=q_mask, other=0.0)
+        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_sn + dims[None, :], mask=q_mask,
+                    other=0.0).to(dot_dtype)
         do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_sn + dims[None, :], mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + pid.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N] fp32
@@ -173,8 +189,8 @@ def _raa_bwd_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")  # [BLOCK_M, BLOCK_N] fp32
         delta = tl.sum(p * dp, axis=1)  # = rowsum(dO * O): the whole key row is here
         ds = p * (dp - delta[:, None])
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, acc=dv, input_precision="ieee")
-        ds_in = ds.to(q.dtype)
+        dv = tl.dot(tl.trans(p.to(dot_dtype)), do, acc=dv, input_precision="ieee")
+        ds_in = ds.to(dot_dtype)
         dk = tl.dot(tl.trans(ds_in), q, acc=dk, input_precision="ieee")
         dq = tl.dot(ds_in, k, input_precision="ieee") * scale
         tl.store(dq_ptr + out_off + rows[:, None] * (H * HEAD_DIM) + dims[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -238,13 +254,14 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _core_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """(O, LSE) for (B, H, N, hd) q, k, v of one dtype with unit feature stride.
+def _core_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dtype: torch.dtype | None = None):
+    """(O, LSE) for (B, H, N, hd) q, k, v with unit feature stride, each in its own dtype, computed in ``dtype``
+    (default: that of q).
 
-    O: contiguous (B, N, H, hd) (heads merged), LSE: (B, H, N) fp32, natural log.
+    O: contiguous (B, N, H, hd) (heads merged) in ``dtype``, LSE: (B, H, N) fp32, natural log.
     """
     b, h, n, hd = q.shape
-    o = torch.empty((b, n, h, hd), device=q.device, dtype=q.dtype)
+    o = torch.empty((b, n, h, hd), device=q.device, dtype=q.dtype if dtype is None else dtype)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     cfg = _fwd_config(n, hd)
     _raa_fwd_kernel[(b * h,)](
@@ -259,11 +276,12 @@ def _core_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return o, lse
 
 
-def _core_backward(q, k, v, grad_o, lse, scale: float):
-    """(dQ, dK, dV), each a (B, H, N, hd) view of a contiguous (B, N, H, hd) buffer; grad_o is (B, N, H, hd)."""
+def _core_backward(q, k, v, grad_o, lse, scale: float, dtype: torch.dtype):
+    """(dQ, dK, dV), each a (B, H, N, hd) view of a contiguous (B, N, H, hd) buffer in the dtype of q, k, v
+    respectively; grad_o is (B, N, H, hd), taken to the compute ``dtype`` (a no-op: it is O's gradient)."""
     b, h, n, hd = q.shape
-    do = _unit_last(grad_o.to(q.dtype))
-    grads = [torch.empty((b, n, h, hd), device=q.device, dtype=q.dtype) for _ in range(3)]
+    do = _unit_last(grad_o.to(dtype))
+    grads = [torch.empty((b, n, h, hd), device=q.device, dtype=x.dtype) for x in (q, k, v)]
     cfg = _bwd_config(n, hd)
     _raa_bwd_kernel[(b * h,)](
         q, k, v, do, lse, *grads, h, n,
@@ -284,24 +302,23 @@ def _core_backward(q, k, v, grad_o, lse, scale: float):
 
 
 class _RAACore(torch.autograd.Function):
-    """(B, H, N, hd) q, k, v of one dtype, unit feature stride -> O as a contiguous (B, N, H, hd) tensor.
-
-    The output is a fresh tensor, not a view (the (B, H, N, hd) view is taken outside, by autograd).
-    """
+    """(B, H, N, hd) q, k, v, each in its own dtype, unit feature stride -> O as a contiguous (B, N, H, hd) tensor in
+    the compute ``dtype``. The output is a fresh tensor, not a view (the (B, H, N, hd) view is taken outside)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, lse = _core_forward(q, k, v, scale)
+    def forward(ctx, q, k, v, scale, dtype):
+        o, lse = _core_forward(q, k, v, scale, dtype)
         ctx.save_for_backward(q, k, v, lse)
         ctx.scale = scale
+        ctx.dtype = dtype
         return o
 
     @staticmethod
     def backward(ctx, grad_o):
         q, k, v, lse = ctx.saved_tensors
-        dq, dk, dv = _core_backward(q, k, v, grad_o, lse, ctx.scale)
+        dq, dk, dv = _core_backward(q, k, v, grad_o, lse, ctx.scale, ctx.dtype)
         need = ctx.needs_input_grad
-        return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), None
+        return (dq if need[0] else None), (dk if need[1] else None), (dv if need[2] else None), None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,10 +358,12 @@ def _check_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> Non
 def raa_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v per (batch, head) -> (B, H, N, head_dim), fused (one launch forward, one backward).
 
-    q, k, v: (B, H, N, head_dim), float32 / float16 / bfloat16 (mixed dtypes are promoted; under torch.autocast
-    they are cast to the autocast dtype), any batch/head/token strides; N <= 256, head_dim <= 128.
-    Softmax and accumulation in fp32. Returns O in the compute dtype as a (B, H, N, head_dim) view of a contiguous
-    (B, N, H, head_dim) buffer. Differentiable in q, k and v.
+    q, k, v: (B, H, N, head_dim), each float32 / float16 / bfloat16 in its own dtype, read in place (any
+    batch/head/token strides; a strided feature axis is copied once) and converted in registers to the compute
+    dtype: the autocast dtype under torch.autocast (as autocast does for a matmul), else the promoted dtype of q, k,
+    v. N <= 256, head_dim <= 128. The dots take compute-dtype operands; softmax and accumulation in fp32.
+    Returns O in the compute dtype as a (B, H, N, head_dim) view of a contiguous (B, N, H, head_dim) buffer.
+    Differentiable in q, k and v; each gradient in its input's dtype.
     """
     _check_core(q, k, v, scale)
     device_type = q.device.type
@@ -352,8 +371,8 @@ def raa_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) ->
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    q, k, v = (_unit_last(x.to(dtype)) for x in (q, k, v))
-    return _RAACore.apply(q, k, v, float(scale)).transpose(1, 2)
+    q, k, v = (_unit_last(x) for x in (q, k, v))
+    return _RAACore.apply(q, k, v, float(scale), dtype).transpose(1, 2)
 
 
 def raa_attention(
@@ -370,7 +389,9 @@ def raa_attention(
     """Region-aware attention -> (B, N, D) in the dtype of tokens: PyTorch front + the Triton core. See module doc.
 
     tokens (B, N, D); norm_weight, norm_bias (D,); q_weight (D, D), q_bias (D,); kv_weight (2D, D), kv_bias (2D,);
-    pos broadcastable to (B, N, D). Differentiable in all of them.
+    pos broadcastable to (B, N, D); each float32 / float16 / bfloat16 in its own dtype. Outside autocast the front
+    runs in their promoted dtype, under torch.autocast by autocast's rules. Differentiable in all of them, each
+    gradient in its input's dtype.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
@@ -378,11 +399,16 @@ def raa_attention(
     b, n, d = tokens.shape
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or d % num_heads:
         raise ValueError(f"raa_attention: the width D = {d} must be divisible by num_heads, got {num_heads!r}")
-    if tokens.dtype not in _DTYPES:
-        raise ValueError(f"raa_attention: tokens have dtype {tokens.dtype}; the Triton kernel takes float32, float16 "
-                         "or bfloat16 (use backend='reference' for others)")
+    inputs = (tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos)
+    for name, x in zip(_INPUT_NAMES, inputs):
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"raa_attention: {name} has dtype {x.dtype}; the Triton kernel takes float32, float16 "
+                             "or bfloat16 (use backend='reference' for others)")
+    if not torch.is_autocast_enabled(tokens.device.type):  # under autocast, autocast casts each op's inputs
+        inputs = to_common_dtype(inputs)  # F.linear refuses mixed dtypes; no copy of a tensor already in it
+    x, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos = inputs
     head_dim = d // num_heads
-    xn = F.layer_norm(tokens, (d,), norm_weight, norm_bias, LAYER_NORM_EPS)
+    xn = F.layer_norm(x, (d,), norm_weight, norm_bias, LAYER_NORM_EPS)
     q = F.linear(xn, q_weight, q_bias) + pos
     k, v = F.linear(xn, kv_weight, kv_bias).split(d, dim=-1)
     k = k + pos

@@ -3,11 +3,14 @@
 Readable on purpose: each function is the formula of SPEC sections 1-3 written with stock torch ops, the way the
 official PAT code computes it. The Triton kernels (hcl.py, kd.py, raa.py beside this file) must match these.
 
-``upcast=True`` computes in float32 when an input is 16-bit (float16 / bfloat16), like flash-attention's
+Inputs may each have their own dtype (a bf16 student map against an fp32 teacher feature): every function computes
+in their promoted dtype (``torch.promote_types``), so autograd returns each gradient in its own input's dtype.
+``upcast=True`` first takes every 16-bit input (float16 / bfloat16) to float32, like flash-attention's
 ``layer_norm_ref``: use it as the higher-precision truth when judging a 16-bit kernel, and ``upcast=False`` (the
-default, plain eager PyTorch in the input dtype) to measure PyTorch's own 16-bit error. The two losses are then
-returned as float32 scalars (as autocast does for mse_loss / kl_div); ``raa_attention_ref`` casts its output back
-to the dtype of ``tokens``.
+default, plain eager PyTorch in the promoted input dtype) to measure PyTorch's own error at that dtype. The losses
+come back in the compute dtype (float32 with upcast, as autocast does for mse_loss / kl_div); ``raa_attention_ref``
+casts its output to the dtype of ``tokens``. Under torch.autocast, ``raa_attention_ref`` leaves the casts of its
+front (LayerNorm, Linear) to autocast.
 """
 
 import math
@@ -15,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["hcl_loss_ref", "kd_loss_ref", "raa_attention_ref", "tokens_to_map", "HCL_LEVELS", "LAYER_NORM_EPS"]
+__all__ = ["hcl_loss_ref", "kd_loss_ref", "raa_attention_ref", "tokens_to_map", "to_common_dtype", "HCL_LEVELS",
+           "LAYER_NORM_EPS"]
 
 HCL_LEVELS = (4, 2, 1)  # pooled pyramid levels of HCL, each used only when level < map height
 LAYER_NORM_EPS = 1e-5
@@ -25,6 +29,15 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 def _upcast(x: torch.Tensor, upcast: bool) -> torch.Tensor:
     return x.float() if upcast and x.dtype in _HALF_DTYPES else x
+
+
+def to_common_dtype(tensors, upcast: bool = False) -> list[torch.Tensor]:
+    """``tensors`` in their promoted dtype (16-bit ones first to float32 with ``upcast``); no copy of one in it."""
+    xs = [_upcast(x, upcast) for x in tensors]
+    dtype = xs[0].dtype
+    for x in xs[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return [x.to(dtype) for x in xs]
 
 
 def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
@@ -78,8 +91,7 @@ def hcl_loss_ref(feat_s: torch.Tensor, feat_t: torch.Tensor, *, upcast: bool = F
     levels are used; pool_l = adaptive_avg_pool2d(., l) (overlapping bins when l does not divide the size); mse
     averages over every element. Differentiable in both inputs (the teacher side is not detached).
     """
-    fs = _upcast(feat_s, upcast)
-    ft = _upcast(feat_t, upcast)
+    fs, ft = to_common_dtype((feat_s, feat_t), upcast)
     if fs.dim() == 3:
         fs, ft = tokens_to_map(fs), tokens_to_map(ft)
     height = fs.shape[2]
@@ -104,8 +116,7 @@ def kd_loss_ref(
     (``log_target=True``): the same values, and gradients to logits_t stay finite where a target probability
     underflows to 0 (the probability-space form gives NaN there).
     """
-    s = _upcast(logits_s, upcast)
-    t = _upcast(logits_t, upcast)
+    s, t = to_common_dtype((logits_s, logits_t), upcast)
     log_p_s = F.log_softmax(s / temperature, dim=-1)
     log_p_t = F.log_softmax(t / temperature, dim=-1)
     return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
@@ -133,9 +144,11 @@ def raa_attention_ref(
     softmax(q k^T * head_dim^-0.5) v; heads merged back to (B, N, D). No output projection, no residual.
     """
     dtype = tokens.dtype
-    x, nw, nb, qw, qb, kvw, kvb, p = (
-        _upcast(t, upcast) for t in (tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos)
-    )
+    inputs = (tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos)
+    if torch.is_autocast_enabled(tokens.device.type):  # autocast casts each op's inputs its own way
+        x, nw, nb, qw, qb, kvw, kvb, p = (_upcast(t, upcast) for t in inputs)
+    else:  # F.linear refuses mixed dtypes: one compute dtype for the whole block
+        x, nw, nb, qw, qb, kvw, kvb, p = to_common_dtype(inputs, upcast)
     b, n, d = x.shape
     head_dim = d // num_heads
 

@@ -20,6 +20,10 @@ and the reference otherwise (so CPU tensors never reach Triton, which also keeps
 Whether triton is importable is decided once, when this module is imported (which then imports the kernels, and
 triton with them): a call only looks up dicts, so torch.compile traces it without a graph break.
 
+Dtypes: each input may have its own dtype (under bf16 autocast a bf16 student map meets an fp32 teacher feature).
+The Triton kernels read each input in place in its own dtype and compute in float32; the reference computes in the
+promoted dtype. Gradients come back in each input's dtype; the losses are float32 scalars from Triton (the promoted
+dtype from the reference); raa_attention returns the dtype of ``tokens``.
 All ops are differentiable in every input that requires grad, in every backend.
 """
 
@@ -175,9 +179,6 @@ def kd_loss_pair(
     _check_kd_inputs("kd_loss_pair", logits_s, logits_t, temperature)
     _check_kd_inputs("kd_loss_pair", logits_pt, logits_t, 1.0)
     fn = _select("kd_loss_pair", backend, logits_s.device, logits_s.dtype, logits_pt.dtype, logits_t.dtype)
-    if fn is not _REFERENCE_IMPLS["kd_loss_pair"] and not logits_s.dtype == logits_pt.dtype == logits_t.dtype:
-        dtype = torch.promote_types(torch.promote_types(logits_s.dtype, logits_pt.dtype), logits_t.dtype)
-        logits_s, logits_pt, logits_t = (x.to(dtype) for x in (logits_s, logits_pt, logits_t))
     return fn(logits_s, logits_pt, logits_t, temperature)
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from patfast import ops
+from patfast.kernels._compile_check import compile_kernels, resource_usage
 from patfast.kernels.reference import hcl_loss_ref
 
 triton = pytest.importorskip("triton")
@@ -255,7 +256,7 @@ def _bad_calls():
     meta = torch.empty(3, 2, 7, 7, device="meta")
     return [
         ("shape", lambda: hcl.hcl_loss(x, x[:, :1]), r"same shape.*\(3, 2, 7, 7\).*\(3, 1, 7, 7\)"),
-        ("dtype", lambda: hcl.hcl_loss(x, x.half()), r"same dtype.*float32.*float16"),
+        ("dtype-teacher", lambda: hcl.hcl_loss(x, x.double()), r"teacher dtype torch.float64 is not supported"),
         ("float64", lambda: hcl.hcl_loss(x.double(), x.double()), r"float64 is not supported"),
         ("rank2", lambda: hcl.hcl_loss(x[0, 0], x[0, 0]), r"\(B, C, H, W\) maps or \(B, L, C\) tokens.*rank-2"),
         ("rank5", lambda: hcl.hcl_loss(x[None], x[None]), "rank-5"),
@@ -282,19 +283,21 @@ def test_input_checks_raise_clear_value_errors(call, match):
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _build(kernel_name, dtype, shape, config, arch, write_t=True):
+def _build(kernel_name, dtype, shape, config, arch, write_t=True, dtype_t=None):
     """A compile_kernels build mirroring what the JIT would specialise for real tensors of ``shape``: ints equal to
-    1 become constexprs, ints that are multiples of 16 (and every pointer) are marked 16-divisible."""
+    1 become constexprs, ints that are multiples of 16 (and every pointer) are marked 16-divisible. The student
+    (and its gradient) in ``dtype``, the teacher (and its gradient) in ``dtype_t`` (default: the same)."""
     block_c, block_w, num_warps = config[:3]
     x = torch.empty(shape, device="meta")  # tokens (B, L, C) or a contiguous NCHW map
     (b, c, h, w), strides = hcl._as_map(x)
     kernel = getattr(hcl, kernel_name)
     ptr = "*" + _TRITON_TYPES[dtype]
+    ptr_t = "*" + _TRITON_TYPES[dtype_t or dtype]
     values = {"C": c, "H": h, "W": w}
     for prefix in ("s", "t", "gs", "gt"):
         values.update({f"{prefix}_s{axis}": st for axis, st in zip("bchw", strides)})
-    pointers = {"s_ptr": ptr, "t_ptr": ptr, "gs_ptr": ptr, "gt_ptr": ptr, "coef_ptr": "*fp32", "partial_ptr": "*fp32",
-                "gout_ptr": "*fp32"}  # fmt: skip
+    pointers = {"s_ptr": ptr, "t_ptr": ptr_t, "gs_ptr": ptr, "gt_ptr": ptr_t, "coef_ptr": "*fp32",
+                "partial_ptr": "*fp32", "gout_ptr": "*fp32"}  # fmt: skip
     constexprs = {"BLOCK_C": block_c, "BLOCK_W": block_w, "WRITE_S": True, "WRITE_T": write_t}
     signature, aligned = {}, []
     for name in kernel.arg_names:
@@ -330,13 +333,17 @@ def _compile_cases():
     """(id, build, expect vectorised global loads). Every configuration of both kernels: the token (channel-
     contiguous) ones in bf16 for sm_90, the NCHW ones in fp16 for sm_80. Then the Swin stage-1 configuration in fp32
     for sm_80 and sm_90 and in fp16 for sm_80, and an aligned fp32 NCHW map (32x32), whose streaming loads must be
-    vectorised; the grad_s-only variant of the backward; a 1x1x1x1 map (every int argument becomes a constexpr)."""
+    vectorised; the grad_s-only variant of the backward; mixed student / teacher dtypes (bf16 tokens against fp32,
+    an fp32 map against bf16, an fp16 student's grad_s alone against fp32); a 1x1x1x1 map (every int argument
+    becomes a constexpr)."""
     kernels = ("_hcl_fwd_kernel", "_hcl_bwd_kernel")
     cases = []
 
     def add(kernel, dtype, shape, config, arch, vectorised, **kw):
-        name = f"{kernel[5:8]}-{_id(shape)}-{_TRITON_TYPES[dtype]}-sm{arch}" + "".join(f"-{k}" for k in kw)
-        cases.append((name, _build(kernel, dtype, shape, config, arch, **kw), vectorised))
+        types = _TRITON_TYPES[dtype] + (f"-{_TRITON_TYPES[kw['dtype_t']]}" if "dtype_t" in kw else "")
+        flags = "".join(f"-{k}" for k in kw if k != "dtype_t")
+        cases.append((f"{kernel[5:8]}-{_id(shape)}-{types}-sm{arch}{flags}",
+                      _build(kernel, dtype, shape, config, arch, **kw), vectorised))
 
     for config in hcl.COMPILE_CONFIGS:
         dtype, arch = (torch.bfloat16, 90) if config[3] else (torch.float16, 80)
@@ -350,6 +357,14 @@ def _compile_cases():
     for kernel in kernels:
         add(kernel, torch.float32, (128, 96, 32, 32), nchw, 90, vectorised=True)
     add("_hcl_bwd_kernel", torch.bfloat16, (128, 3136, 96), stage1, 90, vectorised=True, write_t=False)
+    # Mixed dtypes (issue #11): a bf16 student against an fp32 teacher (tokens, the Swin stage-1 configuration) and
+    # the reverse on an NCHW map, each pointer loaded and stored in its own dtype
+    for arch in (80, 90):
+        for kernel in kernels:
+            add(kernel, torch.bfloat16, (128, 3136, 96), stage1, arch, vectorised=True, dtype_t=torch.float32)
+            add(kernel, torch.float32, (128, 96, 32, 32), nchw, arch, vectorised=True, dtype_t=torch.bfloat16)
+    add("_hcl_bwd_kernel", torch.float16, (128, 3136, 96), stage1, 80, vectorised=True, write_t=False,
+        dtype_t=torch.float32)
     # C = H = W = 1 and every stride 1: the JIT turns all of them into constexprs (plain Python ints in the kernel)
     tiny = hcl._launch_config(1, 1, 1, True)
     for kernel in kernels:
@@ -363,7 +378,6 @@ COMPILE_CASES = _compile_cases()
 @pytest.fixture(scope="module")
 def compiled():
     pytest.importorskip("triton.backends.nvidia")
-    from patfast.kernels._compile_check import compile_kernels
 
     return dict(zip([c[0] for c in COMPILE_CASES], compile_kernels([c[1] for c in COMPILE_CASES])))
 
@@ -379,6 +393,14 @@ def test_compiles_for_sm80_and_sm90(name, build, vectorised, compiled):
         assert any(re.search(r"\.v[24]\.", ld) for ld in loads), sorted(loads)
     if vectorised and name.startswith("bwd"):
         assert re.search(r"st\.global[.\w]*\.v[24]\.", ptx), "gradient stores are not vectorised"
+    mixed = re.search(r"-(bf16|fp16)-fp32-|-fp32-(bf16|fp16)-", name)
+    if mixed:  # the 16-bit side is widened in registers, its gradient rounded to nearest even; nothing spills
+        half = (mixed.group(1) or mixed.group(2)).replace("fp", "f")
+        assert f"cvt.f32.{half}" in ptx
+        if name.startswith("bwd"):
+            assert re.search(rf"cvt\.rn\.{half}(x2)?\.f32", ptx), "16-bit gradient not rounded to nearest"
+        usage = resource_usage(asm["cubin"])
+        assert usage is None or max(u["STACK"] for u in usage) == 0, f"register spills: {usage}"
 
 
 def test_compile_configs_cover_the_pat_stages():

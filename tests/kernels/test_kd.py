@@ -14,6 +14,7 @@ import torch
 
 from patfast import ops
 from patfast.kernels import kd, reference
+from patfast.kernels._compile_check import compile_kernels, resource_usage
 
 F64 = torch.float64
 CUDA = torch.cuda.is_available()
@@ -276,7 +277,7 @@ def _bad_calls():
     return [
         ("shape", lambda: kd.kd_loss(x, torch.randn(3, 40)), r"same shape.*\(3, 41\).*\(3, 40\)"),
         ("pair-shape", lambda: kd.pat_kl_pair(x, torch.randn(4, 41), x), r"logits_pt \(4, 41\)"),
-        ("dtype", lambda: kd.kd_loss(x, x.half()), r"same dtype.*torch.float32.*torch.float16"),
+        ("dtype-mixed-f64", lambda: kd.kd_loss(x, x.double()), r"logits_t has dtype torch.float64"),
         ("dtype-f64", lambda: kd.kd_loss(x.double(), x.double()), r"float64.*float32, float16 or bfloat16"),
         ("dtype-int", lambda: kd.kd_loss(x.long(), x.long()), r"int64"),
         ("rank1", lambda: kd.kd_loss(x[0], x[0]), r"2-D \(B, num_classes\).*\(41,\)"),
@@ -292,7 +293,7 @@ def _bad_calls():
         ("temperature-tensor", lambda: kd.kd_loss(x, x, torch.tensor(2.0)), r"Python number.*Tensor"),
         ("not-a-tensor", lambda: kd.kd_loss(x, x.tolist()), r"logits_t must be a torch.Tensor"),
         ("ops-temperature", lambda: ops.kd_loss(x, x, -2.0, backend="triton"), r"temperature"),
-        ("ops-dtype", lambda: ops.kd_loss(x, x.half(), backend="triton"), r"same dtype"),
+        ("ops-dtype", lambda: ops.kd_loss_pair(x, x.half(), x.double(), backend="triton"), r"logits_t.*float64"),
     ]
 
 
@@ -316,7 +317,11 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def _build(kernel, config, dtype, arch, constexprs, unit_class_stride=True):
-    """A compile_kernels build for ``kernel`` as the launcher would specialise it for contiguous/aligned inputs."""
+    """A compile_kernels build for ``kernel`` as the launcher would specialise it for contiguous/aligned inputs.
+
+    dtype: one torch dtype for all logits, or {"s": ..., "t": ..., "p": ...}, one per input (and its gradient)."""
+    dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys("stp", dtype)
+    pointer_input = {"s_ptr": "s", "t_ptr": "t", "p_ptr": "p", "ds_ptr": "s", "dt_ptr": "t", "dp_ptr": "p"}
     fp32_ptrs = {"loss_kd_ptr", "loss_reg_ptr", "stats_ptr", "g_kd_ptr", "g_reg_ptr"}
     cx = {**constexprs, "BLOCK_B": config["BLOCK_B"], "BLOCK_K": config["BLOCK_K"]}
     if unit_class_stride:
@@ -326,7 +331,7 @@ def _build(kernel, config, dtype, arch, constexprs, unit_class_stride=True):
         if name in cx:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_ptrs else f"*{_TRITON_DTYPE[dtype]}"
+            signature[name] = "*fp32" if name in fp32_ptrs else f"*{_TRITON_DTYPE[dtypes[pointer_input[name]]]}"
         else:
             signature[name] = "fp32" if name == "temperature" else "i32"
     aligned = [n for n in kernel.arg_names if n.endswith("_ptr")]
@@ -359,13 +364,28 @@ def _compile_only_builds():
                                                             {"PAIR": True, "T_IS_ONE": False, "ALIGN": 1, **grads},
                                                             unit_class_stride=False)),
             ]
+        # Mixed dtypes (issue #11): bf16 student and prompted-teacher logits against fp32 teacher logits (PAT under
+        # bf16 autocast), ALIGN 4 for the fp32 rows; fp16 against fp32 for kd alone, T != 1
+        mixed = {"s": torch.bfloat16, "p": torch.bfloat16, "t": torch.float32}
+        builds += [
+            ("fwd pair bf16-fp32 K=1000 T=1 mixed", _build(fwd, kd._fwd_config(128, 1000), mixed, arch,
+                                                           {"PAIR": True, "T_IS_ONE": True, "ALIGN": 4})),
+            ("bwd pair bf16-fp32 K=1000 T=1 mixed", _build(bwd, kd._bwd_config(128, 1000), mixed, arch,
+                                                           {"PAIR": True, "T_IS_ONE": True, "ALIGN": 4, **grads})),
+        ]
+        mixed = {"s": torch.float16, "p": torch.float16, "t": torch.float32}
+        builds += [
+            ("fwd kd fp16-fp32 K=100 T=4 mixed", _build(fwd, kd._fwd_config(128, 100), mixed, arch,
+                                                        {"PAIR": False, "T_IS_ONE": False, "ALIGN": 4})),
+            ("bwd kd fp16-fp32 K=100 T=4 mixed", _build(bwd, kd._bwd_config(128, 100), mixed, arch,
+                                                        {"PAIR": False, "T_IS_ONE": False, "ALIGN": 4, **grads})),
+        ]
     return builds
 
 
 @pytest.mark.slow
 def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
     pytest.importorskip("triton.backends.nvidia")
-    from patfast.kernels._compile_check import compile_kernels
 
     builds = _compile_only_builds()
     results = compile_kernels([b for _, b in builds])
@@ -379,6 +399,13 @@ def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
             assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: gradient stores are not vectorised"
         if name.startswith("fwd"):
             assert "atom." not in ptx, f"{name}: the forward must not use atomics (determinism)"
+        if name.endswith("mixed"):  # 16-bit logits widened in registers, their gradients rounded to nearest even
+            half = "bf16" if "bf16" in name else "f16"
+            assert f"cvt.f32.{half}" in ptx, name
+            if name.startswith("bwd"):
+                assert re.search(rf"cvt\.rn\.{half}(x2)?\.f32", ptx), f"{name}: gradient not rounded to nearest"
+            usage = resource_usage(asm["cubin"])
+            assert usage is None or max(u["STACK"] for u in usage) == 0, f"{name}: register spills: {usage}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,10 +11,7 @@ The compile-only test builds the core kernels for sm_80 and sm_90 at the PAT sha
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import tempfile
 import zlib
 
 import pytest
@@ -22,6 +19,7 @@ import torch
 
 from patfast import ops
 from patfast.kernels import reference
+from patfast.kernels._compile_check import compile_kernels, resource_usage
 
 triton = pytest.importorskip("triton")
 raa = pytest.importorskip("patfast.kernels.raa")
@@ -321,7 +319,11 @@ def _pat_strides():
 
 def _build(kernel, dtype, arch):
     """A compile_kernels build as the JIT would specialise it at the PAT shape: every pointer and every int that is
-    a multiple of 16 marked 16-divisible."""
+    a multiple of 16 marked 16-divisible. dtype: one torch dtype for every tensor but LSE, or
+    {"q": ..., "k": ..., "v": ..., "o": ...}: q, k, v (and their gradients) each in its own, O and dO in "o"."""
+    dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys("qkvo", dtype)
+    of_pointer = {"q_ptr": "q", "k_ptr": "k", "v_ptr": "v", "o_ptr": "o", "do_ptr": "o", "dq_ptr": "q", "dk_ptr": "k",
+                  "dv_ptr": "v"}
     hd = PAT["d"] // PAT["heads"]
     cfg = (raa._fwd_config if kernel is raa._raa_fwd_kernel else raa._bwd_config)(PAT["n"], hd)
     values = {"H": PAT["heads"], "N": PAT["n"], **_pat_strides()}
@@ -331,7 +333,7 @@ def _build(kernel, dtype, arch):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name == "lse_ptr" else "*" + _TRITON_TYPES[dtype]
+            signature[name] = "*fp32" if name == "lse_ptr" else "*" + _TRITON_TYPES[dtypes[of_pointer[name]]]
             aligned.append(name)
         elif name == "scale":
             signature[name] = "fp32"
@@ -343,32 +345,26 @@ def _build(kernel, dtype, arch):
             "num_warps": cfg["num_warps"]}
 
 
+# Mixed dtypes (issue #11), as bf16 / fp16 autocast hands them to the core: q and k fp32 (Linear in the autocast
+# dtype + an fp32 pos), v in the autocast dtype; the core computes in the autocast dtype, dQ and dK come back fp32.
+_AUTOCAST = {half: {"q": torch.float32, "k": torch.float32, "v": half, "o": half}
+             for half in (torch.bfloat16, torch.float16)}
 COMPILE_CASES = [
     (f"{kernel}-{_TRITON_TYPES[dtype]}-sm{arch}", kernel, dtype, arch)
     for arch in (80, 90) for dtype in (torch.bfloat16, torch.float16) for kernel in ("fwd", "bwd")
+] + [
+    (f"{kernel}-fp32-qk-{_TRITON_TYPES[half]}-v-sm{arch}-mixed", kernel, _AUTOCAST[half], arch)
+    for arch, half in ((80, torch.bfloat16), (90, torch.bfloat16), (80, torch.float16)) for kernel in ("fwd", "bwd")
 ]
-
-
-def _stack_bytes(cubin: bytes) -> list[int] | None:
-    """Per-kernel STACK bytes (spills) from Triton's bundled cuobjdump, or None when it is not there."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.access(tool, os.X_OK):
-        return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    return [int(s) for s in re.findall(r"STACK:(\d+)", out)] or None
 
 
 @pytest.mark.slow
 def test_compile_only_sm80_sm90_pat_shape_uses_tensor_cores():
     pytest.importorskip("triton.backends.nvidia")
-    from patfast.kernels._compile_check import compile_kernels
 
     kernels = {"fwd": raa._raa_fwd_kernel, "bwd": raa._raa_bwd_kernel}
     builds = [_build(kernels[k], dtype, arch) for _, k, dtype, arch in COMPILE_CASES]
-    for (name, _, _, arch), asm in zip(COMPILE_CASES, compile_kernels(builds)):
+    for (name, _, dtype, arch), asm in zip(COMPILE_CASES, compile_kernels(builds)):
         ptx = asm["ptx"]
         assert f".target sm_{arch}" in ptx and ".entry" in ptx, name
         assert asm.get("cubin"), f"{name}: no cubin"
@@ -378,8 +374,11 @@ def test_compile_only_sm80_sm90_pat_shape_uses_tensor_cores():
             assert "wgmma" in ptx or "mma.sync" in ptx, f"{name}: the dots did not become wgmma / mma"
         assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: 16-byte loads expected (unit feature stride)"
         assert "atom." not in ptx, f"{name}: no atomics"
-        stack = _stack_bytes(asm["cubin"])
-        assert stack is None or max(stack) == 0, f"{name}: register spills (stack {stack} bytes)"
+        usage = resource_usage(asm["cubin"])
+        assert usage is None or max(u["STACK"] for u in usage) == 0, f"{name}: register spills ({usage})"
+        if name.endswith("mixed"):  # fp32 q and k rounded to the compute dtype in registers (to nearest even)
+            half = _TRITON_TYPES[dtype["o"]].replace("fp", "f")
+            assert re.search(rf"cvt\.rn\.{half}(x2)?\.f32", ptx), f"{name}: no fp32 -> {half} conversion"
 
 
 # ----------------------------------------------------------------------------------------------------------------
