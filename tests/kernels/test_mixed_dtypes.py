@@ -233,7 +233,10 @@ def test_kd_inputs_are_not_promoted(monkeypatch, seed):
 # RAA: the core with q, k, v in their own dtypes (outside and inside autocast), the op with mixed front dtypes
 # ----------------------------------------------------------------------------------------------------------------
 
-CORE_DTYPES = [(a, b, c) for a in DOT_SAFE for b in DOT_SAFE for c in DOT_SAFE]
+CORE_DTYPES = [(a, b, c) for a in DOT_SAFE for b in DOT_SAFE for c in DOT_SAFE] + [
+    pytest.param(d, marks=pytest.mark.gpu) for d in ((BF16, F32, F32), (F32, F32, BF16), (BF16, BF16, BF16))
+]  # bf16 on a GPU only: the interpreter's bf16 tl.dot is broken
+AUTOCAST = [F16, pytest.param(BF16, marks=pytest.mark.gpu)]
 
 
 def _qkv(seed, dtypes, b=3, h=2, n=17, hd=24):
@@ -263,28 +266,31 @@ def test_raa_core_q_k_v_each_in_its_own_dtype(dtypes, seed):
     scale = 24**-0.5
     go = [_upstream(q.shape, seed)]
     ours = _grad_run(lambda *t: raa.raa_core(*t, scale), (q, k, v), go)
-    compute = F16 if dtypes == (F16, F16, F16) else F32  # the promoted dtype
+    compute = torch.promote_types(torch.promote_types(dtypes[0], dtypes[1]), dtypes[2])
     assert ours[0][0].dtype == compute
     _check("qkv", (q, k, v), ours, _grad_run(lambda *t: _attention(*t, scale), (q, k, v), go),
            _truth(lambda *t: _attention(*t, scale), (q, k, v), go))
 
 
-@pytest.mark.parametrize("dtypes", [(F32, F32, F16), (F32, F16, F32), (F32, F32, F32)], ids=_pair_id)
-def test_raa_core_under_autocast_converts_in_registers(dtypes, seed):
-    # Under autocast the core computes in the autocast dtype (fp16 on this device type), reading fp32 q / k / v in
-    # place and rounding them in registers, as bf16 autocast on a GPU does with fp32 q and k beside a bf16 v.
+@pytest.mark.parametrize("half", AUTOCAST, ids=lambda d: NAMES[d])
+@pytest.mark.parametrize("dtypes", [(F32, F32, "half"), (F32, "half", F32), (F32, F32, F32)],
+                         ids=lambda ds: "-".join(NAMES.get(d, "half") for d in ds))
+def test_raa_core_under_autocast_converts_in_registers(dtypes, half, seed):
+    # Under autocast the core computes in the autocast dtype, reading fp32 q / k / v in place and rounding them in
+    # registers, as bf16 autocast on a GPU does with fp32 q and k beside a bf16 v.
+    dtypes = tuple(half if d == "half" else d for d in dtypes)
     q, k, v = _qkv(seed, dtypes)
     scale = 24**-0.5
     go = [_upstream(q.shape, seed)]
 
     def under_autocast(fn):
         def run(*t):
-            with torch.autocast(DEV.type, dtype=F16):
+            with torch.autocast(DEV.type, dtype=half):
                 return fn(*t)
         return run
 
     ours = _grad_run(under_autocast(lambda *t: raa.raa_core(*t, scale)), (q, k, v), go)
-    assert ours[0][0].dtype == F16
+    assert ours[0][0].dtype == half
     torch_run = _grad_run(under_autocast(lambda *t: _attention(*t, scale)), (q, k, v), go)
     _check("qkv", (q, k, v), ours, torch_run, _truth(lambda *t: _attention(*t, scale), (q, k, v), go),
            fp32_exact=False)
@@ -292,8 +298,9 @@ def test_raa_core_under_autocast_converts_in_registers(dtypes, seed):
 
 RAA_NAMES = ("tokens", "norm_weight", "norm_bias", "q_weight", "q_bias", "kv_weight", "kv_bias", "pos")
 # (tokens, parameters, pos) dtypes: 16-bit tokens with fp32 weights (outside autocast F.linear would refuse them),
-# fp32 tokens with 16-bit weights, an fp16 pos beside fp32 rest, and everything fp16.
-FRONT_DTYPES = [(F16, F32, F32), (F32, F16, F16), (F32, F32, F16), (F16, F16, F16)]
+# fp32 tokens with 16-bit weights, an fp16 pos beside fp32 rest, and everything fp16 (bf16 ones on a GPU only).
+FRONT_DTYPES = [(F16, F32, F32), (F32, F16, F16), (F32, F32, F16), (F16, F16, F16),
+                *(pytest.param(d, marks=pytest.mark.gpu) for d in ((BF16, F32, F32), (F32, BF16, F16)))]
 
 
 def _raa_inputs(seed, dtypes, b=3, n=17, d=48):
@@ -318,19 +325,20 @@ def test_raa_attention_mixed_front_dtypes(dtypes, seed):
     _check(RAA_NAMES, xs, ours, _grad_run(ref, xs, go), _truth(ref, xs, go))
 
 
-def test_raa_attention_under_autocast_with_mixed_inputs(seed):
-    # fp16 tokens, fp32 parameters and pos under fp16 autocast: the front by autocast's rules, the core in fp16.
-    xs = _raa_inputs(seed, (F16, F32, F32))
+@pytest.mark.parametrize("half", AUTOCAST, ids=lambda d: NAMES[d])
+def test_raa_attention_under_autocast_with_mixed_inputs(half, seed):
+    # 16-bit tokens, fp32 parameters and pos under autocast: the front by autocast's rules, the core in its dtype.
+    xs = _raa_inputs(seed, (half, F32, F32))
     go = [_upstream((3, 17, 48), seed)]
 
     def under_autocast(fn):
         def run(*t):
-            with torch.autocast(DEV.type, dtype=F16):
+            with torch.autocast(DEV.type, dtype=half):
                 return fn(*t, 4)
         return run
 
     ours = _grad_run(under_autocast(lambda *t: ops.raa_attention(*t, backend="triton")), xs, go)
-    assert ours[0][0].dtype == F16
+    assert ours[0][0].dtype == half
     torch_run = _grad_run(under_autocast(reference.raa_attention_ref), xs, go)
     truth = _truth(lambda *t: reference.raa_attention_ref(*t, 4), xs, go)
     _check(RAA_NAMES, xs, ours, torch_run, truth, fp32_exact=False)
