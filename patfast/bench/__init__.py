@@ -9,17 +9,23 @@ benchmarks/gpu_check.sh runs.
     data.py      loader-only images/s of each data backend, beside the rate a PAT step consumes
     step.py      a PAT training step on synthetic data, timed (the rate a loader must keep up with)
     train.py     `patfast bench train`: fast path vs reference path vs floor, peak memory, the time split
+    record.py    how rows are recorded as they are measured: measured / not measured (why) / FAILED (exception)
+    gpu_check.py the Python side of benchmarks/gpu_check.sh: the run's store, results.json/md, the exit summary
+    pytest_report.py  a pytest plugin writing counts and the running test after every test (gpu_check's GPU tests)
 
 Timing: on CUDA ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed before each, median with
 p20/p80); on the CPU a host clock (the CPU is synchronous), which is only ever used for the tiny dry-run sizes.
-Nothing that was not measured gets a number: it is written "not measured", with the reason.
+Nothing that was not measured gets a number: it is written "not measured", with the reason; what raised is
+"FAILED", with the exception (record.py).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
-__all__ = ["add_options", "run", "bench_ms", "num", "quantiles", "QUANTILES"]
+__all__ = ["add_options", "run", "bench_ms", "num", "quantiles", "use_triton_interpreter", "QUANTILES"]
 
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 
@@ -46,6 +52,20 @@ def bench_ms(fn, cuda: bool, *, warmup_ms: float = 25, rep_ms: float = 60, cpu_r
         times.append((time.perf_counter() - start) * 1e3)
     med, p20, p80 = quantiles(times, QUANTILES)
     return med, p20, p80, "host clock around each call, 1 to 5 calls (CPU)"
+
+
+def use_triton_interpreter(what: str) -> None:
+    """Make Triton run through its interpreter (no CUDA): set TRITON_INTERPRET=1, which only works before triton
+    (or patfast.ops) is first imported; a UserError if that is too late."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" in sys.modules:
+        from patfast.errors import UserError
+
+        raise UserError(f"{what} needs TRITON_INTERPRET=1 in the environment before start")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def num(x: float | None) -> str:
@@ -107,8 +127,9 @@ def add_kernel_options(parser) -> None:
                         help="seconds from the start of the benchmark after which compiled-reference shapes not "
                              "yet started are skipped (reported as not measured)")
     parser.add_argument("--ceilings", default=None, metavar="PATH",
-                        help="read the ceilings from this JSON (benchmarks/gpu_check.sh measures them in an "
-                             "earlier step of the same run) instead of measuring them here")
+                        help="read the ceilings from this JSON, a ceilings file or a results.json (benchmarks/"
+                             "gpu_check.sh measures them in an earlier step of the same run) instead of measuring "
+                             "them here; measured here after all if it holds none")
     parser.add_argument("--json", default=None, metavar="PATH", help="write results.json-style output here")
     parser.add_argument("--md", default=None, metavar="PATH", help="write the markdown tables here")
     parser.add_argument("--interpret-check", action="store_true",

@@ -5,17 +5,21 @@ there), `warmup` batches are drawn untimed (pipeline builds, worker start-up), t
 (CUDA: events around the loop, the device synchronised at both ends; CPU: host clock). A backend that cannot run
 here (DALI not installed) gets a row saying so, with no figure. On CUDA, the PAT step rate of --pair at the same
 batch and size is measured too (bench/step.py), and each loader is reported as a multiple of it.
+
+`--json` is written before the first backend (every row "not measured: not reached") and rewritten after each
+backend and after the step rate: a run killed midway keeps what it measured. A backend (or the step rate) that
+raises is FAILED in its row, with the exception; the rest still runs, and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 from patfast.bench import num
+from patfast.bench.record import FAILED, NOT_REACHED, mark_failed, write_json
 from patfast.errors import UserError
 
 BACKENDS = ("torch", "dali", "gpu")
@@ -85,14 +89,19 @@ def time_loader(loader, batches: int, warmup: int, device, progress: bool) -> tu
     return seen / (time.perf_counter() - t0), "host clock (CPU)"
 
 
+def new_row(args, backend: str, device) -> dict:
+    """A backend's row before it ran: no figures, "not measured: not reached"."""
+    return {"data": args.data, "backend": backend, "device": str(device), "split": args.split,
+            "img_size": args.img_size, "batch": args.batch_size, "workers": args.workers,
+            "auto_augment": args.auto_augment or None, "batches": args.batches, "setup_s": None, "img_s": None,
+            "timer": None, "note": NOT_REACHED}
+
+
 def bench_backend(args, backend: str, device, dataset) -> dict:
     from patfast.data import make_loader
     from patfast.data.dali import dali_available
 
-    row = {"data": args.data, "backend": backend, "device": str(device), "split": args.split,
-           "img_size": args.img_size, "batch": args.batch_size, "workers": args.workers,
-           "auto_augment": args.auto_augment or None, "batches": args.batches, "setup_s": None, "img_s": None,
-           "timer": None, "note": None}
+    row = new_row(args, backend, device)
     if backend == "dali" and not dali_available():
         row["note"] = "not measured: NVIDIA DALI is not installed here (pip install 'patfast[dali]')"
         return row
@@ -118,13 +127,15 @@ def render(rows: list[dict], step: dict | None) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['img_s'] / step_rate:.2f}x" if r["img_s"] and step_rate else "not measured"
+        rate = FAILED if r.get("error") else num(r["img_s"])
         setup = f"{r['setup_s']:.1f}" if r["setup_s"] is not None else "-"
         lines.append(f"| {r['backend']} | {r['data']} | {r['split']} | {r['img_size']} | {r['batch']} | "
-                     f"{r['workers']} | {setup} | {num(r['img_s'])} | {ratio} | {r['note'] or ''} |")
+                     f"{r['workers']} | {setup} | {rate} | {ratio} | {r['note'] or ''} |")
     if step:
         amp = step.get("amp") or "n/a"
         what = (f"PAT step {step['pair']} at batch {step['batch']}, {step['img_size']} px, {amp}: "
-                f"{num(step.get('img_s'))} img/s" + (f" ({step['step_ms']:.1f} ms/step, {step['timer']})"
+                f"{FAILED if step.get('error') else num(step.get('img_s'))} img/s"
+                + (f" ({step['step_ms']:.1f} ms/step, {step['timer']})"
                                                      if step.get("step_ms") else ""))
         lines += ["", what + (f" — {step['note']}" if step.get("note") else "")]
         gpu_rows = [r for r in rows if r["backend"] == "gpu" and r["img_s"] and r["device"].startswith("cuda")]
@@ -156,37 +167,53 @@ def main(args) -> int:
     args.workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     if args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
-    device = resolve_device(args.device)
-    dataset = load_data(args.data)
-    backends = BACKENDS if args.data_backend == "all" else (args.data_backend,)
-    rows = []
-    for backend in backends:
-        row = bench_backend(args, backend, device, dataset)
-        rows.append(row)
-        print(f"{row['backend']:>6}: {num(row['img_s'])} img/s" + (f"  ({row['note']})" if row["note"] else ""),
-              flush=True)
     pair = [p.strip() for p in args.pair.split(",")]
     if len(pair) != 2 or not all(pair):
         raise UserError(f"--pair takes TEACHER,STUDENT, got '{args.pair}'")
-    step = {"pair": " -> ".join(pair), "batch": args.batch_size, "img_size": args.img_size, "device": str(device)}
+    device = resolve_device(args.device)
+    dataset = load_data(args.data)
+    backends = BACKENDS if args.data_backend == "all" else (args.data_backend,)
+    rows = [new_row(args, backend, device) for backend in backends]
+    step = {"pair": " -> ".join(pair), "batch": args.batch_size, "img_size": args.img_size, "device": str(device),
+            "img_s": None, "amp": None, "note": NOT_REACHED}
+    doc = {"env": environment(), "data": rows, "step": step}
+
+    def save() -> None:
+        if args.json:
+            write_json(doc, args.json)
+
+    save()
+    for i, backend in enumerate(backends):
+        try:
+            rows[i] = row = bench_backend(args, backend, device, dataset)
+        except Exception as e:  # noqa: BLE001 (recorded as FAILED; the other backends still run)
+            row = rows[i]
+            mark_failed(row, e)
+        save()
+        print(f"{row['backend']:>6}: {FAILED if row.get('error') else num(row['img_s']) + ' img/s'}"
+              + (f"  ({row['note']})" if row["note"] else ""), flush=True)
     if device.type == "cuda" or args.dry_run:
-        from patfast.bench.step import pat_step_rate
+        from patfast.bench import step as bench_step
 
         amp = torch.bfloat16 if device.type == "cuda" else None
-        step.update(pat_step_rate(pair[0], pair[1], args.batch_size, args.img_size, device, steps=args.step_steps,
-                                  warmup=1 if args.dry_run else 3, amp=amp),
-                    amp="bf16" if amp is not None else "fp32")
-        step["note"] = "eager PAT step (issue #6 adds the compiled fast path)"
+        try:
+            step.update(bench_step.pat_step_rate(pair[0], pair[1], args.batch_size, args.img_size, device,
+                                                 steps=args.step_steps, warmup=1 if args.dry_run else 3, amp=amp),
+                        amp="bf16" if amp is not None else "fp32")
+            step["note"] = "eager PAT step (issue #6 adds the compiled fast path)"
+        except Exception as e:  # noqa: BLE001
+            mark_failed(step, e)
+            print(f"PAT step rate: {step['note']}", flush=True)
     else:
         step.update(img_s=None, amp=None, note="not measured: no CUDA GPU here")
+    save()
     text = render(rows, step)
     print()
     print(text)
-    doc = {"env": environment(), "data": rows, "step": step}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")
-    return 0
+    failed = [r for r in [*rows, step] if r.get("error")]
+    for r in failed:
+        print(f"bench data: {r['note']}", flush=True)
+    return 1 if failed else 0

@@ -13,6 +13,11 @@ Random-initialised timm models, synthetic images and labels already on the devic
 real loader's batch delivery). Each path: `--warmup` untimed steps (compilation, and the recompile when the
 feedback first exists), then `--steps` timed steps (CUDA events; host clock on the CPU); peak memory on CUDA.
 
+`--json` is written before the first path (every path "not measured: not reached") and rewritten after each path:
+a run killed midway keeps the paths it measured. A path (or its split, or the loader) that raises is FAILED in the
+row, with the exception; the next path still runs, and the exit status is 1. `--dry-run` runs the fast path's ops
+with backend "triton" on CPU tensors, through the Triton interpreter (TRITON_INTERPRET=1).
+
 The time split comes from torch.profiler over a few eager steps of each path's settings (compiled code has no
 module boundaries): forward time of each region (clean teacher, prompted teacher, student, RAA + aligners, losses =
 the rest of the forward), backward time attributed to the region whose forward op created each autograd node
@@ -22,11 +27,11 @@ the rest of the forward), backward time attributed to the region whose forward o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from contextlib import nullcontext
 
-from patfast.bench import num
+from patfast.bench import num, use_triton_interpreter
+from patfast.bench.record import FAILED, NOT_REACHED, error_text, mark_failed, write_json
 from patfast.errors import UserError
 
 PATHS = ("fast", "reference", "floor")
@@ -39,6 +44,8 @@ def add_options(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--pat-dim", type=int, default=512, help="PAT's RAA / aligner width (default 512)")
+    parser.add_argument("--pat-heads", type=int, default=8, help="PAT's RAA heads (default 8)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path (default 20)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation; default 4)")
     parser.add_argument("--paths", default="fast,reference,floor", help="comma list of fast, reference, floor")
@@ -50,11 +57,16 @@ def add_options(parser) -> None:
                         help="also time the real loader (e.g. digits) with --data-backend: the data wait")
     parser.add_argument("--data-backend", default="auto", choices=("auto", "torch", "gpu", "dali"))
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--fast-ops", default="auto", choices=("auto", "triton"),
+                        help="backend of the fast path's ops: auto (Triton on CUDA; default) or triton (also on CPU "
+                             "tensors, through the Triton interpreter: what --dry-run uses)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="compile the fast path and the floor (default on; --dry-run turns it off)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="tiny models and sizes on the CPU, nothing compiled (the harness's code paths only)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows (a list) as JSON here")
+                        help="tiny models and sizes on the CPU, nothing compiled, the fast path's Triton ops through "
+                             "the interpreter (the harness's code paths only)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the row (a one-row list) as JSON here, rewritten after every path")
     parser.add_argument("--md", default=None, metavar="PATH")
 
 
@@ -80,10 +92,10 @@ def _build(args, device, path: str):
     student = create_model(args.student, args.classes, args.img_size)
     if path == "floor":
         return FloorStep(teacher, student, device, args.compile_mode if args.compile else None), None
-    backend = "auto" if path == "fast" else "reference"
+    backend = args.fast_ops if path == "fast" else "reference"
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     distiller = build_distiller("pat", student, teacher, img_size=args.img_size, data_mean=mean, data_std=std,
-                                backend=backend).to(device)
+                                dim=args.pat_dim, num_heads=args.pat_heads, backend=backend).to(device)
     distiller.train()
     params = distiller.trainable_parameters()
     optimizer = make_optimizer(params, "sgd", 0.01, 1e-4, fused=cuda and path == "fast")
@@ -256,43 +268,96 @@ def _attribute(events, cuda: bool, steps: int) -> dict[str, float]:
     return {k: v / 1e3 / steps for k, v in out.items()}
 
 
-def run_pair(args, device) -> dict:
-    import torch
-
-    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+def parse_paths(text: str) -> list[str]:
+    paths = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in paths if p not in PATHS]
     if bad or not paths:
-        raise UserError(f"--paths takes a comma list of {', '.join(PATHS)}, got '{args.paths}'")
+        raise UserError(f"--paths takes a comma list of {', '.join(PATHS)}, got '{text}'")
+    return paths
+
+
+def new_row(args, device, paths: list[str]) -> dict:
+    """The pair's row before anything ran: every figure None, every asked path "not reached"."""
+    missing = [p for p in PATHS if p not in paths]
+    return {"pair": f"{args.teacher} -> {args.student}", "batch": args.batch_size, "img_size": args.img_size,
+            "device": str(device), "fast_img_s": None, "reference_img_s": None, "floor_img_s": None,
+            "fast_peak_gb": None, "reference_peak_gb": None, "split": {},
+            "paths": {p: {"note": NOT_REACHED} for p in paths},
+            "note": f"not measured: {', '.join(missing)} (not in --paths)" if missing else None}
+
+
+def failures(row: dict) -> list[str]:
+    """"<what>: <error>" for every part of the row that raised (a path, its split, the loader)."""
+    out = [f"{path}: {p['error']}" for path, p in row.get("paths", {}).items() if p.get("error")]
+    out += [f"{path} split: {s['error']}" for path, s in row.get("split", {}).items() if s.get("error")]
+    if row.get("data_wait_error"):
+        out.append(f"loader: {row['data_wait_error']}")
+    return out
+
+
+def run_pair(args, device, save=lambda row: None) -> dict:
+    """Measure every path of --paths into one row, calling ``save(row)`` after each (and once before the first)."""
+    import torch
+
+    paths = parse_paths(args.paths)
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device, generator=g)
     y = torch.randint(0, args.classes, (args.batch_size,), device=device, generator=g)
-    row = {"pair": f"{args.teacher} -> {args.student}", "batch": args.batch_size, "img_size": args.img_size,
-           "device": str(device), "fast_img_s": None, "reference_img_s": None, "floor_img_s": None,
-           "fast_peak_gb": None, "reference_peak_gb": None, "split": {}, "paths": {}}
+    row = new_row(args, device, paths)
+    save(row)
     for path in paths:
-        step, distiller = _build(args, device, path)
-        ms, warm_s, peak = time_steps(step, x, y, args.steps, args.warmup, device)
+        step = distiller = None
+        try:
+            step, distiller = _build(args, device, path)
+            ms, warm_s, peak = time_steps(step, x, y, args.steps, args.warmup, device)
+        except Exception as e:  # noqa: BLE001 (recorded as FAILED; the next path still runs)
+            text = mark_failed(row["paths"][path], e)
+            save(row)
+            print(f"{path:>9}: {FAILED}: {text}", flush=True)
+            del step, distiller
+            _free(device)
+            continue
         row[f"{path}_img_s"] = args.batch_size * 1e3 / ms
         if path != "floor":
             row[f"{path}_peak_gb"] = peak
         row["paths"][path] = {"step_ms": ms, "warmup_s": warm_s, "peak_gb": peak,
                               "how": step.speed.describe() if hasattr(step, "speed")
                               else ("compiled" if args.compile else "eager") + " floor"}
-        if args.split and distiller is not None:
-            split = time_split(step, distiller, x, y, device, steps=1 if args.dry_run else 3)
-            row["split"][path] = split
+        if path == "fast":
+            row["paths"][path]["ops"] = args.fast_ops
+        save(row)
         print(f"{path:>9}: {num(row[f'{path}_img_s'])} img/s ({ms:.1f} ms/step, warm-up {warm_s:.1f} s"
               + (f", peak {peak:.2f} GiB" if peak is not None else "") + ")", flush=True)
+        if args.split and distiller is not None and args.dry_run and path == "fast":
+            row["split"][path] = {"note": "not measured: dry run (the split's code runs on the reference path; "
+                                          "through the Triton interpreter the fast path's ops are slow)"}
+        elif args.split and distiller is not None:
+            try:
+                row["split"][path] = time_split(step, distiller, x, y, device, steps=1 if args.dry_run else 3)
+            except Exception as e:  # noqa: BLE001
+                row["split"][path] = {"error": error_text(e)}
+                print(f"{path:>9}: split {FAILED}: {error_text(e)}", flush=True)
+            save(row)
         del step, distiller
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    missing = [p for p in PATHS if p not in paths]
-    row["note"] = f"not measured: {', '.join(missing)} (not in --paths)" if missing else None
+        _free(device)
     if args.loader:
-        row["data_wait_ms"] = _loader_ms(args, device)
-        for split in row["split"].values():
-            split["data_wait"] = row["data_wait_ms"]
+        try:
+            row["data_wait_ms"] = _loader_ms(args, device)
+            for split in row["split"].values():
+                if "error" not in split and "note" not in split:
+                    split["data_wait"] = row["data_wait_ms"]
+        except Exception as e:  # noqa: BLE001
+            row["data_wait_error"] = error_text(e)
+            print(f"   loader: {FAILED}: {row['data_wait_error']}", flush=True)
+        save(row)
     return row
+
+
+def _free(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _loader_ms(args, device) -> float:
@@ -310,6 +375,12 @@ def _loader_ms(args, device) -> float:
     return (time.perf_counter() - t0) * 1e3 / max(n, 1)
 
 
+def _img_s(r: dict, path: str) -> str:
+    if r.get(f"{path}_img_s") is not None:
+        return num(r[f"{path}_img_s"])
+    return FAILED if (r.get("paths") or {}).get(path, {}).get("error") else "not measured"
+
+
 def render(rows: list[dict]) -> str:
     lines = ["| pair | batch | size | fast img/s | reference img/s | fast / reference | floor img/s | fast / floor | "
              "peak GiB fast / ref |", "|---|---|---|---|---|---|---|---|---|"]
@@ -319,35 +390,51 @@ def render(rows: list[dict]) -> str:
         vs_floor = f"{r['fast_img_s'] / r['floor_img_s']:.0%}" if r["fast_img_s"] and r["floor_img_s"] \
             else "not measured"
         peaks = f"{num(r['fast_peak_gb'])} / {num(r['reference_peak_gb'])}"
-        lines.append(f"| {r['pair']} | {r['batch']} | {r['img_size']} | {num(r['fast_img_s'])} | "
-                     f"{num(r['reference_img_s'])} | {vs_ref} | {num(r['floor_img_s'])} | {vs_floor} | {peaks} |")
+        lines.append(f"| {r['pair']} | {r['batch']} | {r['img_size']} | {_img_s(r, 'fast')} | "
+                     f"{_img_s(r, 'reference')} | {vs_ref} | {_img_s(r, 'floor')} | {vs_floor} | {peaks} |")
     for r in rows:
+        for path, p in (r.get("paths") or {}).items():
+            if r.get(f"{path}_img_s") is None and p.get("note"):
+                lines.append(f"\n{r['pair']}, {path}: {p['note']}")
         for path, split in r.get("split", {}).items():
+            if split.get("error") or split.get("note"):
+                lines.append(f"\nSplit, {r['pair']}, {path}: "
+                             + (f"{FAILED}: {split['error']}" if split.get("error") else split["note"]))
+                continue
             parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items() if v)
             lines.append(f"\nSplit, {r['pair']}, {path} settings run eagerly (ms per step, torch.profiler): {parts}")
     return "\n".join(lines)
 
 
 def main(args) -> int:
-    from patfast.train.loop import resolve_device
-
-    if args.dry_run:
-        args.teacher, args.student, args.img_size, args.batch_size = "convnext_atto", "resnet10t", 32, 4
-        args.steps, args.warmup, args.device, args.classes, args.compile = 1, 2, "cpu", 10, False
     for name in ("batch_size", "img_size", "steps", "classes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 2:
         raise UserError("--warmup must be >= 2 (the first steps compile, the second with the feedback)")
+    parse_paths(args.paths)
+    if args.dry_run:  # tiny and eager: step 0 runs without the feedback, the timed step 1 with it
+        args.teacher, args.student, args.img_size, args.batch_size = "convnext_atto", "resnet10t", 32, 2
+        args.steps, args.warmup, args.device, args.classes, args.compile = 1, 1, "cpu", 10, False
+        args.fast_ops, args.pat_dim, args.pat_heads = "triton", 64, 4
+    if args.fast_ops == "triton":  # before patfast.ops is imported (no-op on CUDA)
+        use_triton_interpreter("bench train --fast-ops triton on the CPU")
+    from patfast.train.loop import resolve_device
+
     device = resolve_device(args.device)
-    row = run_pair(args, device)
+
+    def save(row: dict) -> None:
+        if args.json:
+            write_json([row], args.json)
+
+    row = run_pair(args, device, save)
     text = render([row])
     print()
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([row], f, indent=2)
     if args.md:
         with open(args.md, "w") as f:
             f.write(text + "\n")
-    return 0
+    failed = failures(row)
+    for line in failed:
+        print(f"bench train: {FAILED}: {line}", flush=True)
+    return 1 if failed else 0
