@@ -5,11 +5,28 @@ timing, the compile budget) runs on CPU tensors with the timers and the profiler
 through its interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU).
 """
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from patfast.bench import kernels as K
+from patfast.bench.kernels import NO_CUDA, NO_CUDA_SDPA
 from patfast.bench.results import make_doc, render_md
+from patfast.cli import main
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (reference-only) behaviour")
+ROW_KEYS = {"op", "shape", "dtype", "mode", "provider", "ms", "gbps"}
+
+
+def assert_user_error(code, err, needle):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("patfast: error: "), err
+    assert needle in lines[0], err
 
 
 def test_cases_cover_pat_shapes_and_the_traffic_model():
@@ -166,9 +183,37 @@ def test_a_failing_row_is_recorded_and_the_rest_still_run(fake_gpu, monkeypatch)
                     log=lambda line: None, device=torch.device("cpu"), dtype=torch.float32)
     rows = bench.run()["kernels"]
     tri = [r for r in rows if r["provider"] == "triton"]
-    assert all(r["ms"] is None and r["note"] == "not measured: RuntimeError: CUDA error: an illegal memory access "
-               "was encountered" for r in tri)
+    assert len(tri) == 2
+    for r in tri:  # FAILED, with the exception: never "not measured"
+        assert r["ms"] is None and r["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+        assert r["note"] == f"FAILED: {r['error']}"
     assert all(r["ms"] == 2.0 for r in rows if r["provider"] == "eager")
+
+
+@cpu_only
+def test_an_interpreter_run_that_raises_is_failed_and_the_bench_exits_1(tmp_path, monkeypatch, capsys):
+    from patfast import ops
+
+    real = ops.kd_loss
+
+    def broken(*args, backend="auto", **kwargs):
+        if backend == "triton":
+            raise RuntimeError("injected: the Triton KD kernel broke")
+        return real(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(ops, "kd_loss", broken)
+    path = tmp_path / "kernels.json"
+    code = main(["bench", "kernels", "--op", "kd", "--classes", "41", "--interpret-check", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert code == 1
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in json.loads(path.read_text())["kernels"]}
+    for mode in K.MODES:
+        failed = rows[("kd_loss", mode, "triton")]
+        assert failed["error"] == "interpreter check: RuntimeError: injected: the Triton KD kernel broke"
+        assert failed["note"] == f"FAILED: {failed['error']}"
+        assert rows[("kd_loss_pair", mode, "triton")]["interpreter_rel_err"] < 1e-4  # the others still ran
+        assert rows[("kd_loss", mode, "eager")]["ms"] > 0
+    assert "bench kernels: FAILED: kd_loss K=41 B=1 fwd triton: interpreter check: RuntimeError: injected" in out
 
 
 def test_raa_gpu_logic_records_every_provider_and_an_unavailable_sdpa_backend(fake_gpu, tmp_path):
@@ -204,3 +249,62 @@ def test_raa_on_the_cpu_is_reference_only_and_says_why(tmp_path):
     sdpa = [r for r in rows if r["provider"] in K.SDPA_PROVIDERS]
     assert len(sdpa) == 4 and all(r["note"] == f"not measured: {K.NO_CUDA_SDPA}" for r in sdpa)
     assert all(r["note"] == f"not measured: {K.NO_CUDA}" for r in rows if r["provider"] == "triton")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patfast bench kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@cpu_only
+def test_bench_kernels_quick_on_cpu_is_reference_only(tmp_path, capsys):
+    path = tmp_path / "kernels.json"
+    code = main(["bench", "kernels", "--quick", "--json", str(path), "--md", str(tmp_path / "k.md")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert NO_CUDA in out  # says reference-only, and why
+    doc = json.loads(path.read_text())
+    for row in doc["kernels"]:
+        assert ROW_KEYS <= set(row), row
+        assert (row["ms"] is None) == (row["gbps"] is None), row
+    assert {r["case"] for r in doc["kernels"] if r["op"] == "hcl_loss_stages"} == {"swin_t"}
+    assert {r["batch"] for r in doc["kernels"]} == {1}
+    for r in doc["kernels"]:
+        assert (r["ms"] is not None) == (r["provider"] == "eager"), r
+    assert "not measured" in (tmp_path / "k.md").read_text()
+
+
+@cpu_only
+def test_bench_kernels_op_raa_on_cpu(tmp_path, capsys):
+    path = tmp_path / "kernels.json"
+    code = main(["bench", "kernels", "--op", "raa", "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert NO_CUDA in out and NO_CUDA_SDPA in out
+    rows = json.loads(path.read_text())["kernels"]
+    assert {r["op"] for r in rows} == {"raa_block", "raa_core"} and {r["batch"] for r in rows} == {1}
+    assert {r["provider"] for r in rows if r["ms"] is not None} == {"eager"}
+    assert all(r["ms_bwd"] > 0 for r in rows if r["provider"] == "eager" and r["mode"] == "fwd+bwd")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "kernels", "--op", "nope"], "invalid choice: 'nope'"),
+    (["bench", "kernels", "--op", "raa", "--batch", "-1"], "--batch must be comma-separated positive integers"),
+    (["bench", "kernels", "--batch", "64,x"], "--batch must be comma-separated positive integers"),
+    (["bench", "kernels", "--batch", "0"], "--batch must be comma-separated positive integers"),
+    (["bench", "kernels", "--teacher", "vit"], "unknown teacher vit"),
+    (["bench", "nothing"], "invalid choice: 'nothing'"),
+    (["bench", "kernels", "--ceilings", "/nonexistent/ceilings.json", "--op", "kd"], "cannot read ceilings"),
+])
+def test_bench_mistakes_are_one_line_errors(capsys, argv, needle):
+    code = main(argv)
+    _, err = capsys.readouterr()
+    assert_user_error(code, err, needle)
+
+
+def test_bench_bad_op_from_the_command_line_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "patfast", "bench", "kernels", "--op", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("patfast: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
