@@ -5,7 +5,6 @@ One function serves `patfast train` (a student, distilled or alone) and `patfast
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import sys
@@ -26,6 +25,7 @@ from patfast.models.create import create_model, load_weights, save_weights
 from patfast.train import checkpoint as ckpt
 from patfast.train import distributed as dist_
 from patfast.train.distributed import World
+from patfast.train.nonfinite import READ_EVERY, NonFiniteTally
 from patfast.train.optim import WarmupCosine, make_optimizer
 from patfast.train.report import EpochTable, Log, SummaryCsv, header, plot_curves
 from patfast.train.signals import StopSignals
@@ -242,8 +242,7 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
         log(f"teacher test accuracy: top-1 {teacher_top[0]:.2f}%  top-5 {teacher_top[1]:.2f}%")
 
     speed = resolve_speed(cfg, device)
-    optimizer = make_optimizer(params, cfg["opt"], cfg["lr"], cfg["weight_decay"], cfg["momentum"],
-                               fused=device.type == "cuda")
+    optimizer = make_optimizer(params, cfg["opt"], cfg["lr"], cfg["weight_decay"], cfg["momentum"], fused=True)
     steps_per_epoch = len(train_loader)
     schedule = WarmupCosine(optimizer, cfg["lr"], cfg["min_lr"], round(cfg["warmup_epochs"] * steps_per_epoch),
                             cfg["epochs"] * steps_per_epoch)
@@ -295,17 +294,31 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
         if best_too:
             ckpt.atomic_save(state, os.path.join(out, "best.pth"))
 
+    tally = NonFiniteTally(terms, cfg["nonfinite_patience"], device)
+
+    def read_tally(epoch: int):
+        """The skipped-step tally (one host read); stops the run once `patience` consecutive steps were skipped."""
+        seen_so_far = tally.read()
+        if seen_so_far.stop_step >= 0:
+            raise TrainingStopped(
+                f"{cfg['nonfinite_patience']} consecutive steps with a non-finite loss "
+                f"({', '.join(seen_so_far.terms) or 'total'}) at epoch {epoch}, step {seen_so_far.stop_step}; each "
+                f"was skipped; the last good checkpoint {os.path.join(out, 'last.pth')} is intact (lower --lr, or "
+                "check the data)", 3)
+        return seen_so_far
+
     with stop:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
             first = start_batch if epoch == start_epoch else 0
             train_loader.set_epoch(epoch, skip_batches=first)
             t0 = time.perf_counter()
             sums = {t: torch.zeros((), device=device) for t in terms}
-            seen = counted = skipped = 0
+            seen = 0
+            tally.reset_epoch()
             if first and partial is not None:
                 sums = {t: torch.tensor(partial["sums"][t], device=device) for t in terms}
-                seen, counted, skipped = partial["seen"], partial["counted"], partial["skipped"]
-            run_bad = 0
+                seen = partial["seen"]
+                tally.reset_epoch(partial["skipped"])
             bar = tqdm(train_loader, desc=f"epoch {epoch}/{cfg['epochs']}", leave=False, disable=not show_bars,
                        dynamic_ncols=True, initial=first, total=steps_per_epoch)
             for i, (x, y) in enumerate(bar, start=first):
@@ -315,38 +328,34 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
                     x, y = mixup(x, y)
                 losses = train_step(x, y, step=step, first_batch=i == 0)
                 step += 1
-                if train_step.skipped:
-                    skipped += 1
-                    run_bad += 1
-                    bad = [t for t in terms if not math.isfinite(float(losses[t]))]
-                    if run_bad >= cfg["nonfinite_patience"]:
-                        raise TrainingStopped(
-                            f"{run_bad} consecutive steps with a non-finite loss ({', '.join(bad) or 'total'}) at "
-                            f"epoch {epoch}, step {step}; each was skipped; the last good checkpoint "
-                            f"{os.path.join(out, 'last.pth')} is intact (lower --lr, or check the data)", 3)
-                else:
-                    run_bad = 0
-                    for t in terms:
-                        sums[t] += losses[t].float()
-                    counted += 1
+                tally.record(train_step.bad, losses, step)  # no host read: the tally is read every READ_EVERY steps
+                for t in terms:
+                    sums[t] += torch.where(train_step.bad, 0.0, losses[t].float())
                 seen += x.shape[0]
-                if show_bars and (i % 10 == 0 or i == steps_per_epoch - 1):
-                    loss = float(sum(losses.values()))
-                    bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                cadence = step % READ_EVERY == 0 or i == steps_per_epoch - 1  # the same steps on every process
+                if cadence:
+                    read_tally(epoch)
+                    if show_bars:
+                        loss = float(sum(losses.values()))
+                        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
                 ckpt.test_kill_point("step")
-                if world.distributed:  # a signal to any process stops them all after the same step
+                if world.distributed and cadence:  # a signal to any process stops them all after the same step
                     flag = dist_.all_max(torch.tensor([stop.signum or 0], device=device), world)
                     stop.signum = int(flag.item()) or None
-                # no checkpoint inside a run of non-finite steps: their forwards may have put NaN into BatchNorm
-                # statistics, and the last good checkpoint must stay the last one written
                 due = stop.signum or (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0)
-                if i + 1 < steps_per_epoch and due and run_bad == 0:
-                    save(epoch, i + 1, sums, seen, counted, skipped)
+                if i + 1 < steps_per_epoch and due:
+                    now = read_tally(epoch)
+                    # no checkpoint inside a run of non-finite steps: their forwards may have put NaN into BatchNorm
+                    # statistics, and the last good checkpoint must stay the last one written
+                    if now.run == 0:
+                        save(epoch, i + 1, sums, seen, i + 1 - now.skipped, now.skipped)
                 if stop.signum:
                     bar.close()
                     raise stop.stopped(os.path.join(out, "last.pth"), out, i + 1 < steps_per_epoch)
             bar.close()
             train_s = time.perf_counter() - t0
+            skipped = read_tally(epoch).skipped
+            counted = steps_per_epoch - skipped
             if world.distributed:  # the epoch's figures over all processes
                 totals = dist_.all_sum(torch.stack([*(sums[t].float() for t in terms),
                                                     torch.tensor(float(counted), device=device),

@@ -17,7 +17,8 @@ def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
 
 def make_optimizer(params: list[nn.Parameter], opt: str, lr: float, weight_decay: float,
                    momentum: float = 0.9, fused: bool = False) -> torch.optim.Optimizer:
-    """fused: one kernel for the whole update (CUDA; same arithmetic as the for-each implementation)."""
+    """fused: one kernel for the whole update (CUDA and CPU; same arithmetic as the for-each implementation), and
+    the one kind whose update a non-finite step can skip on the device (train/step.py)."""
     groups = param_groups(params, weight_decay)
     extra = {"fused": True} if fused else {}
     if opt == "sgd":

@@ -3,8 +3,10 @@
 Fast path (the default on CUDA): the distiller's whole forward under torch.compile (student, both teacher passes,
 prompt blocks, RAA and aligners in one region; `mode` as torch.compile's, "reduce-overhead" adds CUDA graphs),
 bf16 autocast without a grad scaler, channels_last for conv models, the Triton ops through patfast.ops "auto", the
-aligners' exact upsample-last rewrite, a fused optimizer on CUDA. The one host read in a step is the non-finite
-check, made after the backward is queued; the loss terms are returned detached on the device and summed there.
+aligners' exact upsample-last rewrite, a fused optimizer. Nothing in a step reads the device from the host: the
+loss terms are returned detached on the device, and the non-finite guard is decided there too (`bad`, a 0-d bool
+tensor): a fused optimizer gets it as its `found_inf` (the mechanism GradScaler uses: the kernel leaves parameters
+and state untouched) and the EMA update is masked by it; the loop reads the counts every few steps.
 Reference path (`--backend reference --no-compile --amp fp16`): eager, fp16 autocast + grad scaler, reference ops,
 the aligners' plain order: how the authors' code runs.
 
@@ -20,6 +22,7 @@ import torch
 
 from patfast.errors import UserError
 from patfast.train.distributed import all_max, average_gradients
+from patfast.train.ema import update_ema
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -80,9 +83,10 @@ def has_convs(module: torch.nn.Module) -> bool:
 
 
 class TrainStep:
-    """step(x, y, first_batch) -> {term: detached loss (on device)}; applies the update unless the loss is NaN/Inf
-    (then `skipped` is True and nothing changes).
+    """step(x, y, first_batch) -> {term: detached loss (on device)}; applies the update unless the loss is NaN/Inf.
 
+    After each call `bad` is a 0-d bool tensor on the device: True when the step was skipped (then no parameter,
+    optimizer state or EMA value changed). Reading it is the caller's business (the loop does so every few steps).
     `forward` is the distiller or its compiled version; `optimizer`, `scaler` (None without fp16), `clip` (0: off),
     `ema` (timm ModelEmaV3 or None) as the loop builds them.
     """
@@ -94,7 +98,7 @@ class TrainStep:
         self.world = world or World()
         self.distiller, self.optimizer, self.params = distiller, optimizer, params
         self.speed, self.device, self.clip, self.ema = speed, device, clip, ema
-        self.skipped = False
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
         self.scaler = torch.amp.GradScaler(device.type) if speed.scaler else None
         if speed.channels_last and has_convs(distiller):
             distiller.to(memory_format=torch.channels_last)  # 4-D parameters only; others are unchanged
@@ -110,6 +114,8 @@ class TrainStep:
         variant = getattr(distiller, "variant", None)
         self.uses_first_batch = bool(variant is not None and variant.teacher_train_first_batch)
         self.prompts = list(getattr(distiller, "prompts", {}).values())
+        self.device_skip = supports_found_inf(optimizer)
+        self._primed = False  # momentum buffers made at the first step: after a resume has loaded the state
 
     def _forward(self):
         """The compiled forward once every prompt block has feedback; before that (PAT's first step, which skips
@@ -126,6 +132,7 @@ class TrainStep:
         if self.speed.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         forward = self._forward()
+        feedback = [p.feedback for p in self.prompts]
         with self.autocast():
             if self.uses_first_batch:
                 _, losses = forward(x, y, first_batch=first_batch)
@@ -135,24 +142,90 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         average_gradients(self.params, self.world)  # torchrun: the mean over the ranks (no-op on one)
+        # The non-finite guard, on the device: a NaN/Inf loss on any rank skips the update (and the EMA) everywhere.
+        self.bad = all_max((~torch.isfinite(loss.detach())).float().reshape(1), self.world).reshape(()) > 0
+        self._keep_feedback(feedback)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # after the mean: every rank sees the same inf/NaN
-        # The non-finite guard: the step's one host read, after the backward is queued (only the optimizer's
-        # launch waits for it). A NaN/Inf loss (on any rank) skips the update (and the EMA); the caller counts it.
-        bad = all_max((~torch.isfinite(loss.detach())).float().reshape(1), self.world)
-        self.skipped = bool(bad.item())
-        if self.skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.update()  # lowers the scale as a skipped fp16 step does
-            return {k: v.detach() for k, v in losses.items()}
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip, foreach=True)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        self._optimizer_step()
         if self.ema is not None:
-            self.ema.update(self.distiller.student, step=step)
+            update_ema(self.ema, self.distiller.student, step, keep=self.bad)
         return {k: v.detach() for k, v in losses.items()}
+
+    def _keep_feedback(self, before: list) -> None:
+        """A skipped step leaves PAT's feedback as it was (its own would carry NaN into the next step's prompts):
+        a torch.where on the device; only before the first feedback exists (None, a different graph) is `bad` read
+        on the host, once."""
+        if any(old is None for old in before) and any(p.feedback is not None for p in self.prompts):
+            if bool(self.bad):
+                for p, old in zip(self.prompts, before):
+                    p.feedback = old
+            return
+        for p, old in zip(self.prompts, before):
+            if old is not None and p.feedback is not None:
+                p.feedback = torch.where(self.bad, old, p.feedback)
+
+    def _optimizer_step(self) -> None:
+        """optimizer.step() unless `bad`: decided on the device for a fused optimizer (its found_inf), on the host
+        for others (only ever the CPU, whose tensors a host read does not wait for)."""
+        if self.device_skip and not self._primed:
+            prime_momentum(self.optimizer)
+            self._primed = True
+        if self.scaler is not None:
+            if self.device_skip and merge_into_found_inf(self.scaler, self.optimizer, self.bad):
+                self.scaler.step(self.optimizer)  # fused: GradScaler hands found_inf to the kernel, no host read
+            elif not bool(self.bad):  # GradScaler itself reads found_inf on the host for a non-fused optimizer
+                self.scaler.step(self.optimizer)
+            self.scaler.update()  # a skipped step lowers the scale, as an overflow does
+            return
+        if self.device_skip:
+            self.optimizer.found_inf = self.bad.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not bool(self.bad):
+            self.optimizer.step()
+
+
+def supports_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """True for torch's fused optimizers (SGD, Adam, AdamW with fused=True): their kernel skips the whole update,
+    step counts included, when the tensor attribute `found_inf` is 1 — a skip decided without a host read."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
+def prime_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero momentum buffers for every SGD parameter that has none yet (dampening 0: the same update as the first
+    step's copy of the gradient, bit for bit).
+
+    Fused SGD (torch 2.11-2.14) needs them: on a step where some parameters have a buffer and others do not (PAT's
+    fusion blocks get their first gradient on step 1, after everything else), it raises "expected Tensor as element
+    1 in argument 2, but got NoneType"; and a first step skipped through found_inf would leave its buffers
+    uninitialised (torch.empty_like).
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        if group["dampening"] != 0:
+            raise ValueError("prime_momentum: SGD dampening must be 0 (a zero buffer is then exact)")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def merge_into_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> bool:
+    """Fold `bad` into the inf/NaN flags that scaler.unscale_ found, on the device; False if this torch's GradScaler
+    keeps them elsewhere (then the caller decides on the host)."""
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    flags = state.get("found_inf_per_device")
+    if not flags:
+        return False
+    for flag in flags.values():
+        torch.maximum(flag, bad.to(flag.dtype), out=flag)  # stays 0 or 1: fused kernels skip on exactly 1
+    return True
