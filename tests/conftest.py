@@ -41,3 +41,16 @@ def one_thread_seeded(_small_threads):
     torch.manual_seed(0)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory):
+    """A small teacher checkpoint for subprocess and CLI runs (convnext_atto, 10 classes, 32 px): random weights,
+    no training needed."""
+    from patfast.models.create import create_model, save_weights
+
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    torch.manual_seed(0)
+    save_weights(create_model("convnext_atto", 10, 32), str(path), {"model": "convnext_atto", "num_classes": 10,
+                                                                    "img_size": 32})
+    return str(path)
