@@ -7,24 +7,21 @@ results.json, exactly these keys:
      "data": {"rows": [...], "step": {...}} or null,          (patfast bench data: loader img/s, PAT step rate)
      "e2e": [{"pair", "batch", "img_size", "fast_img_s", "reference_img_s", "floor_img_s", "fast_peak_gb",
               "reference_peak_gb", "split": {...}}, ...],      (patfast bench train, one per pair)
-     "gpu_tests": {"mode", "passed", "failed", ...} or null}  (pytest -m gpu, written by gpu_check.sh)
-A figure that was not measured is null in the JSON and "not measured" in the markdown, with the reason.
-
-    python -m patfast.bench.results env --json PATH                    print GPU + versions, write them
-    python -m patfast.bench.results gpu-tests --log LOG --rc N [--junit XML] [--collect-only] --json PATH ...
-    python -m patfast.bench.results merge --parts DIR --out OUTDIR [--dry-run] [--quiet]
+     "gpu_tests": {"mode", "passed", "failed", ...} or null,  (pytest -m gpu, written by gpu_check.sh)
+     "failures": [{"section", "what", "error"}, ...]}         (everything that raised: FAILED, see record.py)
+A figure that was not measured is null in the JSON and "not measured" in the markdown, with the reason; one whose
+code raised is null and "FAILED", with the exception. patfast/bench/gpu_check.py builds the document of a
+gpu_check.sh run from its steps.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import re
-import sys
 
 from patfast.bench import num
+from patfast.bench.record import FAILED, row_failures
 
 KERNEL_OPS = {
     "hcl_loss_stages": "HCL summed over the 4 stages of a teacher at 224 (PAT's loss_fd)",
@@ -55,20 +52,30 @@ def _launches_cell(r: dict, notes, measured: bool) -> str:
     """The "launches fwd/bwd" cell of a kernel row: "-" unless fwd+bwd, else the counts or why they are missing."""
     if r["mode"] != "fwd+bwd":
         return "-"
+    if r.get("launches_error"):
+        return FAILED + notes.ref(f"launch count {FAILED}: {r['launches_error']}")
     if r.get("launches_fwd") is None:
-        reason = r.get("launches_note") or ("launches are counted on CUDA only" if r.get("device") != "cuda" else None)
+        reason = "launches are counted on CUDA only" if r.get("device") != "cuda" else None
         return "not measured" + (notes.ref(reason) if measured else "")
     return f"{r['launches_fwd']}/{r['launches_bwd']}"
 
 
 def environment() -> dict:
-    """patfast.train.report.environment() plus the GPU's details and the date."""
+    """patfast.train.report.environment() plus the GPU's details, the packaging tools' versions (the GPU image's
+    setuptools / wheel decide whether the editable install works) and the date."""
+    from importlib import metadata
+
     import torch
 
     from patfast.train.report import environment as base
 
     env = base()
     env.setdefault("gpu", None)
+    for name in ("pip", "setuptools", "wheel"):
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = "not installed"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(gpu_capability=f"{props.major}.{props.minor}", gpu_sms=props.multi_processor_count,
@@ -85,7 +92,30 @@ def make_doc(env: dict, ceilings: dict | None, kernels: list[dict], gpu_tests: d
     doc = {"env": env, "ceilings": ceilings, "kernels": [dict(r) for r in kernels], "data": data,
            "e2e": list(e2e or []), "gpu_tests": gpu_tests}
     derive(doc)
+    doc["failures"] = failures(doc)
     return doc
+
+
+def failures(doc: dict) -> list[dict]:
+    """Everything in the document that raised (FAILED), each {"section", "what", "error"}."""
+    from patfast.bench.train import failures as e2e_failures
+
+    out = [{"section": "ceilings", "what": what, "error": e} for what, e in
+           (("ceilings", doc["ceilings"].get("error")), ("copy", doc["ceilings"].get("copy_error")),
+            ("bf16 matmul", doc["ceilings"].get("matmul_error"))) if e]
+    for r in doc["kernels"]:
+        what = f"{r['op']} {r.get('case')} B={r.get('batch')} {r['mode']} {r['provider']}"
+        out += [{"section": "kernels", "what": what, "error": e} for e in row_failures(r)]
+    data = doc.get("data") or {}
+    for r in [*(data.get("rows") or []), *([data["step"]] if data.get("step") else [])]:
+        what = f"{r['backend']} loader" if "backend" in r else f"PAT step rate {r.get('pair')}"
+        out += [{"section": "data", "what": what, "error": e} for e in row_failures(r)]
+    for r in doc.get("e2e") or []:
+        out += [{"section": "e2e", "what": r["pair"], "error": e} for e in row_failures(r) + e2e_failures(r)]
+    tests = doc.get("gpu_tests") or {}
+    out += [{"section": "gpu_tests", "what": f["test"], "error": f"{f['when']}: {f['message']}"}
+            for f in tests.get("failures") or []]
+    return out
 
 
 def derive(doc: dict) -> None:
@@ -118,13 +148,6 @@ def _key(r: dict) -> tuple:
     return r["op"], r.get("case"), r.get("batch"), json.dumps(r["shape"]), r["mode"], r["dtype"], r.get("device")
 
 
-def write_json(doc: dict, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)  # a reader (or a kill mid-write) never sees half a file
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Targets
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,16 +165,20 @@ def targets(doc: dict) -> list[dict]:
     out = []
 
     def add(target: str, value, ok, figure: str, why_missing: str):
-        if value is None:
-            out.append({"target": target, "figure": f"not measured ({why_missing})", "verdict": "not measured"})
-        else:
+        if value is not None:
             out.append({"target": target, "figure": figure, "verdict": "met" if ok else "not met"})
+        elif FAILED in why_missing:
+            out.append({"target": target, "figure": why_missing, "verdict": FAILED})
+        else:
+            out.append({"target": target, "figure": f"not measured ({why_missing})", "verdict": "not measured"})
 
-    def missing(row: dict | None, what: str) -> str:
+    def missing(row: dict | None, what: str, error_key: str | None = None) -> str:
         if row is None or row.get("device") != "cuda":
             return "case not in this run" if doc["env"].get("gpu") else "no CUDA GPU in this run"
         if row.get("ms") is None:
             return (row.get("note") or "not measured").removeprefix("not measured: ")
+        if error_key and row.get(error_key):
+            return f"{FAILED}: {what}: {row[error_key]}"
         return f"{what} not measured"
 
     hcl = "HCL fwd+bwd, Swin-T 4 stages, B=128, bf16"
@@ -178,13 +205,13 @@ def targets(doc: dict) -> list[dict]:
             n = cuda_row.get(f"launches_{way}") if cuda_row else None
             kernels = ", ".join(cuda_row.get(f"kernels_{way}") or []) if cuda_row else ""
             add(f"{name}: one launch {'forward' if way == 'fwd' else 'backward'}", n, n == 1,
-                f"{n} ({kernels})" if n is not None else "", missing(row, "launch count"))
+                f"{n} ({kernels})" if n is not None else "", missing(row, "launch count", "launches_error"))
         ms = cuda_row.get("ms_graph") if cuda_row else None
         stream = f"; {_fmt_ms(cuda_row['ms'])} per call on a stream (do_bench)" if cuda_row and cuda_row.get(
             "ms") else ""
         add(f"{name}: fwd+bwd <= 10 us (CUDA-graph replay: GPU time without host gaps)", ms,
             ms is not None and ms <= KD_TARGET_MS, f"{_fmt_ms(ms)}{stream}" if ms is not None else "",
-            missing(row, "CUDA-graph time"))
+            missing(row, "CUDA-graph time", "graph_error"))
     out += _raa_targets(doc, add, missing)
     return out
 
@@ -202,8 +229,7 @@ def _raa_targets(doc: dict, add, missing) -> list[dict]:
     ms = both.get("ms_bwd") if both and both.get("device") == "cuda" else None
     add(f"{core}: backward <= {RAA_CORE_BWD_MS * 1e3:g} us (backward alone, issue #4)", ms,
         ms is not None and ms <= RAA_CORE_BWD_MS, _fmt_range(both, "ms_bwd") if ms is not None else "",
-        missing(both, "backward-alone time") if not (both and both.get("bwd_note")) else
-        both["bwd_note"].removeprefix("backward alone not measured: "))
+        missing(both, "backward-alone time", "bwd_error"))
     block = "RAA whole block fwd+bwd, tokens (128, 64, 512), bf16"
     tri = _find(doc, "triton", op="raa_block", batch=b, mode="fwd+bwd")
     cuda_tri = tri if tri and tri.get("device") == "cuda" and tri.get("ms") is not None else None
@@ -271,6 +297,13 @@ class _Notes:
         return [f"[{i}] {t}  " for i, t in enumerate(self.items, 1)]
 
 
+def _time_cell(r: dict, notes: _Notes) -> str:
+    """A row's time: measured, else "FAILED" or "not measured", each with its footnote."""
+    if r.get("ms") is not None:
+        return _fmt_range(r)
+    return (FAILED if r.get("error") else "not measured") + notes.ref(r.get("note"))
+
+
 def _table(rows: list[dict], kd: bool, notes: _Notes) -> list[str]:
     first = "K" if kd else "teacher"
     head = [first, "B", "mode", "provider", "time (p20-p80)"] + (["CUDA graph"] if kd else []) + \
@@ -278,15 +311,14 @@ def _table(rows: list[dict], kd: bool, notes: _Notes) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         measured = r.get("ms") is not None
-        time_cell = _fmt_range(r) + ("" if measured else notes.ref(r.get("note")))
-        cells = [str(r["case"]).removeprefix("K="), str(r["batch"]), r["mode"], r["provider"], time_cell]
+        cells = [str(r["case"]).removeprefix("K="), str(r["batch"]), r["mode"], r["provider"], _time_cell(r, notes)]
         if kd:
             graph = _fmt_range(r, "ms_graph")
-            if r.get("ms_graph") is None and measured:
-                reason = r.get("note") if (r.get("note") or "").startswith("CUDA-graph") else (
-                    "CUDA-graph timing: CUDA only, eager and Triton providers" if r.get("device") == "cuda"
-                    else "CUDA-graph timing needs CUDA")
-                graph += notes.ref(reason)
+            if r.get("graph_error"):
+                graph = FAILED + notes.ref(f"CUDA-graph timing {FAILED}: {r['graph_error']}")
+            elif r.get("ms_graph") is None and measured:
+                graph += notes.ref("CUDA-graph timing: CUDA only, eager and Triton providers"
+                                   if r.get("device") == "cuda" else "CUDA-graph timing needs CUDA")
             cells.append(graph)
         cells += [
             num(r.get("gbps")),
@@ -298,82 +330,132 @@ def _table(rows: list[dict], kd: bool, notes: _Notes) -> list[str]:
     return lines
 
 
-def render_md(doc: dict, sections=("env", "ceilings", "gpu_tests", "kernels", "targets", "later", "steps")) -> str:
-    env, ceilings = doc["env"], doc["ceilings"]
-    gpu = env.get("gpu")
+SECTIONS = ("env", "failures", "ceilings", "e2e", "kernels", "targets", "gpu_tests", "data", "steps")
+
+
+def render_md(doc: dict, sections=SECTIONS) -> str:
+    """The markdown of a document, most important first: what FAILED, the ceilings, the end-to-end step, the
+    kernels and their targets, the GPU tests, the data loaders, the gpu_check.sh steps."""
     out: list[str] = []
-    if "env" in sections:
-        dry = (env.get("gpu_check") or {}).get("dry_run")
-        title = gpu or "CPU, no CUDA GPU" + (" (gpu_check.sh --dry-run: tiny sizes, code paths only)" if dry else "")
-        out += [f"# patfast benchmarks: {title}", "",
-                "Every figure was measured in this run, on this machine, each beside its baselines from the same run; "
-                "what was not measured says so, with the reason.", "",
-                "| | |", "|---|---|"]
-        gpu_cell = gpu or "none (CPU)"
-        if gpu and env.get("gpu_capability"):
-            gpu_cell += f" (sm {env['gpu_capability']}, {env.get('gpu_sms')} SMs, {env.get('gpu_memory_gib')} GiB)"
-        for name, value in (("GPU", gpu_cell), ("torch", env.get("torch")), ("triton", env.get("triton")),
-                            ("CUDA", env.get("cuda")), ("python", env.get("python")),
-                            ("patfast", env.get("patfast")), ("timm", env.get("timm")),
-                            ("CPU threads", env.get("cpu_threads")), ("date", env.get("date"))):
-            out.append(f"| {name} | {value if value is not None else 'unknown'} |")
-        out.append("")
-    if "ceilings" in sections:
-        out += ["## Ceilings (measured in this run)", ""]
-        where = ceilings.get("device") or "device unknown"
-        copy_how = matmul_how = "not measured"
-        if ceilings.get("copy_gbps") is not None:
-            moved = ceilings.get("copy_bytes_moved")
-            copy_how = (f"`dst.copy_(src)`: {moved / 2**30:.3f} GiB read + written" if moved else "`dst.copy_(src)`") \
-                + (f" / median {_fmt_ms(ceilings['copy_ms'])}" if ceilings.get("copy_ms") else "") + f" ({where})"
-        if ceilings.get("bf16_tflops") is not None:
-            n = ceilings.get("matmul_n", "n")
-            matmul_how = f"{n}^3 `torch.mm` on random data: 2n^3" + (
-                f" / median {_fmt_ms(ceilings['matmul_ms'])}" if ceilings.get("matmul_ms") else "") + f" ({where})"
-        copy, rate = ceilings.get("copy_gbps"), ceilings.get("bf16_tflops")
-        out += ["| ceiling | value | how |", "|---|---|---|",
-                f"| device-to-device copy | {num(copy) + ' GB/s' if copy is not None else num(copy)} | {copy_how} |",
-                f"| bf16 matmul | {num(rate) + ' TFLOP/s' if rate is not None else num(rate)} | {matmul_how} |", ""]
-        if ceilings.get("timer"):
-            out += [f"Timer: {ceilings['timer']}.", ""]
-    if "gpu_tests" in sections:
-        out += ["## GPU tests (`pytest -m gpu`)", "", _gpu_tests_line(doc.get("gpu_tests")), ""]
-        failures = (doc.get("gpu_tests") or {}).get("failures") or []
-        out += [f"- failed: `{name}`" for name in failures] + ([""] if failures else [])
-    if "kernels" in sections:
-        out += _kernel_sections(doc)
-    if "targets" in sections:
-        out += ["## Targets (issues #3 and #4)", "", "| target | measured | verdict |", "|---|---|---|"]
-        out += [f"| {t['target']} | {t['figure']} | **{t['verdict']}** |" for t in targets(doc)]
-        out.append("")
-    if "later" in sections:
-        out += ["## Data loaders (`patfast bench data`)", ""]
-        data = doc.get("data")
-        if data:
-            from patfast.bench.data import render
-
-            out += [render(data.get("rows") or [], data.get("step")), ""]
-        else:
-            out += ["not measured (the data step did not run or wrote nothing)", ""]
-        out += ["## End-to-end train step (`patfast bench train`)", ""]
-        if doc.get("e2e"):
-            from patfast.bench.train import render as render_e2e
-
-            out += [render_e2e(doc["e2e"]), ""]
-            out += [f"- {e['pair']}: {e['note']}" for e in doc["e2e"] if e.get("note")]
-            out += ["", "| target (issue #6, Swin-T -> ResNet18, 224, B 128, GPU) | measured | verdict |",
-                    "|---|---|---|"]
-            out += [f"| {t['target']} | {t['figure']} | **{t['verdict']}** |" for t in e2e_targets(doc)]
-        else:
-            out += ["not measured (the e2e step did not run or wrote nothing)"]
-        out.append("")
-    steps = (env.get("gpu_check") or {}).get("steps")
-    if "steps" in sections and steps:
-        out += ["## gpu_check.sh steps", "", "| step | exit status | seconds |", "|---|---|---|"]
-        out += [f"| {s['step']} | {s['rc']}{' (timed out)' if s['rc'] == 124 else ''} | {s['seconds']} |"
-                for s in steps]
-        out.append("")
+    for name in sections:
+        out += _SECTION[name](doc)
     return "\n".join(out)
+
+
+def _env_section(doc: dict) -> list[str]:
+    env = doc["env"]
+    gpu = env.get("gpu")
+    run = env.get("gpu_check") or {}
+    title = gpu or "CPU, no CUDA GPU" + (" (gpu_check.sh --dry-run: tiny sizes, code paths only)"
+                                         if run.get("dry_run") else "")
+    out = [f"# patfast benchmarks: {title}", "",
+           "Every figure was measured in this run, on this machine, each beside its baselines from the same run; "
+           "what was not measured says so, with the reason; what raised says FAILED, with the exception.", "",
+           "| | |", "|---|---|"]
+    gpu_cell = gpu or "none (CPU)"
+    if gpu and env.get("gpu_capability"):
+        gpu_cell += f" (sm {env['gpu_capability']}, {env.get('gpu_sms')} SMs, {env.get('gpu_memory_gib')} GiB)"
+    for name, value in (("GPU", gpu_cell), ("torch", env.get("torch")), ("triton", env.get("triton")),
+                        ("CUDA", env.get("cuda")), ("python", env.get("python")),
+                        ("patfast", env.get("patfast")), ("patfast imported from", run.get("patfast_import")),
+                        ("timm", env.get("timm")), ("setuptools / wheel / pip",
+                                                    " / ".join(str(env.get(k)) for k in ("setuptools", "wheel", "pip"))
+                                                    if env.get("setuptools") else None),
+                        ("CPU threads", env.get("cpu_threads")), ("date", env.get("date"))):
+        out.append(f"| {name} | {value if value is not None else 'unknown'} |")
+    return out + [""]
+
+
+def _failures_section(doc: dict) -> list[str]:
+    failed = doc.get("failures") or []
+    if not failed:
+        return []
+    out = [f"## {FAILED} ({len(failed)})", "", "| section | what | error |", "|---|---|---|"]
+    out += [f"| {f['section']} | {f['what']} | {f['error']} |" for f in failed]
+    return out + [""]
+
+
+def _ceilings_section(doc: dict) -> list[str]:
+    ceilings = doc["ceilings"]
+    out = ["## Ceilings (measured in this run)", ""]
+    where = ceilings.get("device") or "device unknown"
+    copy_how = ceilings.get("copy_error") and f"{FAILED}: {ceilings['copy_error']}" or "not measured"
+    matmul_how = ceilings.get("matmul_error") and f"{FAILED}: {ceilings['matmul_error']}" or "not measured"
+    if ceilings.get("copy_gbps") is not None:
+        moved = ceilings.get("copy_bytes_moved")
+        copy_how = (f"`dst.copy_(src)`: {moved / 2**30:.3f} GiB read + written" if moved else "`dst.copy_(src)`") \
+            + (f" / median {_fmt_ms(ceilings['copy_ms'])}" if ceilings.get("copy_ms") else "") + f" ({where})"
+    if ceilings.get("bf16_tflops") is not None:
+        n = ceilings.get("matmul_n", "n")
+        matmul_how = f"{n}^3 `torch.mm` on random data: 2n^3" + (
+            f" / median {_fmt_ms(ceilings['matmul_ms'])}" if ceilings.get("matmul_ms") else "") + f" ({where})"
+    copy, rate = ceilings.get("copy_gbps"), ceilings.get("bf16_tflops")
+    out += ["| ceiling | value | how |", "|---|---|---|",
+            f"| device-to-device copy | {num(copy) + ' GB/s' if copy is not None else num(copy)} | {copy_how} |",
+            f"| bf16 matmul | {num(rate) + ' TFLOP/s' if rate is not None else num(rate)} | {matmul_how} |", ""]
+    if ceilings.get("note"):
+        out += [ceilings["note"], ""]
+    if ceilings.get("timer"):
+        out += [f"Timer: {ceilings['timer']}.", ""]
+    return out
+
+
+def _e2e_section(doc: dict) -> list[str]:
+    out = ["## End-to-end train step (`patfast bench train`)", ""]
+    if not doc.get("e2e"):
+        return out + ["not measured (the e2e steps did not run or wrote nothing)", ""]
+    from patfast.bench.train import render as render_e2e
+
+    out += [render_e2e(doc["e2e"]), ""]
+    out += [f"- {e['pair']}: {e['note']}" for e in doc["e2e"] if e.get("note")]
+    out += ["", "| target (issue #6, Swin-T -> ResNet18, 224, B 128, GPU) | measured | verdict |", "|---|---|---|"]
+    out += [f"| {t['target']} | {t['figure']} | **{t['verdict']}** |" for t in e2e_targets(doc)]
+    return out + [""]
+
+
+def _targets_section(doc: dict) -> list[str]:
+    out = ["## Targets (issues #3 and #4)", "", "| target | measured | verdict |", "|---|---|---|"]
+    out += [f"| {t['target']} | {t['figure']} | **{t['verdict']}** |" for t in targets(doc)]
+    return out + [""]
+
+
+def _gpu_tests_section(doc: dict) -> list[str]:
+    out = ["## GPU tests (`pytest -m gpu`)", "", _gpu_tests_line(doc.get("gpu_tests")), ""]
+    failed = (doc.get("gpu_tests") or {}).get("failures") or []
+    out += [f"- {FAILED} ({f['when']}): `{f['test']}`: {f['message']}" for f in failed]
+    return out + ([""] if failed else [])
+
+
+def _data_section(doc: dict) -> list[str]:
+    out = ["## Data loaders (`patfast bench data`)", ""]
+    data = doc.get("data")
+    if not data:
+        return out + ["not measured (the data step did not run or wrote nothing)", ""]
+    from patfast.bench.data import render
+
+    return out + [render(data.get("rows") or [], data.get("step")), ""]
+
+
+def _steps_section(doc: dict) -> list[str]:
+    run = doc["env"].get("gpu_check") or {}
+    steps = run.get("steps")
+    if not steps:
+        return []
+    out = ["## gpu_check.sh steps", "", "| step | status | seconds | limit s | run |", "|---|---|---|---|---|"]
+    for s in steps:
+        out.append(f"| {s['step']} | {s.get('status', s.get('rc'))} | {s.get('seconds', '-')} | "
+                   f"{s.get('limit', '-')} | {s.get('run', '-')} |")
+    runs = run.get("runs") or []
+    if runs:
+        out += ["", "Runs (the last column above): " + "; ".join(
+            f"#{i} {r.get('date')} {r.get('mode')}{' --only ' + r['only'] if r.get('only') else ''}, budget "
+            f"{r.get('budget_s')} s, patfast from {r.get('patfast_import')}" for i, r in enumerate(runs, 1))]
+    return out + [""]
+
+
+_SECTION = {"env": _env_section, "failures": _failures_section, "ceilings": _ceilings_section,
+            "e2e": _e2e_section, "kernels": lambda doc: _kernel_sections(doc), "targets": _targets_section,
+            "gpu_tests": _gpu_tests_section, "data": _data_section, "steps": _steps_section}
 
 
 def _kernel_sections(doc: dict) -> list[str]:
@@ -446,12 +528,13 @@ def _raa_table(rows: list[dict], notes: _Notes) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         measured = r.get("ms") is not None
-        cells = [str(r["batch"]), r["mode"], r["provider"],
-                 _fmt_range(r) + ("" if measured else notes.ref(r.get("note")))]
+        cells = [str(r["batch"]), r["mode"], r["provider"], _time_cell(r, notes)]
         if r["mode"] != "fwd+bwd":
             cells.append("-")
+        elif r.get("bwd_error"):
+            cells.append(FAILED + notes.ref(f"backward alone {FAILED}: {r['bwd_error']}"))
         else:
-            cells.append(_fmt_range(r, "ms_bwd") + (notes.ref(r.get("bwd_note")) if measured else ""))
+            cells.append(_fmt_range(r, "ms_bwd"))
         cells += [num(r.get("gbps")),
                   "not measured" if r.get("frac_copy") is None else f"{100 * r['frac_copy']:.1f}%",
                   _ratio(r.get("vs_eager"))]
@@ -475,62 +558,60 @@ def _first_shapes(rows: list[dict]) -> dict:
 def _gpu_tests_line(t: dict | None) -> str:
     if not t:
         return "not run"
+    if t.get("note"):
+        return t["note"]
     if t.get("mode") == "collect-only":
         return (f"dry run: collected {t.get('collected', 'unknown')} GPU tests, none run (no CUDA); "
                 f"collection exit status {t.get('rc')}")
+    counts = ", ".join(f"{t[k]} {k}" for k in COUNTS if t.get(k) or k in ("passed", "failed"))
+    ran = sum(t.get(k) or 0 for k in COUNTS)
+    of = f" of {t['collected']} collected" if t.get("collected") is not None else ""
     if t.get("timed_out"):
-        head = f"timed out after {t.get('timeout_s')} s"
+        head = f"killed at the step's limit of {t.get('timeout_s')} s"
+    elif not t.get("finished"):
+        head = f"pytest ended early (exit status {t.get('rc')})"
     else:
         head = f"exit status {t.get('rc')}"
-    counts = ", ".join(f"{t[k]} {k}" for k in ("passed", "failed", "errors", "skipped") if t.get(k) is not None)
+    if t.get("running"):
+        head += f", while running `{t['running']}`"
+    if t.get("collected") is not None and ran < t["collected"] and not t.get("finished"):
+        head += f"; {t['collected'] - ran} not run"
     extra = f" in {t['seconds']:.1f} s" if t.get("seconds") is not None else ""
-    return f"{counts or 'no counts found in the output'}{extra} ({head}; `{t.get('command', 'pytest -m gpu')}`)"
+    return f"{counts}{of}{extra} ({head}; `{t.get('command') or 'pytest -m gpu'}`)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # pytest -m gpu results
 # ----------------------------------------------------------------------------------------------------------------
 
+COUNTS = ("passed", "failed", "errors", "skipped", "xfailed", "xpassed")
 
-def parse_gpu_tests(rc: int, log_path: str | None, junit_path: str | None, collect_only: bool,
-                    timeout_s: float | None = None, command: str | None = None) -> dict:
-    """Counts of a `pytest -m gpu` run from its JUnit XML (else the summary line of its log)."""
-    text = ""
-    if log_path and os.path.exists(log_path):
-        with open(log_path, errors="replace") as f:
-            text = f.read()
-    out: dict = {"mode": "collect-only" if collect_only else "run", "rc": rc, "command": command,
-                 "timed_out": rc in (124, 137), "timeout_s": timeout_s}
-    if collect_only:
-        m = re.search(r"(\d+)(?:/\d+)? tests? collected", text)
-        out["collected"] = int(m.group(1)) if m else None
-        return out
-    if junit_path and os.path.exists(junit_path) and os.path.getsize(junit_path):
-        import xml.etree.ElementTree as ET
 
+def parse_gpu_tests(rc: int | None, report_path: str | None, collect_only: bool, timeout_s: float | None = None,
+                    seconds: float | None = None) -> dict:
+    """The GPU tests' outcome from the report patfast.bench.pytest_report keeps (rewritten after every test, so it
+    holds the counts of what ran, and the test that was running, even when pytest was killed), with the exit
+    status ``rc`` of the step (124 / 137: killed at ``timeout_s``; None: the run ended without a record)."""
+    out: dict = {"mode": "collect-only" if collect_only else "run", "rc": rc, "timed_out": rc in (124, 137),
+                 "timeout_s": timeout_s, "collected": None, **dict.fromkeys(COUNTS), "running": None,
+                 "failures": [], "finished": False, "seconds": seconds, "command": None}
+    report = None
+    if report_path and os.path.exists(report_path):
         try:
-            root = ET.parse(junit_path).getroot()
-            suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-            total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-            out.update(passed=total["tests"] - total["failures"] - total["errors"] - total["skipped"],
-                       failed=total["failures"], errors=total["errors"], skipped=total["skipped"],
-                       seconds=sum(float(s.get("time", 0)) for s in suites))
-            out["failures"] = [f"{c.get('classname')}::{c.get('name')}" for c in root.iter("testcase")
-                               if c.find("failure") is not None or c.find("error") is not None]
-            return out
-        except ET.ParseError:
-            pass
-    for key, pattern in (("passed", r"(\d+) passed"), ("failed", r"(\d+) failed"), ("errors", r"(\d+) errors?\b"),
-                         ("skipped", r"(\d+) skipped")):
-        found = re.findall(pattern, text[-4000:])
-        out[key] = int(found[-1]) if found else (0 if re.search(r"\d+ (passed|failed)", text[-4000:]) else None)
-    out["failures"] = re.findall(r"^FAILED (\S+)", text, flags=re.M)
+            with open(report_path) as f:
+                report = json.load(f)
+        except ValueError:
+            report = None
+    if report is None:
+        out["note"] = (f"no counts: pytest was killed at the step's limit of {timeout_s} s before it wrote its report"
+                       if out["timed_out"] else f"no report: pytest ended (exit status {rc}) before it started, or "
+                       "could not load the patfast.bench.pytest_report plugin")
+        return out
+    for key in ("collected", *COUNTS, "running", "failures", "finished", "command"):
+        out[key] = report.get(key, out[key])
+    if seconds is None:
+        out["seconds"] = report.get("seconds")
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI (benchmarks/gpu_check.sh)
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def e2e_targets(doc: dict) -> list[dict]:
@@ -538,116 +619,27 @@ def e2e_targets(doc: dict) -> list[dict]:
     row = next((e for e in doc.get("e2e") or [] if e["pair"].startswith("swin_tiny")
                 and e.get("batch") == 128 and e.get("img_size") == 224), None)
     on_gpu = row is not None and str(row.get("device", "")).startswith("cuda")
-    checks = [("fast path >= 3x the reference path's img/s", "fast_img_s", "reference_img_s", 3.0, "x"),
-              (">= 80 % of the floor's img/s", "fast_img_s", "floor_img_s", 0.8, "%"),
-              ("peak memory <= the reference path's", "reference_peak_gb", "fast_peak_gb", 1.0, "GiB")]
+    checks = [("fast path >= 3x the reference path's img/s", ("fast", "reference"), "img_s", 3.0, "x"),
+              (">= 80 % of the floor's img/s", ("fast", "floor"), "img_s", 0.8, "%"),
+              ("peak memory <= the reference path's", ("reference", "fast"), "peak_gb", 1.0, "GiB")]
     out = []
-    for target, a, b, need, unit in checks:
-        if not on_gpu or not row.get(a) or not row.get(b):
-            out.append({"target": target, "figure": "not measured", "verdict": "not measured"})
+    for target, (a, b), unit_key, need, unit in checks:
+        ka, kb = f"{a}_{unit_key}", f"{b}_{unit_key}"
+        if not on_gpu or not row.get(ka) or not row.get(kb):
+            paths = (row or {}).get("paths") or {}
+            errors = [f"{p}: {paths[p]['error']}" for p in (a, b) if paths.get(p, {}).get("error")]
+            if errors:
+                out.append({"target": target, "figure": f"{FAILED}: " + "; ".join(errors), "verdict": FAILED})
+                continue
+            notes = [f"{p}: {paths[p]['note'].removeprefix('not measured: ')}" for p in (a, b)
+                     if on_gpu and paths.get(p, {}).get("note")]
+            why = ("no CUDA GPU in this run" if not doc["env"].get("gpu") else "the pair was not run" if row is None
+                   else "; ".join(notes) if notes else (row.get("note") or "").removeprefix("not measured: ")
+                   if on_gpu else "the pair ran on the CPU")
+            out.append({"target": target, "figure": f"not measured ({why})", "verdict": "not measured"})
             continue
-        ratio = row[a] / row[b]
+        ratio = row[ka] / row[kb]
         figure = {"x": f"{ratio:.2f}x", "%": f"{ratio:.0%}",
                   "GiB": f"{row['fast_peak_gb']:.2f} vs {row['reference_peak_gb']:.2f} GiB"}[unit]
         out.append({"target": target, "figure": figure, "verdict": "met" if ratio >= need else "not met"})
     return out
-
-
-def _e2e_parts(parts: str) -> list[dict]:
-    """The e2e rows the e2e step wrote (e2e_1.json, e2e_2.json, ... in order; each a list)."""
-    names = sorted((f for f in os.listdir(parts) if re.fullmatch(r"e2e_\d+\.json", f)),
-                   key=lambda f: int(f[4:-5]))
-    rows = []
-    for name in names:
-        rows += _load(os.path.join(parts, name)) or []
-    return rows
-
-
-def _load(path: str):
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except ValueError:
-        return None
-
-
-def merge(parts: str, out_dir: str, dry_run: bool = False) -> dict:
-    """results.json + results.md in ``out_dir`` from what the steps wrote into ``parts`` (missing steps: not run)."""
-    kernels_doc = _load(os.path.join(parts, "kernels.json")) or {}
-    env = _load(os.path.join(parts, "env.json")) or kernels_doc.get("env")
-    if env is None:
-        env = environment()
-    ceilings = _load(os.path.join(parts, "ceilings.json")) or kernels_doc.get("ceilings")
-    steps = []
-    steps_path = os.path.join(parts, "steps.tsv")
-    if os.path.exists(steps_path):
-        with open(steps_path) as f:
-            for line in f:
-                name, rc, seconds = line.rstrip("\n").split("\t")
-                steps.append({"step": name, "rc": int(rc), "seconds": int(seconds)})
-    env = dict(env, gpu_check={"dry_run": dry_run, "steps": steps})
-    data_doc = _load(os.path.join(parts, "data.json"))
-    data = {"rows": data_doc.get("data", []), "step": data_doc.get("step")} if data_doc else None
-    doc = make_doc(env, ceilings, kernels_doc.get("kernels", []), _load(os.path.join(parts, "gpu_tests.json")),
-                   _e2e_parts(parts), data)
-    os.makedirs(out_dir, exist_ok=True)
-    write_json(doc, os.path.join(out_dir, "results.json"))
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(render_md(doc))
-    return doc
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m patfast.bench.results", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("env", help="print the GPU and versions; write them as JSON")
-    p.add_argument("--json", default=None)
-    p = sub.add_parser("gpu-tests", help="counts of a pytest -m gpu run -> JSON")
-    p.add_argument("--rc", type=int, required=True)
-    p.add_argument("--log", default=None)
-    p.add_argument("--junit", default=None)
-    p.add_argument("--collect-only", action="store_true")
-    p.add_argument("--timeout", type=float, default=None)
-    p.add_argument("--pytest-command", default=None, help="the pytest command line, for the record")
-    p.add_argument("--json", required=True)
-    p = sub.add_parser("e2e-skipped", help="an e2e row for a pair that was not run -> JSON (a one-row list)")
-    p.add_argument("--pair", required=True, help="TEACHER,STUDENT")
-    p.add_argument("--why", required=True)
-    p.add_argument("--json", required=True)
-    p = sub.add_parser("merge", help="write results.json and results.md from the steps' parts")
-    p.add_argument("--parts", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-
-    if args.command == "env":
-        env = environment()
-        print(f"GPU     {env.get('gpu') or 'none (no CUDA device visible)'}"
-              + (f" (sm {env['gpu_capability']}, {env['gpu_sms']} SMs, {env['gpu_memory_gib']} GiB)"
-                 if env.get("gpu_capability") else ""))
-        for key in ("torch", "triton", "cuda", "python", "patfast", "timm"):
-            print(f"{key:<7} {env.get(key)}")
-        if args.json:
-            write_json(env, args.json)
-    elif args.command == "gpu-tests":
-        t = parse_gpu_tests(args.rc, args.log, args.junit, args.collect_only, args.timeout, args.pytest_command)
-        write_json(t, args.json)
-        print(_gpu_tests_line(t))
-    elif args.command == "e2e-skipped":
-        teacher, _, student = args.pair.partition(",")
-        row = {"pair": f"{teacher} -> {student}", "batch": None, "img_size": None, "fast_img_s": None,
-               "reference_img_s": None, "floor_img_s": None, "fast_peak_gb": None, "reference_peak_gb": None,
-               "split": {}, "note": f"not measured: {args.why}"}
-        write_json([row], args.json)
-    else:
-        doc = merge(args.parts, args.out, args.dry_run)
-        if not args.quiet:
-            print(render_md(doc))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,32 +1,70 @@
-"""benchmarks/gpu_check.sh --dry-run end to end, `patfast bench kernels` on the CPU, and the results writer."""
+"""benchmarks/gpu_check.sh end to end on the CPU: the dry run (every step, Triton through the interpreter), the
+budget table, a raising provider FAILED with a non-zero exit, --only keeping the other steps' results, the import
+fallback, and the GPU code path with a step that times out."""
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from patfast.bench.kernels import NO_CUDA, NO_CUDA_SDPA, hcl_case, kd_case, raa_case
-from patfast.bench.results import make_doc, parse_gpu_tests, render_md, targets
-from patfast.cli import main
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-TOP_KEYS = {"env", "ceilings", "kernels", "data", "e2e", "gpu_tests"}
-ROW_KEYS = {"op", "shape", "dtype", "mode", "provider", "ms", "gbps"}
+STEPS = ["env", "ceilings", "e2e_target", "kernels_hcl", "kernels_raa", "kernels_kd", "gpu_tests", "data",
+         "e2e_others"]
+TOP_KEYS = {"env", "ceilings", "kernels", "data", "e2e", "gpu_tests", "failures"}
 E2E_KEYS = {"pair", "batch", "img_size", "fast_img_s", "reference_img_s", "floor_img_s", "fast_peak_gb",
             "reference_peak_gb", "split"}
-cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (reference-only) behaviour")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of the script")
+
+# Injected into every Python of a run (sitecustomize on PYTHONPATH): the Triton HCL op raises, as a broken kernel.
+BROKEN_HCL = '''
+import importlib.abc, importlib.util, sys
 
 
-def assert_user_error(code, err, needle):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("patfast: error: "), err
-    assert needle in lines[0], err
+class _BreakHcl(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "patfast.ops":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            real = module.hcl_loss_stages
+
+            def broken(*args, backend="auto", **kwargs):
+                if backend == "triton":
+                    raise RuntimeError("injected: the Triton HCL kernel broke")
+                return real(*args, backend=backend, **kwargs)
+
+            module.hcl_loss_stages = broken
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _BreakHcl())
+'''
+
+
+def run(args, timeout=900, **env):
+    env = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def budget_table(text: str) -> dict[str, tuple[int, int]]:
+    """step -> (limit s, cumulative s) from the printed budget table; "total" -> (total, 0)."""
+    rows = {}
+    for m in re.finditer(r"^  (\w+) +(\d+) +(\d+)?", text, flags=re.M):
+        rows[m.group(1)] = (int(m.group(2)), int(m.group(3) or 0))
+    return rows
 
 
 def assert_schema(doc):
@@ -35,261 +73,186 @@ def assert_schema(doc):
     assert {"copy_gbps", "bf16_tflops"} <= set(doc["ceilings"])
     for row in doc["e2e"]:
         assert E2E_KEYS <= set(row), row
-        if row["fast_img_s"] is None:
-            assert row["note"].startswith("not measured"), row
-    assert doc["kernels"]
     for row in doc["kernels"]:
-        assert ROW_KEYS <= set(row), row
         assert (row["ms"] is None) == (row["gbps"] is None), row
-        if row["ms"] is None:
-            assert row["note"].startswith("not measured"), row  # never a figure without a measurement
+        if row["ms"] is None:  # never a figure without a measurement; never a failure called "not measured"
+            assert row["note"].startswith("FAILED: " if row.get("error") else "not measured: "), row
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# gpu_check.sh
+# The budget
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_the_budget_table_fits_420_s_with_the_install_and_the_start_ups():
+    proc = run(["--budget"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = budget_table(proc.stdout)
+    assert list(table) == ["install", *STEPS, "overhead", "total"]
+    cum = 0
+    for name in ["install", *STEPS, "overhead"]:
+        limit, cumulative = table[name]
+        cum += limit
+        assert cumulative == cum, name
+    assert table["install"][0] == 30 and table["total"][0] == cum <= 420
+    assert table["overhead"][0] >= 5  # the start-ups outside the steps are counted
+
+
+def test_over_budget_is_refused_and_only_counts_the_selected_steps(tmp_path):
+    proc = run(["--budget"], E2E_TARGET_TIMEOUT="200")
+    assert proc.returncode == 1 and "over budget: 465 s > 420 s" in proc.stdout
+    proc = run(["--budget", "--only", "data,env"], E2E_TARGET_TIMEOUT="200")
+    assert proc.returncode == 0 and list(budget_table(proc.stdout)) == ["install", "env", "data", "overhead",
+                                                                        "total"]
+    out = tmp_path / "out"
+    proc = run([str(out), "--dry-run"], TESTS_TIMEOUT="100")  # a dry run fails before running anything
+    assert proc.returncode == 1 and "over budget" in proc.stdout
+    assert not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("args, needle", [([], "usage"), (["--only"], "usage"), (["x", "--nope"], "unknown option"),
+                                          (["x", "--only", "kernels"], "unknown step 'kernels'")])
+def test_usage_errors_exit_2(args, needle):
+    proc = run(args, timeout=60)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
+
+
+def test_a_non_numeric_limit_is_a_usage_error():
+    proc = run(["--budget"], DATA_TIMEOUT="20s")
+    assert proc.returncode == 2 and "data must be whole seconds, got '20s'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
 @cpu_only
-def test_gpu_check_dry_run_writes_results(tmp_path):
+def test_gpu_check_dry_run_runs_every_step_and_the_triton_ops_through_the_interpreter(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(["bash", SCRIPT, str(out), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "gpu_check: all steps ran" in proc.stdout
+    proc = run([str(out), "--dry-run"])
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "gpu_check: all steps ran" in proc.stdout and "nothing FAILED" in proc.stdout
+    assert budget_table(proc.stdout)["total"][0] <= 420
+    assert "Name: timm" in proc.stdout and "Name: setuptools" in proc.stdout  # pip show, in the env step
+    # OUTDIR holds a few files only (the GPU machine returns at most 8)
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "inflight", "parts.json", "results.json",
+                                                     "results.md"]
+    assert list((out / "inflight").iterdir()) == []
     doc = json.loads((out / "results.json").read_text())
     assert_schema(doc)
-    assert doc["env"]["gpu"] is None and doc["env"]["gpu_check"]["dry_run"] is True
-    assert [s["step"] for s in doc["env"]["gpu_check"]["steps"]] == ["env", "ceilings", "gpu_tests", "kernels",
-                                                                      "data", "e2e"]
-    (e2e,) = doc["e2e"]  # the dry run's one tiny pair, all three paths timed, the split profiled
-    assert e2e["fast_img_s"] > 0 and e2e["reference_img_s"] > 0 and e2e["floor_img_s"] > 0
-    assert set(e2e["split"]) == {"fast", "reference"} and e2e["split"]["fast"]["student"] > 0
+    assert doc["failures"] == []
+    run_info = doc["env"]["gpu_check"]
+    assert doc["env"]["gpu"] is None and run_info["dry_run"] is True
+    assert [s["step"] for s in run_info["steps"]] == STEPS and {s["status"] for s in run_info["steps"]} == {"ok"}
+    assert run_info["patfast_import"].startswith("this checkout")
+    target, other = doc["e2e"]
+    assert target["fast_img_s"] > 0 and target["reference_img_s"] > 0 and target["floor_img_s"] > 0
+    assert target["paths"]["fast"]["ops"] == "triton"  # the fast path's Triton ops through the interpreter
+    assert target["split"]["reference"]["student"] > 0 and "dry run" in target["split"]["fast"]["note"]
+    assert other["floor_img_s"] > 0  # the second e2e step's loop, on the cheapest path
     rows = doc["data"]["rows"]
     assert [r["backend"] for r in rows] == ["torch", "dali", "gpu"]
     for r in rows:  # a figure, or a reason why not
         assert r["img_s"] is not None or r["note"].startswith("not measured"), r
     assert doc["data"]["step"]["img_s"] > 0  # the dry run times a tiny PAT step on the CPU
-    assert all(s["rc"] == 0 for s in doc["env"]["gpu_check"]["steps"])
-    assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["bf16_tflops"] > 0
-    assert doc["ceilings"]["device"].startswith("CPU")
-    assert doc["gpu_tests"]["mode"] == "collect-only" and doc["gpu_tests"]["collected"] > 0
+    assert doc["ceilings"]["copy_gbps"] > 0 and doc["ceilings"]["device"].startswith("CPU")
+    tests = doc["gpu_tests"]  # collected through the report plugin
+    assert tests["mode"] == "collect-only" and tests["collected"] > 0 and tests["rc"] == 0
     rows = doc["kernels"]
     assert {r["op"] for r in rows} == {"hcl_loss_stages", "kd_loss_pair", "kd_loss", "raa_block", "raa_core"}
-    sdpa = [r for r in rows if r["provider"].startswith("sdpa_")]
-    assert len(sdpa) == 8 and all(r["ms"] is None and r["note"] == f"not measured: {NO_CUDA_SDPA}" for r in sdpa)
-    assert {r["case"] for r in rows if r["op"] == "hcl_loss_stages"} == {"swin_t", "convnext_t", "resnet50"}
     assert all(r["ms"] > 0 for r in rows if r["provider"] == "eager")
     triton = [r for r in rows if r["provider"] == "triton"]
-    assert all(r["ms"] is None and NO_CUDA in r["note"] for r in triton)
-    assert all(r["interpreter_rel_err"] < 1e-4 for r in triton)  # the harness ran each case through Triton
+    assert len(triton) == 2 * (3 + 4 + 2) and all(r["interpreter_rel_err"] < 1e-4 for r in triton)
     md = (out / "results.md").read_text()
-    assert "not measured" in md and "## Targets" in md and "## Ceilings" in md
-    assert "### raa_block" in md and "RAA core, q/k/v (128, 8, 64, 64), bf16: forward <= 15 us" in md
-    assert (out / "gpu_check.log").exists()
+    assert "FAILED" not in md.replace("what raised says FAILED", "")
+    assert "## Targets" in md and "## Ceilings" in md and "### raa_block" in md
+    assert md.index("## End-to-end") < md.index("## Kernels") < md.index("## GPU tests") < md.index("## Data")
 
 
 @pytest.mark.slow
 @cpu_only
-def test_gpu_check_real_mode_records_a_failing_test_step_and_still_benchmarks(tmp_path):
-    # The GPU code path of the script (not --dry-run) on the CPU: pytest -m gpu really runs (everything skips),
-    # here cut off by a 1 s limit to stand for a failing step; the kernel step must still run and write results.
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, TESTS_TIMEOUT="1", GPU_CHECK_KERNEL_ARGS="--quick --op kd",
-               GPU_CHECK_DATA_ARGS="--img-size 32 --batch-size 16 --batches 2 --workers 0",
-               GPU_CHECK_E2E_ARGS="--dry-run --paths reference --no-split", E2E_BUDGET="0")
-    proc = subprocess.run(["bash", SCRIPT, str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "steps that failed: gpu_tests (exit 124, timed out after 1 s)" in proc.stdout
+def test_a_raising_provider_is_failed_and_only_keeps_the_other_steps(tmp_path):
+    out, inject = tmp_path / "out", tmp_path / "inject"
+    inject.mkdir()
+    proc = run([str(out), "--dry-run", "--only", "ceilings"])
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    (inject / "sitecustomize.py").write_text(BROKEN_HCL)
+    proc = run([str(out), "--dry-run", "--only", "kernels_hcl"], PYTHONPATH=str(inject),
+               GPU_CHECK_KERNEL_ARGS="--teacher swin_t")
+    assert proc.returncode == 1, proc.stdout[-4000:]
+    assert "=== gpu_check: kernels_hcl FAILED with exit status 1 ===" in proc.stdout
+    # the exit summary names every FAILED row, with the exception
+    assert ("FAILED: kernels: hcl_loss_stages swin_t B=1 fwd triton: interpreter check: RuntimeError: injected: "
+            "the Triton HCL kernel broke") in proc.stdout
+    assert "gpu_check: FAILED in this run: kernels_hcl (exit 1)" in proc.stdout
     doc = json.loads((out / "results.json").read_text())
     assert_schema(doc)
-    steps = {s["step"]: s["rc"] for s in doc["env"]["gpu_check"]["steps"]}
-    assert steps == {"env": 0, "ceilings": 0, "gpu_tests": 124, "kernels": 0, "data": 0, "e2e": 0}
-    # the first pair always starts (here a tiny dry-run stand-in); the others come after E2E_BUDGET = 0 s
-    assert [e["reference_img_s"] is not None for e in doc["e2e"]] == [True, False, False]
-    assert "past E2E_BUDGET=0 s" in doc["e2e"][1]["note"]
-    assert doc["data"]["step"]["img_s"] is None  # no GPU: the PAT step rate is not measured
+    rows = {(r["mode"], r["provider"]): r for r in doc["kernels"]}
+    for mode in ("fwd", "fwd+bwd"):
+        assert rows[(mode, "triton")]["error"] == ("interpreter check: RuntimeError: injected: the Triton HCL "
+                                                   "kernel broke")
+        assert rows[(mode, "eager")]["ms"] > 0 and rows[(mode, "eager")]["frac_copy"] > 0  # run 1's ceilings
+    assert doc["ceilings"]["copy_gbps"] > 0  # kept from the first run
+    steps = {s["step"]: s for s in doc["env"]["gpu_check"]["steps"]}
+    assert (steps["ceilings"]["status"], steps["ceilings"]["run"]) == ("ok", 1)
+    assert (steps["kernels_hcl"]["status"], steps["kernels_hcl"]["run"]) == ("FAILED (exit status 1)", 2)
+    assert steps["data"]["status"] == "not run"
+    md = (out / "results.md").read_text()
+    assert "## FAILED (3)" in md and "| swin_t | 1 | fwd | triton | FAILED [" in md
+    assert "not measured: interpreter" not in md
+
+
+@pytest.mark.slow
+@cpu_only
+def test_a_failed_install_falls_back_to_pythonpath_and_says_so(tmp_path):
+    # The GPU image's setuptools without `wheel` cannot build the editable install: a python whose pip install
+    # fails stands for it, and a stale patfast elsewhere on the path for the import that does not resolve here.
+    stale = tmp_path / "stale" / "patfast"
+    stale.mkdir(parents=True)
+    (stale / "__init__.py").write_text("")
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\nif [ "$1 $2 $3" = "-m pip install" ]; then\n'
+                       f'  echo "error: invalid command \'bdist_wheel\'" >&2; exit 1\nfi\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    proc = run([str(out), "--dry-run", "--install", "--only", "env"], PYTHON=str(wrapper),
+               PYTHONPATH=str(stale.parent))
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "invalid command 'bdist_wheel'" in proc.stdout and "the editable install failed (exit 1)" in proc.stdout
+    assert "WARNING: patfast is not installed from this checkout" in proc.stdout
+    assert "falling back to PYTHONPATH" in proc.stdout
+    assert "all steps ran, patfast imported through the PYTHONPATH fallback" in proc.stdout
+    doc = json.loads((out / "results.json").read_text())
+    note = doc["env"]["gpu_check"]["patfast_import"]
+    assert note.startswith(f"this checkout ({ROOT}) through PYTHONPATH: FALLBACK") and str(stale) in note
+    assert doc["env"]["torch"]  # the env step ran with patfast from the checkout
+    assert "through PYTHONPATH: FALLBACK" in (out / "results.md").read_text()
+    assert "install" in budget_table(proc.stdout) and "(--install)" in proc.stdout
+
+
+@pytest.mark.slow
+@cpu_only
+def test_gpu_mode_records_a_timed_out_step_and_still_runs_the_next(tmp_path):
+    # The GPU code path of the script (not --dry-run) on the CPU: pytest -m gpu really runs (everything would
+    # skip), here killed by a 1 s limit while collecting; the steps after it still run, the others' pairs are not
+    # started (past E2E_PAIR_S), and the exit status is 1.
+    out = tmp_path / "out"
+    proc = run([str(out), "--only", "e2e_target,kernels_kd,gpu_tests,e2e_others"], TESTS_TIMEOUT="1",
+               GPU_CHECK_KERNEL_ARGS="--quick", E2E_PAIR_S="100000",
+               GPU_CHECK_E2E_ARGS="--dry-run --paths reference --no-split")
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "gpu_check: FAILED in this run: gpu_tests (exit 124, timed out after 1 s)" in proc.stdout
+    doc = json.loads((out / "results.json").read_text())
+    assert_schema(doc)
+    steps = {s["step"]: s["status"] for s in doc["env"]["gpu_check"]["steps"]}
+    assert steps["gpu_tests"] == "FAILED (timed out at its limit of 1 s, exit 124)"
+    assert steps["e2e_target"] == steps["kernels_kd"] == steps["e2e_others"] == "ok"
+    assert steps["env"] == "not run"
     assert doc["gpu_tests"]["mode"] == "run" and doc["gpu_tests"]["timed_out"]
+    target, *others = doc["e2e"]
+    assert target["reference_img_s"] > 0 and len(others) == 2
+    assert all("not started: past the budget" in e["note"] and "E2E_PAIR_S=100000" in e["note"] for e in others)
     assert {r["op"] for r in doc["kernels"]} == {"kd_loss_pair", "kd_loss"}
-    assert "timed out after 150" not in (out / "results.md").read_text()
-    assert "timed out after 1" in (out / "results.md").read_text()
-
-
-def test_gpu_check_without_outdir_is_a_usage_error():
-    proc = subprocess.run(["bash", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "usage" in proc.stderr
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# patfast bench kernels
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@cpu_only
-def test_bench_kernels_quick_on_cpu_is_reference_only(tmp_path, capsys):
-    path = tmp_path / "kernels.json"
-    code = main(["bench", "kernels", "--quick", "--json", str(path), "--md", str(tmp_path / "k.md")])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert NO_CUDA in out  # says reference-only, and why
-    doc = json.loads(path.read_text())
-    assert_schema(doc | {"gpu_tests": None})
-    assert {r["case"] for r in doc["kernels"] if r["op"] == "hcl_loss_stages"} == {"swin_t"}
-    assert {r["batch"] for r in doc["kernels"]} == {1}
-    for r in doc["kernels"]:
-        assert (r["ms"] is not None) == (r["provider"] == "eager"), r
-    assert "not measured" in (tmp_path / "k.md").read_text()
-
-
-@cpu_only
-def test_bench_kernels_op_raa_on_cpu(tmp_path, capsys):
-    path = tmp_path / "kernels.json"
-    code = main(["bench", "kernels", "--op", "raa", "--json", str(path)])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert NO_CUDA in out and NO_CUDA_SDPA in out
-    rows = json.loads(path.read_text())["kernels"]
-    assert {r["op"] for r in rows} == {"raa_block", "raa_core"} and {r["batch"] for r in rows} == {1}
-    assert {r["provider"] for r in rows if r["ms"] is not None} == {"eager"}
-    assert all(r["ms_bwd"] > 0 for r in rows if r["provider"] == "eager" and r["mode"] == "fwd+bwd")
-
-
-@pytest.mark.parametrize("argv, needle", [
-    (["bench", "kernels", "--op", "nope"], "invalid choice: 'nope'"),
-    (["bench", "kernels", "--op", "raa", "--batch", "-1"], "--batch must be comma-separated positive integers"),
-    (["bench", "kernels", "--batch", "64,x"], "--batch must be comma-separated positive integers"),
-    (["bench", "kernels", "--batch", "0"], "--batch must be comma-separated positive integers"),
-    (["bench", "kernels", "--teacher", "vit"], "unknown teacher vit"),
-    (["bench", "nothing"], "invalid choice: 'nothing'"),
-    (["bench", "kernels", "--ceilings", "/nonexistent/ceilings.json", "--op", "kd"], "cannot read ceilings"),
-])
-def test_bench_mistakes_are_one_line_errors(capsys, argv, needle):
-    code = main(argv)
-    _, err = capsys.readouterr()
-    assert_user_error(code, err, needle)
-
-
-def test_bench_bad_op_from_the_command_line_exits_2():
-    proc = subprocess.run([sys.executable, "-m", "patfast", "bench", "kernels", "--op", "nope"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("patfast: error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# results.py: ratios, targets, pytest counts
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _row(case, mode, provider, ms, **extra):
-    nbytes = case.traffic_bytes(mode, 2)
-    return {"op": case.op, "case": case.name, "batch": case.batch, "shape": case.shape, "dtype": "bfloat16",
-            "mode": mode, "provider": provider, "device": "cuda", "bytes": nbytes, "timer": "do_bench",
-            "ms": ms, "gbps": None if ms is None else nbytes / (ms * 1e-3) / 1e9,
-            "note": None if ms is not None else "not measured: time budget", **extra}
-
-
-def _cuda_doc(hcl_ms, kd_graph_ms, launches=(1, 1)):
-    hcl = hcl_case("swin_t", 128)
-    rows = [_row(hcl, "fwd+bwd", "eager", 60.0), _row(hcl, "fwd+bwd", "compiled", 1.0),
-            _row(hcl, "fwd+bwd", "triton", hcl_ms)]
-    for k in (100, 1000):
-        kd = kd_case("kd_loss_pair", k, 256)
-        rows += [_row(kd, "fwd+bwd", "eager", 0.2),
-                 _row(kd, "fwd+bwd", "triton", 0.02, ms_graph=kd_graph_ms, launches_fwd=launches[0],
-                      launches_bwd=launches[1], kernels_fwd=["_kl_fwd_kernel"], kernels_bwd=["_kl_bwd_kernel"])]
-    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}
-    return make_doc(env, {"copy_gbps": 3000.0, "bf16_tflops": 790.0, "device": "NVIDIA H100 80GB HBM3"}, rows)
-
-
-def test_ratios_and_fraction_of_copy_come_from_the_same_run():
-    doc = _cuda_doc(hcl_ms=0.4, kd_graph_ms=0.008)
-    tri = next(r for r in doc["kernels"] if r["provider"] == "triton" and r["op"] == "hcl_loss_stages")
-    assert tri["vs_eager"] == pytest.approx(150.0) and tri["vs_compiled"] == pytest.approx(2.5)
-    # 6 passes x 72,253,440 bf16 elements in 0.4 ms, over a 3000 GB/s copy
-    assert tri["bytes"] == 6 * 72_253_440 * 2
-    assert tri["frac_copy"] == pytest.approx(6 * 72_253_440 * 2 / 0.4e-3 / 1e9 / 3000)
-
-
-def _issue3(ts):
-    return [t for t in ts if "RAA" not in t["target"]]
-
-
-def test_targets_met_not_met_and_not_measured():
-    met = {t["target"]: t["verdict"] for t in _issue3(targets(_cuda_doc(hcl_ms=0.35, kd_graph_ms=0.008)))}
-    assert set(met.values()) == {"met"}, met
-    assert len(met) == 9
-    slow = _issue3(targets(_cuda_doc(hcl_ms=0.9, kd_graph_ms=0.02, launches=(2, 1))))
-    verdicts = [t["verdict"] for t in slow]
-    assert verdicts.count("not met") == 6  # 75% of copy, 1.5x compiled, forward launches x2, 10 us x2
-    doc = _cuda_doc(hcl_ms=None, kd_graph_ms=None)
-    verdicts = {t["target"]: t["verdict"] for t in _issue3(targets(doc))}
-    assert [v for k, v in verdicts.items() if "HCL" in k or "10 us" in k] == ["not measured"] * 5
-    assert [v for k, v in verdicts.items() if "launch" in k] == ["met"] * 4  # the counts were measured
-    assert "time budget" in targets(doc)[0]["figure"]
-    md = render_md(doc)
-    assert "| not measured (time budget) | **not measured** |" in md
-    cpu = make_doc({"gpu": None, "torch": "x", "triton": "x", "cuda": "x"}, None, [])
-    assert all(t["figure"] == "not measured (no CUDA GPU in this run)" for t in targets(cpu))
-    assert len(targets(cpu)) == 9 + 5
-
-
-def _raa_doc(core_fwd, core_bwd, block, sdpa_cudnn="measured"):
-    """Fake B=128 RAA figures (ms): block = {provider: fwd+bwd ms}; sdpa_cudnn="missing" leaves that row unmeasured."""
-    core = raa_case("raa_core", 128)
-    rows = [_row(core, "fwd", "triton", core_fwd), _row(core, "fwd+bwd", "triton", 0.05, ms_bwd=core_bwd)]
-    blk = raa_case("raa_block", 128)
-    for provider, ms in block.items():
-        rows.append(_row(blk, "fwd+bwd", provider, ms))
-    if sdpa_cudnn == "missing":
-        rows[-1]["note"] = "not measured: RuntimeError: No available kernel. Aborting execution."
-    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0"}
-    return make_doc(env, {"copy_gbps": 3000.0, "bf16_tflops": 790.0}, rows)
-
-
-def _raa_verdicts(doc):
-    return {t["target"].split(": ", 1)[1]: (t["verdict"], t["figure"]) for t in targets(doc) if "RAA" in t["target"]}
-
-
-def test_raa_targets_met_not_met_and_not_measured():
-    fast = {"eager": 1.0, "compiled": 0.5, "sdpa_flash": 0.45, "sdpa_cudnn": 0.4, "triton": 0.3}
-    v = _raa_verdicts(_raa_doc(0.012, 0.025, fast))
-    assert len(v) == 5 and {x[0] for x in v.values()} == {"met"}, v
-    sdpa = next(x for k, x in v.items() if "SDPA" in k)
-    assert sdpa[1] == "1.33x (300.0 us vs 400.0 us sdpa_cudnn)"  # against the faster backend
-    slow = {"eager": 0.8, "compiled": 0.35, "sdpa_flash": 0.33, "sdpa_cudnn": 0.5, "triton": 0.3}
-    v = _raa_verdicts(_raa_doc(0.016, 0.031, slow))
-    assert [x[0] for x in v.values()] == ["not met"] * 5, v  # 16 us, 31 us, 2.67x, 1.17x, 1.1x (flash)
-    # cuDNN unavailable: judged on flash alone; compiled and backward-alone not measured
-    partial = {"eager": 1.0, "sdpa_flash": 0.45, "triton": 0.3, "sdpa_cudnn": None}
-    v = _raa_verdicts(_raa_doc(0.012, None, partial, sdpa_cudnn="missing"))
-    verdicts = [x[0] for x in v.values()]
-    assert verdicts == ["met", "not measured", "met", "not measured", "met"], v
-    assert "sdpa_flash" in next(x[1] for k, x in v.items() if "SDPA" in k)
-    # neither SDPA backend measured: the verdict says why, per backend
-    none = {"eager": 1.0, "triton": 0.3, "sdpa_flash": None, "sdpa_cudnn": None}
-    fig = next(x for k, x in _raa_verdicts(_raa_doc(0.012, 0.02, none)).items() if "SDPA" in k)
-    assert fig[0] == "not measured" and "sdpa_flash: time budget" in fig[1] and "sdpa_cudnn: time budget" in fig[1]
-    md = render_md(_raa_doc(0.012, 0.025, fast))
-    assert "## Targets (issues #3 and #4)" in md and "backward <= 30 us" in md
-
-
-def test_gpu_test_counts_from_junit_and_from_the_log(tmp_path):
-    junit = tmp_path / "j.xml"
-    junit.write_text('<testsuites><testsuite name="pytest" tests="5" failures="1" errors="0" skipped="1" '
-                     'time="12.5"><testcase classname="tests.kernels.test_hcl" name="test_a"><failure/>'
-                     '</testcase></testsuite></testsuites>')
-    t = parse_gpu_tests(1, None, str(junit), collect_only=False)
-    assert (t["passed"], t["failed"], t["errors"], t["skipped"]) == (3, 1, 0, 1)
-    assert t["failures"] == ["tests.kernels.test_hcl::test_a"]
-    log = tmp_path / "log"
-    log.write_text("FAILED tests/kernels/test_kd.py::test_b - AssertionError\n2 failed, 30 passed in 50.1s\n")
-    t = parse_gpu_tests(1, str(log), str(tmp_path / "missing.xml"), collect_only=False)
-    assert (t["passed"], t["failed"]) == (30, 2) and t["failures"] == ["tests/kernels/test_kd.py::test_b"]
-    log.write_text("32/529 tests collected (497 deselected) in 4.42s\n")
-    assert parse_gpu_tests(0, str(log), None, collect_only=True)["collected"] == 32
-    assert parse_gpu_tests(124, None, None, collect_only=False, timeout_s=180)["timed_out"]
+    assert "killed at the step's limit of 1 s" in (out / "results.md").read_text()
