@@ -41,7 +41,8 @@
 #   KERNELS_RAA_TIMEOUT 30, KERNELS_KD_TIMEOUT 25, TESTS_TIMEOUT 55, DATA_TIMEOUT 20, E2E_OTHERS_TIMEOUT 30,
 #   OVERHEAD_S 10  (total 415 s); e2e_others also gets what the steps before it left unused, within the total
 # Inside steps: KERNELS_RESERVE (15 s: no new torch.compile shape after limit - reserve), E2E_PAIR_S (90 s).
-# --dry-run checks this table the same way but runs each step under max(its limit, DRY_STEP_TIMEOUT = 300 s).
+# --dry-run checks this table the same way but runs each step under max(its limit, DRY_STEP_TIMEOUT = 300 s),
+# with one OpenMP thread (OMP_NUM_THREADS=1: a shared 2-core machine).
 # GPU_CHECK_KERNEL_ARGS, GPU_CHECK_DATA_ARGS, GPU_CHECK_E2E_ARGS add flags to bench kernels / data / train.
 #
 # Files in OUTDIR (the GPU machine returns at most 8): results.json, results.md, gpu_check.log (appended by every

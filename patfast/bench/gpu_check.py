@@ -171,7 +171,9 @@ def build_doc(store: dict) -> dict:
         record = steps[name]["record"]
         return unreached_reason(name, record) if record.get("rc") != 0 else NOT_REACHED
 
-    env = dict(part("env") or {"gpu": None, "torch": None, "triton": None, "cuda": None})
+    env = part("env") or next((part(n)["env"] for n in (*KERNEL_STEPS, "data") if (part(n) or {}).get("env")),
+                              {"gpu": None, "torch": None, "triton": None, "cuda": None})
+    env = dict(env)  # (without the env step: the environment a kernel or data step recorded)
     kernels, ceilings = [], part("ceilings")
     for name in KERNEL_STEPS:
         rows = (part(name) or {}).get("kernels") or []

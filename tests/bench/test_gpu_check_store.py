@@ -56,7 +56,8 @@ def test_a_rerun_step_replaces_its_part_and_keeps_the_others(tmp_path):
 def test_rows_a_killed_step_never_reached_say_why(tmp_path):
     out = tmp_path / "out"
     rows = [kernel_row("eager", 0.2), kernel_row("triton", None, NOT_REACHED)]
-    doc = step(out, "kernels_kd", {"kernels": rows}, rc=124, limit=25)
+    doc = step(out, "kernels_kd", {"env": {"gpu": "NVIDIA H200"}, "kernels": rows}, rc=124, limit=25)
+    assert doc["env"]["gpu"] == "NVIDIA H200"  # no env step ran: the kernel step's environment
     tri = next(r for r in doc["kernels"] if r["provider"] == "triton")
     assert tri["note"] == ("not measured: not reached: the kernels_kd step was stopped at its time limit (25 s) "
                            "before this")

@@ -21,7 +21,7 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="uses the CPU dr
 
 def run_until(argv: list[str], line_start: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m patfast ARGV`, SIGKILL it as soon as a stdout line starts with ``line_start``."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "patfast", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -41,7 +41,8 @@ def run_until(argv: list[str], line_start: str, timeout: float = 300) -> subproc
 
 @pytest.mark.slow
 @cpu_only
-def test_bench_train_path_that_raises_is_failed_beside_the_measured_one(tmp_path, monkeypatch, capsys):
+def test_bench_train_path_that_raises_is_failed_beside_the_measured_one(tmp_path, monkeypatch, capsys,
+                                                                      one_thread_seeded):
     real = bench_train.time_steps
     calls = []
 
@@ -81,7 +82,8 @@ def _fake_step_rate(*args, **kwargs):
 
 
 @cpu_only
-def test_bench_data_backend_that_raises_is_failed_and_the_others_are_kept(tmp_path, monkeypatch, capsys):
+def test_bench_data_backend_that_raises_is_failed_and_the_others_are_kept(tmp_path, monkeypatch, capsys,
+                                                                         one_thread_seeded):
     real = bench_data.bench_backend
 
     def gpu_raises(args, backend, device, dataset):
