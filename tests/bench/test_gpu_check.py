@@ -179,16 +179,20 @@ def test_a_raising_provider_is_failed_and_only_keeps_the_other_steps(tmp_path):
     proc = run([str(out), "--dry-run", "--only", "ceilings"])
     assert proc.returncode == 0, proc.stdout[-4000:]
     (inject / "sitecustomize.py").write_text(BROKEN_HCL)
-    proc = run([str(out), "--dry-run", "--only", "kernels_hcl"], PYTHONPATH=str(inject),
-               GPU_CHECK_KERNEL_ARGS="--teacher swin_t")
+    proc = run([str(out), "--dry-run", "--only", "e2e_target,kernels_hcl"], PYTHONPATH=str(inject),
+               GPU_CHECK_KERNEL_ARGS="--teacher swin_t", GPU_CHECK_E2E_ARGS="--paths fast,reference --no-split")
     assert proc.returncode == 1, proc.stdout[-4000:]
     assert "=== gpu_check: kernels_hcl FAILED with exit status 1 ===" in proc.stdout
+    assert "=== gpu_check: e2e_target FAILED with exit status 1 ===" in proc.stdout
     # the exit summary names every FAILED row, with the exception
     assert ("FAILED: kernels: hcl_loss_stages swin_t B=1 fwd triton: interpreter check: RuntimeError: injected: "
             "the Triton HCL kernel broke") in proc.stdout
-    assert "gpu_check: FAILED in this run: kernels_hcl (exit 1)" in proc.stdout
+    assert "gpu_check: FAILED in this run: e2e_target (exit 1) kernels_hcl (exit 1)" in proc.stdout
     doc = json.loads((out / "results.json").read_text())
     assert_schema(doc)
+    (e2e,) = doc["e2e"]  # the fast path's Triton HCL through the interpreter raised; the reference path ran
+    assert e2e["paths"]["fast"]["error"] == "RuntimeError: injected: the Triton HCL kernel broke"
+    assert e2e["fast_img_s"] is None and e2e["reference_img_s"] > 0
     rows = {(r["mode"], r["provider"]): r for r in doc["kernels"]}
     for mode in ("fwd", "fwd+bwd"):
         assert rows[(mode, "triton")]["error"] == ("interpreter check: RuntimeError: injected: the Triton HCL "
@@ -200,7 +204,8 @@ def test_a_raising_provider_is_failed_and_only_keeps_the_other_steps(tmp_path):
     assert (steps["kernels_hcl"]["status"], steps["kernels_hcl"]["run"]) == ("FAILED (exit status 1)", 2)
     assert steps["data"]["status"] == "not run"
     md = (out / "results.md").read_text()
-    assert "## FAILED (3)" in md and "| swin_t | 1 | fwd | triton | FAILED [" in md
+    assert "## FAILED (5)" in md and "| swin_t | 1 | fwd | triton | FAILED [" in md
+    assert "| convnext_atto -> resnet10t | 2 | 32 | FAILED |" in md
     assert "not measured: interpreter" not in md
 
 

@@ -216,6 +216,23 @@ def test_an_interpreter_run_that_raises_is_failed_and_the_bench_exits_1(tmp_path
     assert "bench kernels: FAILED: kd_loss K=41 B=1 fwd triton: interpreter check: RuntimeError: injected" in out
 
 
+@cpu_only
+def test_an_interpreter_result_off_the_reference_is_failed(tmp_path, monkeypatch):
+    from patfast import ops
+
+    real = ops.kd_loss
+    monkeypatch.setattr(ops, "kd_loss", lambda *a, backend="auto", **k: real(*a, backend=backend, **k)
+                        * (1.01 if backend == "triton" else 1.0))
+    path = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--op", "kd", "--classes", "41", "--interpret-check", "--json", str(path)]) == 1
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in json.loads(path.read_text())["kernels"]}
+    off = rows[("kd_loss", "fwd", "triton")]
+    assert off["error"] == ("interpreter check: AssertionError: interpreter outputs differ from the reference: rel. "
+                            "error 1.00e-02 > 1e-03")
+    assert off["interpreter_rel_err"] == pytest.approx(0.01, rel=1e-3)
+    assert "error" not in rows[("kd_loss_pair", "fwd", "triton")]
+
+
 def test_raa_gpu_logic_records_every_provider_and_an_unavailable_sdpa_backend(fake_gpu, tmp_path):
     # The CUDA branch on CPU tensors: sdpa_flash runs (the CPU's flash kernel stands in), sdpa_cudnn has no kernel
     # on the CPU, which is what an unavailable backend on a GPU looks like: recorded as not measured, with the reason.
