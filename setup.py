@@ -21,7 +21,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "pytest-timeout", "ruff"],
+        "test": ["pytest>=8", "pytest-benchmark", "pytest-timeout", "pytest-xdist", "ruff"],
         "dali": ["nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["patfast = patfast.cli:main"]},

@@ -22,10 +22,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# 2-core CI machine: intra-op threads fixed so timings and results are stable; one per process when pytest-xdist
+# runs two workers (CI's second environment), so the workers together use the two cores.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _small_threads():
-    # 2-core CI machine: keep intra-op threads fixed so timings and results are stable.
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield
 
 

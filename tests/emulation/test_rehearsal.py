@@ -39,7 +39,6 @@ CASES = {  # name: (teacher, teacher kwargs, student, variant)
     "convnext-cnn": ("convnext_atto", {}, "resnet10t", "paper"),
     "vit-cnn": ("deit_tiny_patch16_224", {}, "resnet10t", "paper"),
     "swin-cnn": ("swin_tiny_patch4_window7_224", TINY_SWIN, "resnet10t", "paper"),
-    "swin-cnn-official": ("swin_tiny_patch4_window7_224", TINY_SWIN, "resnet10t", "official"),
     "mlp-vit": ("resmlp_12_224", {}, "deit_tiny_patch16_224", "paper"),
     "resnet-vit": ("resnet18", {}, "deit_tiny_patch16_224", "paper"),
 }
