@@ -339,17 +339,22 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
                         loss = float(sum(losses.values()))
                         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
                 ckpt.test_kill_point("step")
-                if world.distributed and cadence:  # a signal to any process stops them all after the same step
-                    flag = dist_.all_max(torch.tensor([stop.signum or 0], device=device), world)
-                    stop.signum = int(flag.item()) or None
-                due = stop.signum or (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0)
+                # a signal to any process stops them all after the same step: under torchrun a signal counts only once
+                # the processes have compared notes (at the cadence), so all of them checkpoint and stop together
+                stopping = stop.signum
+                if world.distributed:
+                    stopping = None
+                    if cadence:
+                        flag = dist_.all_max(torch.tensor([stop.signum or 0], device=device), world)
+                        stop.signum = stopping = int(flag.item()) or None
+                due = stopping or (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0)
                 if i + 1 < steps_per_epoch and due:
                     now = read_tally(epoch)
                     # no checkpoint inside a run of non-finite steps: their forwards may have put NaN into BatchNorm
                     # statistics, and the last good checkpoint must stay the last one written
                     if now.run == 0:
                         save(epoch, i + 1, sums, seen, i + 1 - now.skipped, now.skipped)
-                if stop.signum:
+                if stopping:
                     bar.close()
                     raise stop.stopped(os.path.join(out, "last.pth"), out, i + 1 < steps_per_epoch)
             bar.close()
@@ -384,6 +389,9 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
                 summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows
                 plot_curves(rows, terms, os.path.join(out, "curves.png"),
                             f"{role} {name} | {what} | {cfg['data']}")
+            if world.distributed:  # a signal during the evaluation: every process stops here, or none does
+                flag = dist_.all_max(torch.tensor([stop.signum or 0], device=device), world)
+                stop.signum = int(flag.item()) or None
             if stop.signum:
                 raise stop.stopped(os.path.join(out, "last.pth"), out, False)
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 
-def run(out, teacher, batch, nproc, *extra, kill=None):
+def run(out, teacher, batch, nproc, *extra, kill=None, timeout=900):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 "29533", "-m", "patfast"] if nproc > 1 else [sys.executable, "-m", "patfast"]
     argv = [*launcher, "train", "--data", "digits", "--teacher", "convnext_atto", "--student", "resnet10t",
@@ -25,7 +25,7 @@ def run(out, teacher, batch, nproc, *extra, kill=None):
     env.pop("PATFAST_TEST_KILL", None)
     if kill:
         env["PATFAST_TEST_KILL"] = kill
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
     if kill:
         return None, proc
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -62,3 +62,17 @@ def test_two_processes_killed_mid_epoch_resume_exactly(tmp_path, teacher):
     assert strip[0] == strip[1]
     a, b = (load_file(tmp_path / d / "student.safetensors") for d in ("run", "whole"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, teacher):
+    # rank 1 alone is signalled after its 3rd step; the processes compare notes every READ_EVERY steps, so both
+    # checkpoint together at the next such step and stop (before, rank 1 entered the checkpoint's collectives
+    # alone and the run hung: > 300 s)
+    from patfast.train.nonfinite import READ_EVERY
+
+    _, proc = run(tmp_path / "run", teacher, 64, 2, "--epochs", "1", kill="step:3:term:1", timeout=300)  # 30 s
+    assert proc.returncode != 0
+    assert proc.stderr.count("stopped by SIGTERM") >= 1, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert state["step"] == READ_EVERY
