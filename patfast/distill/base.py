@@ -8,10 +8,13 @@ from torch import nn
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Cross-entropy with label smoothing for int labels (B,); soft-target CE for (B, K) targets (mixup/cutmix)."""
+    """Cross-entropy with label smoothing for int labels (B,); soft-target CE for (B, K) targets (mixup/cutmix).
+    Computed in at least float32 (16-bit logits are promoted, float64 stays float64)."""
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     if targets.dim() == 2:
-        return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=smoothing)
 
 
 class Distiller(nn.Module):

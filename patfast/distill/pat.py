@@ -36,7 +36,8 @@ class PAT(Distiller):
         self.temperature, self.w_kd, self.w_fd, self.w_reg = temperature, w_kd, w_fd, w_reg
         self.backend = backend
         self.raa = RegionAwareAttention(student_taps.stage_shapes, dim, num_heads, queries_per_stage,
-                                        pos_by_batch_index=variant.pos_by_batch_index, backend=backend)
+                                        pos_by_batch_index=variant.pos_by_batch_index,
+                                        float32_pos_table=variant.float32_pos_table, backend=backend)
         targets = teacher.taps.stage_shapes
         # the reference backend keeps the aligners' plain order (resize, then BatchNorm + conv): the authors' way
         self.aligners = nn.ModuleList(stage_aligner(dim, t, self.raa.queries, upsample_last=backend != "reference")
@@ -47,15 +48,17 @@ class PAT(Distiller):
         teacher.taps.set_prompts([self.prompts[str(i)] if str(i) in self.prompts else None for i in range(1, 5)])
 
     def forward(self, images, targets, *, first_batch: bool = False):
+        # official bug 5: the clean forward of an epoch's first batch runs in train mode; the authors' code puts the
+        # teacher back in eval mode before the prompted forward, so only that one forward sees train mode
         bug_mode = self.training and first_batch and self.variant.teacher_train_first_batch
         if bug_mode:
             self.teacher.model_mode(True)
         try:
             logits_t = self.teacher.clean(images)
-            logits_pt, feats_t = self.teacher.prompted(images)
         finally:
             if bug_mode:
                 self.teacher.model_mode(False)
+        logits_pt, feats_t = self.teacher.prompted(images)
         logits = self.student(images)
         aligned = [a(q) for a, q in zip(self.aligners, self.raa(self.student_taps.features()))]
         fd = ops.hcl_loss_stages(aligned, feats_t, backend=self.backend)

@@ -1,6 +1,7 @@
 """The two PAT variants: `paper` (what the paper describes) and `official` (what the published code computes).
 
-Each of SPEC section 6's five differences is one switch, so each can be tested and toggled alone.
+Each of SPEC section 6's five differences is one switch, so each can be tested and toggled alone; a sixth matches
+the authors' float32 rounding of the sinusoid table.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ class PatVariant:
     se_gate_only: bool = False  # 2: SE returns its sigmoid gate only: prompts become per-channel biases
     pos_by_batch_index: bool = False  # 3: positional term sliced by batch index (B, 1, d) instead of by token
     class_token_last: bool = False  # 4: when L is not a square, the LAST token is the class token
-    teacher_train_first_batch: bool = False  # 5: teacher in train mode for the first batch of each epoch
+    teacher_train_first_batch: bool = False  # 5: the clean teacher forward of each epoch's first batch in train mode
+    float32_pos_table: bool = False  # not a bug: the sinusoid table computed in float32 as the authors do (see raa.py)
 
     @classmethod
     def named(cls, name: str) -> PatVariant:

@@ -71,6 +71,17 @@ def test_sinusoid_table_formula():
     torch.testing.assert_close(sinusoid_table(70, 64).double(), _sinusoid(70, 64), rtol=0, atol=1e-6)
 
 
+def test_sinusoid_table_in_float32_arithmetic():
+    # the official variant's table: the same formula in float32 arithmetic (the authors'), so close to the float64
+    # table where RAA reads it (rows < 1024: batch indices or 64 tokens) but not the same bits
+    exact, official = sinusoid_table(5000, 512), sinusoid_table(5000, 512, float32_arith=True)
+    assert official.dtype == torch.float32 and not torch.equal(exact, official)
+    truth = _sinusoid(64, 512)
+    assert (official[:64].double() - truth).abs().max() < 1e-5
+    assert (exact[:64].double() - truth).abs().max() <= 6e-8  # half a float32 step at |x| <= 1
+    assert (official[:1024] - exact[:1024]).abs().max() < 1e-4
+
+
 def _stage_shapes():
     return [StageShape("map", 8, 16, 16), StageShape("map", 16, 8, 8), StageShape("tokens", 24, 4, 4),
             StageShape("map", 32, 2, 2)]

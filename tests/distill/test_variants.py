@@ -21,7 +21,7 @@ def test_named_variants():
     paper, official = PatVariant.named("paper"), PatVariant.named("official")
     names = [f.name for f in fields(PatVariant)]
     assert sorted(names) == sorted(["token_reshape_bug", "se_gate_only", "pos_by_batch_index", "class_token_last",
-                                    "teacher_train_first_batch"])
+                                    "teacher_train_first_batch", "float32_pos_table"])
     assert not any(getattr(paper, n) for n in names)
     assert all(getattr(official, n) for n in names)
     assert PatVariant() == paper
@@ -38,6 +38,9 @@ def test_build_distiller_wires_every_switch(make_pat, name):
     assert all(m.gate_only == off for m in d.modules() if isinstance(m, SqueezeExcite))  # 2
     assert d.raa.pos_by_batch_index == off  # 3
     assert d.teacher.taps.class_token == d.student_taps.class_token == ("last" if off else "first")  # 4
+    from patfast.distill.raa import sinusoid_table
+
+    assert torch.equal(d.raa.pos_table, sinusoid_table(5000, d.raa.q.in_features, float32_arith=off))
 
 
 # 1 ---------------------------------------------------------------------------------------------------------------
@@ -162,22 +165,26 @@ def test_4_class_token_last(make_pat, make_batch, last):
 
 @pytest.mark.parametrize("bug", [False, True])
 def test_5_teacher_train_first_batch(make_pat, make_batch, bug):
+    # a BatchNorm teacher: official runs the CLEAN forward of an epoch's first batch in train mode (batch statistics,
+    # running statistics move once) and the prompted forward in eval mode, as the authors' forward does
     d = make_pat(teacher="resnet18", student="mobilenetv2_100", variant=PatVariant(teacher_train_first_batch=bug))
     d.train()
     teacher = d.teacher.model
     modes = []
     teacher.register_forward_pre_hook(lambda m, a: modes.append(m.training))
-    stats = teacher.bn1.running_mean.clone()
+    stats, tracked = teacher.bn1.running_mean.clone(), teacher.bn1.num_batches_tracked.item()
     x, y = make_batch()
 
     d(x, y, first_batch=False)  # not the first batch: the teacher is in eval mode in both variants
     assert modes == [False, False] and torch.equal(teacher.bn1.running_mean, stats)
 
     d(x, y, first_batch=True)
-    if bug:  # official: train mode for the first batch of the epoch: batch statistics, running stats move
-        assert modes[2:] == [True, True]
+    if bug:  # official: [clean in train mode, prompted in eval mode]; the running statistics moved once
+        assert modes[2:4] == [True, False]
         assert not torch.equal(teacher.bn1.running_mean, stats)
+        assert teacher.bn1.num_batches_tracked.item() == tracked + 1
     else:
-        assert modes[2:] == [False, False]
+        assert modes[2:4] == [False, False]
         assert torch.equal(teacher.bn1.running_mean, stats)
+        assert teacher.bn1.num_batches_tracked.item() == tracked
     assert not any(m.training for m in teacher.modules())  # back in eval mode afterwards
