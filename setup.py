@@ -9,7 +9,7 @@ setup(
     packages=["patfast", "patfast.models", "patfast.distill", "patfast.data", "patfast.train",
               "patfast.bench", "patfast.kernels"],
     package_dir={"patfast": "patfast", "patfast.kernels": "kernels"},
-    package_data={"patfast": ["configs/*.yaml"]},
+    package_data={"patfast": ["recipes/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "timm>=1.0.9",

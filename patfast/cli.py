@@ -1,4 +1,4 @@
-"""`patfast train | teacher | eval | bench | info`.
+"""`patfast train | teacher | eval | bench | recipes | info`.
 
 Every mistake a user can make ends with one line `patfast: error: ...` on stderr and exit status 2.
 """
@@ -16,6 +16,7 @@ COMMANDS = {
     "teacher": "train or fine-tune a teacher on the same data",
     "eval": "evaluate a checkpoint (student.safetensors, teacher.safetensors or last.pth) on a test split",
     "bench": "benchmarks: kernels against their references (bench kernels), data loaders (bench data)",
+    "recipes": "list the packaged recipes (the paper's protocols) that --config NAME takes",
     "info": "versions, device and the available backends",
 }
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
             from patfast.bench import add_options as add_bench_options
 
             add_bench_options(p)
-        elif name != "info":
+        elif name not in ("info", "recipes"):
             add_options(p, name)
     return parser
 
@@ -132,6 +133,18 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+def cmd_recipes(args) -> int:
+    from patfast.train.recipes import packaged_recipes
+
+    recipes = packaged_recipes()
+    width = max(map(len, recipes))
+    for name, recipe in recipes.items():
+        print(f"{name:<{width}}  {recipe.summary}")
+    print(f"\nuse one with: patfast train --config NAME --data ... (the command line overrides it); "
+          f"{len(recipes)} recipes")
+    return 0
+
+
 def cmd_info(args) -> int:
     import torch
 
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "recipes":
+            return cmd_recipes(args)
         return cmd_info(args)
     except UserError as e:
         print(f"patfast: error: {e}", file=sys.stderr)

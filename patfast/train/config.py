@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from patfast.errors import UserError
+from patfast.train.recipes import config_path
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ DATA_DEFAULTS = {
 }
 
 OPTIONS = [
-    Option("config", str, None, "YAML file of defaults (snake_case keys); the command line overrides it"),
+    Option("config", str, None, "YAML file of defaults (snake_case keys), or a packaged recipe's name (`patfast "
+           "recipes`); the command line overrides it"),
     Option("data", str, "digits", "digits (bundled) | cifar10:DIR | cifar100:DIR | imagefolder:DIR",
            ("train", "teacher", "eval")),
     Option("teacher", str, "swin_tiny_patch4_window7_224", "teacher timm model name"),
@@ -52,12 +54,19 @@ OPTIONS = [
            "teacher is trained and cached when omitted", ("train",)),
     Option("init_checkpoint", str, None, "start from these weights (fine-tune)", ("teacher",)),
     Option("checkpoint", str, None, "weights to evaluate (.safetensors or last.pth)", ("eval",)),
+    Option("teacher_ema", bool, False, "take the teacher checkpoint's EMA weights (state_dict_ema of a timm "
+           "CheckpointSaver file, e.g. OFA-KD's teachers)", ("train",)),
+    Option("teacher_pretrained", bool, False, "start the teacher from timm's pretrained weights (hub download; with "
+           "--teacher-checkpoint FILE: that file, offline, through timm's own checkpoint filter)", ("train",)),
     Option("teacher_mean", float, None, "mean the teacher was trained with (3 values; default: its checkpoint's or "
            "the data's)", ("train",), list_of=float),
     Option("teacher_std", float, None, "std the teacher was trained with (3 values)", ("train",), list_of=float),
     Option("distiller", str, "pat", "pat | kd | none", ("train",), choices=("pat", "kd", "none")),
     Option("pat_variant", str, "paper", "paper | official (SPEC section 6)", ("train",), choices=("paper", "official")),
-    Option("pat_afp_stage", int, [1, 2, 3, 4], "teacher stages that get a feedback prompt", ("train",), list_of=int),
+    Option("pat_afp_stage", int, [1, 2, 3, 4], "teacher stages that get a feedback prompt ('none': no AFP)",
+           ("train",), list_of=int),
+    Option("pat_feedback", bool, True, "feed the previous step's (aligned student - prompted teacher) to the prompts "
+           "(--no-pat-feedback: the ablation 'AFP without feedback')", ("train",)),
     Option("pat_dim", int, 512, "RAA width", ("train",)),
     Option("pat_heads", int, 8, "RAA heads", ("train",)),
     Option("student_stages", str, None, "4 student module names whose outputs are the stage features",
@@ -77,7 +86,10 @@ OPTIONS = [
            choices=("auto", "cnn", "vit")),
     Option("epochs", int, 300, "training epochs"),
     Option("teacher_epochs", int, 30, "epochs when `train` has to train the bundled-data teacher first", ("train",)),
-    Option("batch_size", int, 128, "batch size (per process)", ("train", "teacher", "eval")),
+    Option("batch_size", int, 128, "batch size (per process and step)", ("train", "teacher", "eval")),
+    Option("grad_accum", int, 1, "accumulate the gradients of N steps before each update (total batch: processes x "
+           "batch size x N)"),
+    Option("sync_bn", bool, False, "under torchrun: BatchNorm statistics over all processes (SyncBatchNorm)"),
     Option("img_size", int, 224, "input size", ("train", "teacher", "eval")),
     Option("opt", str, None, "sgd | adamw (default: from the recipe)", choices=("sgd", "adamw")),
     Option("lr", float, None, "peak learning rate"),
@@ -151,6 +163,8 @@ def _convert(o: Option, value, source: str):
     what = f"{flag(o.name)}" if source == "command line" else f"'{o.name}' in {source}"
     try:
         if o.list_of is not None:
+            if o.name == "pat_afp_stage" and str(value).strip().lower() in ("none", "[]"):
+                return []
             items = value if isinstance(value, (list, tuple)) else [s for s in str(value).split(",") if s.strip()]
             return [o.list_of(str(s).strip()) if o.list_of is not str else str(s).strip() for s in items]
         if value is None:
@@ -173,7 +187,7 @@ def _convert(o: Option, value, source: str):
 
 def read_yaml(path: str, command: str) -> dict:
     if not os.path.isfile(path):
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path} (nor a packaged recipe: `patfast recipes` lists them)")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -205,7 +219,7 @@ def resolve(args: argparse.Namespace, command: str, *, student_is_tokens=None) -
     """
     cli = {k: _convert(BY_NAME[k], v, "command line") for k, v in vars(args).items()
            if k in BY_NAME and v is not None}
-    file_cfg = read_yaml(cli["config"], command) if cli.get("config") else {}
+    file_cfg = read_yaml(config_path(cli["config"]), command) if cli.get("config") else {}
     user = {**file_cfg, **cli}
     cfg = {o.name: o.default for o in OPTIONS if command in o.commands}
     kind = data_kind(user.get("data", cfg.get("data", "digits")))
@@ -239,7 +253,7 @@ def _validate(cfg: dict) -> None:
             raise UserError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {cfg[name]}")
 
     for name in ("epochs", "batch_size", "img_size", "lr", "teacher_epochs", "pat_dim", "pat_heads",
-                 "kd_temperature", "model_ema_decay", "nonfinite_patience"):
+                 "kd_temperature", "model_ema_decay", "nonfinite_patience", "grad_accum"):
         positive(name)
     for name in ("min_lr", "warmup_epochs", "weight_decay", "momentum", "clip_grad", "smoothing", "mixup", "cutmix",
                  "reprob", "hflip", "workers", "gt_weight", "kd_weight", "fd_weight", "reg_weight",
@@ -260,7 +274,7 @@ def _validate(cfg: dict) -> None:
             raise UserError(f"--crop-scale takes two values 0 < lo <= hi <= 1, got {_show(cs)}")
     if "pat_afp_stage" in cfg:
         bad = [s for s in cfg["pat_afp_stage"] if s not in (1, 2, 3, 4)]
-        if bad or not cfg["pat_afp_stage"] or len(set(cfg["pat_afp_stage"])) != len(cfg["pat_afp_stage"]):
+        if bad or len(set(cfg["pat_afp_stage"])) != len(cfg["pat_afp_stage"]):
             raise UserError(f"--pat-afp-stage takes distinct stages among 1,2,3,4, got {_show(cfg['pat_afp_stage'])}")
     if "pat_dim" in cfg and cfg["pat_dim"] % cfg["pat_heads"]:
         raise UserError(f"--pat-dim {cfg['pat_dim']} is not divisible by --pat-heads {cfg['pat_heads']}")
