@@ -1,4 +1,4 @@
-"""`patfast train | teacher | eval | bench | recipes | info`.
+"""`patfast train | teacher | eval | bench | recipes | report | info`.
 
 Every mistake a user can make ends with one line `patfast: error: ...` on stderr and exit status 2.
 """
@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "evaluate a checkpoint (student.safetensors, teacher.safetensors or last.pth) on a test split",
     "bench": "benchmarks: kernels against their references (bench kernels), data loaders (bench data)",
     "recipes": "list the packaged recipes (the paper's protocols) that --config NAME takes",
+    "report": "tables and curves over seeds from run directories (mean ± std per config)",
     "info": "versions, device and the available backends",
 }
 
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
             from patfast.bench import add_options as add_bench_options
 
             add_bench_options(p)
+        elif name == "report":
+            from patfast.train.runs_report import add_options as add_report_options
+
+            add_report_options(p)
         elif name not in ("info", "recipes"):
             add_options(p, name)
     return parser
@@ -181,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bench(args)
         if args.command == "recipes":
             return cmd_recipes(args)
+        if args.command == "report":
+            from patfast.train.runs_report import run as cmd_report
+
+            return cmd_report(args)
         return cmd_info(args)
     except UserError as e:
         print(f"patfast: error: {e}", file=sys.stderr)
