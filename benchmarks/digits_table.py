@@ -1,18 +1,22 @@
 """The bundled-digits comparison: teacher, student alone (none), logit KD and PAT, over several seeds.
 
-Usage: python benchmarks/digits_table.py OUT_DIR [--seeds 0 1 2] [--teacher-checkpoint PATH]
-Runs `patfast train` for each (distiller, seed) with one shared teacher and writes OUT_DIR/table.md from the
-summary.csv files (final-epoch raw and EMA top-1, best over epochs, mean and spread over seeds, img/s).
+Usage: python benchmarks/digits_table.py OUT_DIR [--seeds 0 1 2] [--distillers none kd pat]
+                                         [--teacher-checkpoint PATH] [other `patfast train` options]
+Runs `patfast train` for each (distiller, seed) into OUT_DIR/<distiller>-seed<seed> with one shared teacher (a run
+whose student.safetensors exists is not run again), then writes the table of `patfast report` over those runs:
+OUT_DIR/table.md (also printed), table.csv and table.png (final raw and EMA top-1, best over epochs, mean ± sample
+std over seeds, img/s, time; see patfast/train/runs_report.py), with the seeds and the teacher's test top-1 on top.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-import statistics
 import subprocess
 import sys
+
+from patfast.errors import UserError
+from patfast.train import runs_report
 
 
 def run(out: str, distiller: str, seed: int, teacher_ckpt: str | None, extra: list[str]) -> str:
@@ -27,57 +31,44 @@ def run(out: str, distiller: str, seed: int, teacher_ckpt: str | None, extra: li
     return folder
 
 
-def rows(folder: str) -> list[dict]:
-    with open(os.path.join(folder, "summary.csv")) as f:
-        return list(csv.DictReader(f))
-
-
 def teacher_top1(folder: str) -> float | None:
-    with open(os.path.join(folder, "log.txt")) as f:
-        for line in f:
-            if line.startswith("teacher test accuracy: top-1 "):
-                return float(line.split("top-1 ")[1].split("%")[0])
+    """The teacher's test top-1 that a distilling run logs (None without a log.txt or that line)."""
+    try:
+        with open(os.path.join(folder, "log.txt")) as f:
+            for line in f:
+                if line.startswith("teacher test accuracy: top-1 "):
+                    return float(line.split("top-1 ")[1].split("%")[0])
+    except OSError:
+        pass
     return None
 
 
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+def table(out: str, folders: list[str], seeds: list[int]) -> str:
+    """Write OUT/table.md, table.csv, table.png over the run folders; returns the markdown."""
+    report = runs_report.build_report(folders)
+    t1 = next((t for t in map(teacher_top1, folders) if t is not None), None)
+    note = (f"Seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds). Teacher test top-1: "
+            f"{f'{t1:.2f}' if t1 is not None else 'n/a'} %.")
+    title = "Bundled digits: student alone, KD, PAT"
+    text = runs_report.markdown(report, title, note)
+    runs_report.write_markdown(os.path.join(out, "table.md"), text)
+    runs_report.write_csv(os.path.join(out, "table.csv"), report)
+    runs_report.plot(report, os.path.join(out, "table.png"), title)
+    return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--distillers", nargs="+", default=["none", "kd", "pat"])
     ap.add_argument("--teacher-checkpoint", default=None)
-    args, extra = ap.parse_known_args()
-    results = {}
-    for d in args.distillers:
-        for s in args.seeds:
-            results[d, s] = run(args.out, d, s, args.teacher_checkpoint, extra)
-    lines = ["| distiller | final top-1 (raw) | final top-1 (EMA) | best over epochs (max raw/EMA) | img/s (train) |"
-             " epoch s |", "|---|---|---|---|---|---|"]
-    t1 = None
-    for d in args.distillers:
-        finals, emas, bests, speed, secs = [], [], [], [], []
-        for s in args.seeds:
-            r = rows(results[d, s])
-            finals.append(float(r[-1]["eval_top1"]))
-            emas.append(float(r[-1]["ema_top1"]))
-            bests.append(max(max(float(x["eval_top1"]), float(x["ema_top1"])) for x in r))
-            speed.append(statistics.median(float(x["img_per_s"]) for x in r))
-            secs.append(statistics.median(float(x["epoch_s"]) for x in r))
-            t1 = t1 if t1 is not None else (teacher_top1(results[d, s]) if d != "none" else None)
-        lines.append(f"| {d} | {fmt(finals)} | {fmt(emas)} | {fmt(bests)} | {statistics.median(speed):.0f} |"
-                     f" {statistics.median(secs):.1f} |")
-    seeds = ", ".join(map(str, args.seeds))
-    text = "\n".join([f"Seeds: {seeds} (mean ± sample std over seeds). Teacher test top-1: "
-                      f"{t1 if t1 is not None else 'n/a'} %.", "", *lines, ""])
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(text)
-    print(text)
+    args, extra = ap.parse_known_args(argv)
+    folders = [run(args.out, d, s, args.teacher_checkpoint, extra) for d in args.distillers for s in args.seeds]
+    try:
+        print(table(args.out, folders, args.seeds))
+    except UserError as e:
+        sys.exit(f"digits_table: error: {e}")
 
 
 if __name__ == "__main__":

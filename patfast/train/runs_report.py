@@ -7,8 +7,10 @@ sample std (n - 1; "–" when n = 1) of
 
     final top-1        eval_top1 of the last epoch (the raw student)
     final EMA top-1    ema_top1 of the last epoch ("–" when a run has no EMA: model_ema off)
-    best top-1         the best eval_top1 over the epochs
-    best raw/EMA       the paper's metric: the best over the epochs of max(eval_top1, ema_top1)
+    best raw top-1     the best eval_top1 over the epochs
+    best top-1         the paper's metric: the best over the epochs of max(eval_top1, ema_top1) (best raw top-1
+                       for a run with model_ema off; "–" for one with EMA on but no ema_top1 figures), computed
+                       from those two columns (a best_top1 column is not read)
     epochs             summary rows
     img/s              the median over the epochs of img_per_s (training images per second)
     total time         the sum of the epochs' epoch_s (training + evaluation; setup and teacher evaluation not in)
@@ -43,8 +45,8 @@ IGNORED_KEYS = ("seed", "out", "resume", "allow_config_change", "checkpoint_ever
                 "deterministic", "config")
 
 # (name, heading): the per-run figures the table averages over seeds.
-METRICS = (("final_top1", "final top-1"), ("final_ema_top1", "final EMA top-1"), ("best_top1", "best top-1"),
-           ("best_top1_raw_or_ema", "best raw/EMA top-1"), ("img_per_s", "img/s"), ("total_s", "total time"))
+METRICS = (("final_top1", "final top-1"), ("final_ema_top1", "final EMA top-1"), ("best_raw_top1", "best raw top-1"),
+           ("best_top1", "best top-1 (max raw/EMA)"), ("img_per_s", "img/s"), ("total_s", "total time"))
 # config keys shown once above the table when every group shares them
 HEADLINE_KEYS = ("command", "data", "student", "teacher", "distiller", "pat_variant", "epochs", "img_size",
                  "batch_size")
@@ -170,8 +172,9 @@ def _with_defaults(cfg: dict) -> dict:
     return {**{o.name: o.default for o in OPTIONS if command in o.commands and o.name not in cfg}, **cfg}
 
 
-def run_metrics(rows: list[dict]) -> dict:
-    """The per-run figures of METRICS from the summary rows; None where the rows lack what one needs."""
+def run_metrics(rows: list[dict], model_ema: bool = True) -> dict:
+    """The per-run figures of METRICS from the summary rows; None where the rows lack what one needs.
+    model_ema: whether the run kept an EMA (without one, the best of max(raw, EMA) is the best raw)."""
     if not rows:
         return {name: None for name, _ in METRICS} | {"epochs": 0}
 
@@ -182,9 +185,12 @@ def run_metrics(rows: list[dict]) -> dict:
     raw, ema, speed, secs = col("eval_top1"), col("ema_top1"), col("img_per_s"), col("epoch_s")
     best_any = None
     if raw is not None:
-        best_any = max(max(a, e) for a, e in zip(raw, ema)) if ema is not None else max(raw)
+        if ema is not None:
+            best_any = max(max(a, e) for a, e in zip(raw, ema))
+        elif not model_ema:
+            best_any = max(raw)
     return {"final_top1": rows[-1].get("eval_top1"), "final_ema_top1": rows[-1].get("ema_top1"),
-            "best_top1": max(raw) if raw is not None else None, "best_top1_raw_or_ema": best_any,
+            "best_raw_top1": max(raw) if raw is not None else None, "best_top1": best_any,
             "img_per_s": statistics.median(speed) if speed is not None else None,
             "total_s": math.fsum(secs) if secs is not None else None, "epochs": len(rows)}
 
@@ -209,7 +215,7 @@ def read_run(path: str) -> Run:
         reason = f"{len(rows)} of {epochs} epochs in summary.csv"
     elif os.path.isfile(os.path.join(path, "last.pth")) and not os.path.isfile(os.path.join(path, weights)):
         reason = f"last.pth but no {weights} (stopped before the end)"
-    return Run(path, cfg, rows, not reason, reason, run_metrics(rows))
+    return Run(path, cfg, rows, not reason, reason, run_metrics(rows, bool(cfg.get("model_ema", True))))
 
 
 # --------------------------------------------------------------------------------------------------------- groups
@@ -311,11 +317,12 @@ def _cell(row: dict, name: str) -> str:
     return f"{mean:.{digits}f} ± " + (DASH if std is None else f"{std:.{digits}f}")
 
 
-def markdown(report: Report, title: str | None = None) -> str:
-    """The report as markdown: what was compared, the table, the groups' runs, the unfinished runs."""
+def markdown(report: Report, title: str | None = None, note: str = "") -> str:
+    """The report as markdown: what was compared, the table, the groups' runs, the unfinished runs; `note`: a
+    paragraph put under the title."""
     rows = table_rows(report)
     n_runs = sum(len(g.runs) for g in report.groups) + len(report.unfinished)
-    lines = [f"# {title or 'patfast report'}", "",
+    lines = [f"# {title or 'patfast report'}", "", *([note, ""] if note else []),
              f"{n_runs} run(s): {len(report.groups)} group(s) of finished runs, {len(report.unfinished)} not finished. "
              "Mean ± sample std over the seeds of a group (– : n = 1, or a figure the runs do not have); "
              "accuracies in % on the test split.", ""]
@@ -335,7 +342,7 @@ def markdown(report: Report, title: str | None = None) -> str:
                      *(_cell(row, n) for n, _ in METRICS[:4]), str(row["epochs"]),
                      *(_cell(row, n) for n, _ in METRICS[4:])]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-        lines += ["", "best raw/EMA: the best over the epochs of max(raw, EMA) top-1 (the paper's metric); img/s: "
+        lines += ["", "best top-1: the best over the epochs of max(raw, EMA) top-1 (the paper's metric); img/s: "
                   "median over the epochs of a run; total time: sum of the epochs' epoch_s.", "", "Runs:"]
         for g in report.groups:
             lines.append(f"- {label(g, report.keys)}: {', '.join(r.path for r in g.runs)}")
