@@ -31,7 +31,9 @@ def nearest_counts(src: int, dst: int) -> torch.Tensor:
 
     Taken from F.interpolate itself, so it is exactly PyTorch's index rule whatever the sizes.
     """
-    index = F.interpolate(torch.arange(src, dtype=torch.float64).view(1, 1, src), size=dst, mode="nearest")
+    # on the CPU whatever the default device (a model built on the meta device still gets the real counts)
+    index = F.interpolate(torch.arange(src, dtype=torch.float64, device="cpu").view(1, 1, src), size=dst,
+                          mode="nearest")
     return torch.bincount(index.view(-1).long(), minlength=src).double()
 
 

@@ -25,7 +25,7 @@ def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | No
                     teacher_prompt_points: Sequence[str] | None = None, smoothing: float = 0.1,
                     w_gt: float = 1.0, w_kd: float = 1.0, w_fd: float = 1.0, w_reg: float = 1.0,
                     temperature: float = 1.0, dim: int = 512, num_heads: int = 8, queries_per_stage: int = 16,
-                    backend: str = "auto") -> Distiller:
+                    backend: str = "auto", feedback: bool = True) -> Distiller:
     if name not in DISTILLERS:
         raise UserError(f"unknown distiller '{name}' (choose from {', '.join(DISTILLERS)})")
     common = {"smoothing": smoothing, "w_gt": w_gt}
@@ -38,7 +38,7 @@ def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | No
     except ValueError as e:
         raise UserError(str(e)) from None
     bad = [s for s in afp_stages if s not in (1, 2, 3, 4)]
-    if bad or not afp_stages:
+    if bad:  # none at all: the ablation without AFP
         raise UserError(f"--pat-afp-stage takes stages among 1,2,3,4, got {','.join(map(str, afp_stages))}")
     if dim % num_heads:
         raise UserError(f"--pat-dim {dim} is not divisible by --pat-heads {num_heads}")
@@ -53,4 +53,4 @@ def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | No
                              flag="--student-stages")
     return PAT(student, student_taps, teacher, variant=pv, afp_stages=afp_stages, dim=dim, num_heads=num_heads,
                queries_per_stage=queries_per_stage, temperature=temperature, w_kd=w_kd, w_fd=w_fd, w_reg=w_reg,
-               backend=backend, **common)
+               backend=backend, feedback=feedback, **common)

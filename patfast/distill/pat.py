@@ -27,7 +27,7 @@ class PAT(Distiller):
     def __init__(self, student: nn.Module, student_taps: StageTaps, teacher: Teacher, *,
                  variant: PatVariant | None = None, afp_stages: Sequence[int] = (1, 2, 3, 4), dim: int = 512,
                  num_heads: int = 8, queries_per_stage: int = 16, temperature: float = 1.0, w_kd: float = 1.0,
-                 w_fd: float = 1.0, w_reg: float = 1.0, backend: str = "auto", **kw):
+                 w_fd: float = 1.0, w_reg: float = 1.0, backend: str = "auto", feedback: bool = True, **kw):
         super().__init__(student, **kw)
         self.student_taps = student_taps
         self.teacher = teacher
@@ -35,6 +35,7 @@ class PAT(Distiller):
         self.afp_stages = tuple(sorted(set(afp_stages)))
         self.temperature, self.w_kd, self.w_fd, self.w_reg = temperature, w_kd, w_fd, w_reg
         self.backend = backend
+        self.feedback = feedback  # False: the ablation "AFP without feedback" (the fusion block is never used)
         self.raa = RegionAwareAttention(student_taps.stage_shapes, dim, num_heads, queries_per_stage,
                                         pos_by_batch_index=variant.pos_by_batch_index,
                                         float32_pos_table=variant.float32_pos_table, backend=backend)
@@ -63,7 +64,7 @@ class PAT(Distiller):
         aligned = [a(q) for a, q in zip(self.aligners, self.raa(self.student_taps.features()))]
         fd = ops.hcl_loss_stages(aligned, feats_t, backend=self.backend)
         loss_kd, loss_reg = ops.kd_loss_pair(logits, logits_pt, logits_t, self.temperature, backend=self.backend)
-        if self.training:
+        if self.training and self.feedback:
             for i in self.afp_stages:  # feedback for the NEXT step (a different batch: intended)
                 # one fixed layout (standard strides, even on size-1 axes) whatever produced it, eager or compiled,
                 # so the compiled step never recompiles on the feedback's strides

@@ -24,10 +24,12 @@ class Teacher(nn.Module):
         super().__init__()
         self.model = model.requires_grad_(False).eval()
         self.taps = taps
-        std_t, mean_t = torch.tensor(std), torch.tensor(mean)
-        scale = torch.tensor(data_std) / std_t
-        shift = (torch.tensor(data_mean) - mean_t) / std_t
-        self.renormalise = not (torch.allclose(scale, torch.ones(3)) and torch.allclose(shift, torch.zeros(3)))
+        cpu = torch.device("cpu")  # 3 numbers decided here, on the CPU even where the model is built elsewhere (meta)
+        std_t, mean_t = torch.tensor(std, device=cpu), torch.tensor(mean, device=cpu)
+        scale = torch.tensor(data_std, device=cpu) / std_t
+        shift = (torch.tensor(data_mean, device=cpu) - mean_t) / std_t
+        self.renormalise = not (torch.allclose(scale, torch.ones(3, device=cpu))
+                                and torch.allclose(shift, torch.zeros(3, device=cpu)))
         self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
 

@@ -191,9 +191,10 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
                    "backend": cfg["data_backend"], "seed": cfg["seed"], "workers": cfg["workers"],
                    "crop_pct": cfg["crop_pct"], "progress": cfg["progress"], "rank": world.rank,
                    "world_size": world.size}
+    accum = cfg.get("grad_accum", 1)  # the train loader yields accum micro-batches at once; TrainStep splits them
     train_loader = make_loader(dataset, "train", train=True, crop_scale=tuple(cfg["crop_scale"]),
                                hflip=cfg["hflip"], auto_augment=cfg["auto_augment"] or None, re_prob=cfg["reprob"],
-                               **loader_args)
+                               **{**loader_args, "batch_size": cfg["batch_size"] * accum})
     test_loader = make_loader(dataset, "test", train=False, **loader_args)
     k = dataset.num_classes
 
@@ -223,7 +224,16 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
             teacher_stages=cfg["teacher_stages"], teacher_prompt_points=cfg["teacher_prompt_points"],
             smoothing=cfg["smoothing"], w_gt=cfg["gt_weight"], w_kd=cfg["kd_weight"], w_fd=cfg["fd_weight"],
             w_reg=cfg["reg_weight"], temperature=cfg["kd_temperature"], dim=cfg["pat_dim"],
-            num_heads=cfg["pat_heads"], backend=cfg["backend"])
+            num_heads=cfg["pat_heads"], backend=cfg["backend"], feedback=cfg.get("pat_feedback", True))
+    if cfg.get("sync_bn"):
+        if not world.distributed:
+            log("--sync-bn: one process, nothing to synchronise (ignored)")
+        elif device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
+        else:  # every BatchNorm that learns (student, aligners, prompt blocks); the frozen teacher keeps its own
+            for child_name, child in distiller.named_children():
+                if child_name != "teacher":
+                    setattr(distiller, child_name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
     distiller.to(device)
     dist_.broadcast_module(distiller, world)
     show_bars = cfg["progress"] and sys.stderr.isatty()  # bars only where a person watches; the table is the log
@@ -232,7 +242,8 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
     n_student = sum(p.numel() for p in model.parameters())
     n_extra = sum(p.numel() for p in params) - n_student
     what = f"{distiller_name}" + (f" ({cfg['pat_variant']} variant)" if distiller_name == "pat" else "")
-    log(f"data: {cfg['data']} ({len(train_loader)} train batches of {cfg['batch_size']}, {k} classes, "
+    per_step = f"{cfg['batch_size']}" + (f" x {accum} accumulated" if accum > 1 else "")
+    log(f"data: {cfg['data']} ({len(train_loader)} train steps of {per_step}, {k} classes, "
         f"{train_loader.backend} loader, "
         f"{cfg['img_size']}px) | "
         f"{role}: {name} ({n_student / 1e6:.2f}M params) | distiller: {what}"
@@ -246,7 +257,8 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
     steps_per_epoch = len(train_loader)
     schedule = WarmupCosine(optimizer, cfg["lr"], cfg["min_lr"], round(cfg["warmup_epochs"] * steps_per_epoch),
                             cfg["epochs"] * steps_per_epoch)
-    train_step = TrainStep(distiller, optimizer, params, speed, device, clip=cfg["clip_grad"], world=world)
+    train_step = TrainStep(distiller, optimizer, params, speed, device, clip=cfg["clip_grad"], world=world,
+                           accum=accum)
     ema = None
     if cfg["model_ema"]:  # after TrainStep: the copy takes the student's memory format
         from timm.utils import ModelEmaV3
@@ -255,8 +267,9 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
     log(f"step: {speed.describe()}" + (f" | ops backend: {cfg['backend']}" if distiller_name != "none" else ""))
     mixup = make_mixup(cfg["mixup"], cfg["cutmix"], cfg["smoothing"], k, seed=cfg["seed"])
     terms = TERMS[distiller_name]
-    columns = ["epoch", "lr", "train_loss", *terms, "eval_top1", "eval_top5", "ema_top1", "ema_top5", "img_per_s",
-               "epoch_s"]
+    # best_top1: the paper's metric so far, the best over epochs of max(raw, EMA) top-1
+    columns = ["epoch", "lr", "train_loss", *terms, "eval_top1", "eval_top5", "ema_top1", "ema_top5", "best_top1",
+               "img_per_s", "epoch_s"]
     rows, best, step = [], {"top1": -1.0, "epoch": 0, "which": ""}, 0
     start_epoch, start_batch, partial = 1, 0, None
     if state is not None:
@@ -375,15 +388,15 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
                     dist_.broadcast_buffers(module, world)  # every process evaluates rank 0's model
             top1, top5 = evaluate(model, test_loader, device, dtype, world=world)
             ema_top = evaluate(ema.module, test_loader, device, dtype, world=world) if ema is not None else (None, None)
-            row = {"epoch": epoch, "lr": lr, "train_loss": sum(means.values()), **means, "eval_top1": top1,
-                   "eval_top5": top5, "ema_top1": ema_top[0], "ema_top5": ema_top[1], "img_per_s": seen / train_s,
-                   "epoch_s": time.perf_counter() - t0}
-            rows.append(row)
-            table.row(row)
             improved = False
             for which, acc in (("raw", top1), ("ema", ema_top[0])):
                 if acc is not None and acc > best["top1"]:
                     best, improved = {"top1": acc, "epoch": epoch, "which": which}, True
+            row = {"epoch": epoch, "lr": lr, "train_loss": sum(means.values()), **means, "eval_top1": top1,
+                   "eval_top5": top5, "ema_top1": ema_top[0], "ema_top5": ema_top[1], "best_top1": best["top1"],
+                   "img_per_s": seen / train_s, "epoch_s": time.perf_counter() - t0}
+            rows.append(row)
+            table.row(row)
             save(epoch, steps_per_epoch, {}, 0, 0, 0, best_too=improved)
             if world.main:
                 summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows
@@ -421,5 +434,6 @@ def final_table(log: Log, cfg: dict, r: dict, n_test: int | None) -> None:
     if last.get("ema_top1") is not None:
         log(f"{label + ', EMA, last epoch':<60} {last['ema_top1']:>7.2f} {last['ema_top5']:>7.2f}")
     b = r["best"]
-    log(f"{'best over epochs (raw or EMA)':<60} {b['top1']:>7.2f}   (epoch {b['epoch']}, {b['which']})")
+    log(f"{'best over epochs of max(raw, EMA): the paper metric':<60} {b['top1']:>7.2f}   "
+        f"(epoch {b['epoch']}, {b['which']})")
     log(f"outputs in {r['out']}: summary.csv, curves.png, log.txt, args.yaml, last.pth, {r['role']}.safetensors")

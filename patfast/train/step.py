@@ -89,13 +89,19 @@ class TrainStep:
     optimizer state or EMA value changed). Reading it is the caller's business (the loop does so every few steps).
     `forward` is the distiller or its compiled version; `optimizer`, `scaler` (None without fp16), `clip` (0: off),
     `ema` (timm ModelEmaV3 or None) as the loop builds them.
+
+    accum N > 1 (gradient accumulation): x, y hold N micro-batches; each is forwarded and backpropagated alone (its
+    loss divided by N), then one update. For distillers without batch statistics this equals one batch of N times
+    the size (up to float rounding); BatchNorm normalises each micro-batch alone and updates its running statistics
+    N times, as N processes without SyncBatchNorm would. PAT's feedback then comes from the previous micro-batch.
     """
 
     def __init__(self, distiller, optimizer, params, speed: Speed, device: torch.device, *, clip: float = 0.0,
-                 ema=None, world=None):
+                 ema=None, world=None, accum: int = 1):
         from patfast.train.distributed import World
 
         self.world = world or World()
+        self.accum = accum
         self.distiller, self.optimizer, self.params = distiller, optimizer, params
         self.speed, self.device, self.clip, self.ema = speed, device, clip, ema
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -131,19 +137,30 @@ class TrainStep:
                  ) -> dict[str, torch.Tensor]:
         if self.speed.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        forward = self._forward()
+        if x.shape[0] % self.accum:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into {self.accum} micro-batches")
         feedback = [p.feedback for p in self.prompts]
-        with self.autocast():
-            if self.uses_first_batch:
-                _, losses = forward(x, y, first_batch=first_batch)
-            else:
-                _, losses = forward(x, y)
-        loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        totals, nonfinite = {}, []
+        for xm, ym in zip(x.chunk(self.accum), y.chunk(self.accum)):
+            forward = self._forward()
+            with self.autocast():
+                if self.uses_first_batch:  # every micro-batch of an epoch's first step, as every process's first
+                    _, losses = forward(xm, ym, first_batch=first_batch)
+                else:
+                    _, losses = forward(xm, ym)
+            loss = sum(losses.values())
+            if self.accum > 1:
+                loss = loss / self.accum
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            nonfinite.append(~torch.isfinite(loss.detach()))
+            for k, v in losses.items():
+                v = v.detach() / self.accum if self.accum > 1 else v.detach()
+                totals[k] = totals[k] + v if k in totals else v
         average_gradients(self.params, self.world)  # torchrun: the mean over the ranks (no-op on one)
         # The non-finite guard, on the device: a NaN/Inf loss on any rank skips the update (and the EMA) everywhere.
-        self.bad = all_max((~torch.isfinite(loss.detach())).float().reshape(1), self.world).reshape(()) > 0
+        bad = torch.stack(nonfinite).any() if self.accum > 1 else nonfinite[0]
+        self.bad = all_max(bad.float().reshape(1), self.world).reshape(()) > 0
         self._keep_feedback(feedback)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # after the mean: every rank sees the same inf/NaN
@@ -152,7 +169,7 @@ class TrainStep:
         self._optimizer_step()
         if self.ema is not None:
             update_ema(self.ema, self.distiller.student, step, keep=self.bad)
-        return {k: v.detach() for k, v in losses.items()}
+        return totals
 
     def _keep_feedback(self, before: list) -> None:
         """A skipped step leaves PAT's feedback as it was (its own would carry NaN into the next step's prompts):

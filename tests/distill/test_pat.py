@@ -291,7 +291,7 @@ def test_afp_stage_subset(make_pat, make_batch, monkeypatch):
     assert set(d.feedback_state()) == {"1", "3"}
 
 
-@pytest.mark.parametrize("stages", [(0,), (5,), (), (1, 2, 3, 4, 5), (-1, 2)])
+@pytest.mark.parametrize("stages", [(0,), (5,), (1, 2, 3, 4, 5), (-1, 2)])  # () is the "no AFP" ablation
 def test_bad_afp_stages_are_user_errors(stages):
     s, t = create_model("resnet18", 10, IMG), create_model("convnext_atto", 10, IMG)
     with pytest.raises(UserError):

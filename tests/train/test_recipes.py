@@ -1,0 +1,94 @@
+"""Every packaged recipe resolves (`--config NAME`), its models build and its stage taps resolve at its image size,
+on the meta device (no weights, no compute); the CIFAR-100 ones carry SPEC section 7's protocol."""
+
+import pytest
+import torch
+
+from patfast.cli import _token_student, build_parser
+from patfast.distill.build import build_distiller
+from patfast.models.create import create_model
+from patfast.train.config import resolve
+from patfast.train.recipes import packaged_recipes
+
+RECIPES = sorted(packaged_recipes())
+
+# SPEC section 7, written out here (not read from the recipes)
+CNN = {"opt": "sgd", "lr": 0.05, "weight_decay": 2e-3, "min_lr": 1e-3, "warmup_epochs": 3, "clip_grad": 0.0}
+VIT = {"opt": "adamw", "lr": 5e-4, "weight_decay": 0.05, "min_lr": 1e-5, "warmup_epochs": 20, "clip_grad": 5.0,
+       "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8, "cutmix": 1.0}
+CIFAR = {"epochs": 300, "batch_size": 128, "img_size": 224, "crop_scale": [0.08, 1.0], "hflip": 0.5,
+         "smoothing": 0.1, "model_ema": True, "model_ema_decay": 0.9998, "distiller": "pat"}
+PAIRS = {("swin_tiny_patch4_window7_224", "resnet18"), ("vit_small_patch16_224", "mobilenetv2_100"),
+         ("convnext_tiny", "deit_tiny_patch16_224"), ("convnext_tiny", "resmlp_12_224")}
+
+
+def resolved(name: str, *extra: str) -> dict:
+    args = build_parser().parse_args(["train", "--config", name, *extra])
+    return resolve(args, "train", student_is_tokens=_token_student)
+
+
+def test_the_list_holds_the_headline_pairs_both_variants_the_ablations_and_imagenet():
+    cifar = [n for n in RECIPES if n.startswith("cifar100-")]
+    pairs = {(resolved(n)["teacher"], resolved(n)["student"], resolved(n)["pat_variant"]) for n in cifar}
+    assert {(t, s, v) for t, s in PAIRS for v in ("paper", "official")} <= pairs
+    ablations = [n for n in cifar if "-deit_t-" in n and not n.endswith("-official")]
+    assert len(ablations) == 3
+    imagenet = {(resolved(n)["teacher"], resolved(n)["student"]) for n in RECIPES if n.startswith("imagenet-")}
+    assert imagenet == {("swin_tiny_patch4_window7_224", "resnet18"), ("convnext_tiny", "deit_tiny_patch16_224"),
+                        ("swin_tiny_patch4_window7_224", "resmlp_12_224")}
+    assert all(packaged_recipes()[n].summary for n in RECIPES)
+
+
+@pytest.mark.parametrize("name", [n for n in RECIPES if n.startswith("cifar100-")])
+def test_cifar_recipes_carry_the_paper_protocol(name):
+    cfg = resolved(name)
+    assert cfg["data"].startswith("cifar100:")
+    want = {**CIFAR, **(VIT if _token_student(cfg["student"]) else CNN)}
+    assert {k: cfg[k] for k in want} == want
+    assert cfg["recipe"] == ("vit" if _token_student(cfg["student"]) else "cnn")
+
+
+def test_ablations_switch_what_they_say():
+    no_afp, no_fb, raa = (resolved(f"cifar100-convnext_t-deit_t-{k}") for k in ("no-afp", "afp-no-feedback",
+                                                                               "raa-only"))
+    assert no_afp["pat_afp_stage"] == [] and no_afp["kd_weight"] == 1.0 and no_afp["pat_feedback"]
+    assert no_fb["pat_afp_stage"] == [1, 2, 3, 4] and not no_fb["pat_feedback"]
+    assert raa["pat_afp_stage"] == [] and raa["kd_weight"] == 0.0 and raa["reg_weight"] == 0.0
+
+
+def test_the_command_line_overrides_a_recipe():
+    cfg = resolved("cifar100-swin_t-resnet18", "--epochs", "2", "--data", "cifar100:/somewhere")
+    assert cfg["epochs"] == 2 and cfg["data"] == "cifar100:/somewhere" and cfg["lr"] == 0.05
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_builds_its_distiller_on_the_meta_device(name):
+    cfg = resolved(name)
+    classes = 100 if name.startswith("cifar100-") else 1000
+    with torch.device("meta"):
+        student = create_model(cfg["student"], classes, cfg["img_size"])
+        teacher = create_model(cfg["teacher"], classes, cfg["img_size"])
+        d = build_distiller(cfg["distiller"], student, teacher, img_size=cfg["img_size"], data_mean=(0.5,) * 3,
+                            data_std=(0.25,) * 3, variant=cfg["pat_variant"], afp_stages=cfg["pat_afp_stage"],
+                            dim=cfg["pat_dim"], num_heads=cfg["pat_heads"], feedback=cfg["pat_feedback"])
+    assert len(d.student_taps.stage_shapes) == len(d.teacher.taps.stage_shapes) == 4
+    assert sorted(int(i) for i in d.prompts) == cfg["pat_afp_stage"]
+    assert d.feedback == cfg["pat_feedback"]
+    assert d.variant.teacher_train_first_batch == (cfg["pat_variant"] == "official")
+
+
+def test_recipes_command_lists_every_recipe_in_one_line_each(capsys):
+    from patfast.cli import main
+
+    assert main(["recipes"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name in RECIPES:
+        assert sum(line.startswith(name + " ") for line in lines) == 1
+
+
+def test_an_unknown_recipe_is_one_line_error(capsys):
+    from patfast.cli import main
+
+    assert main(["train", "--config", "cifar100-no-such-pair"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "patfast recipes" in err
