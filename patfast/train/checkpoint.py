@@ -138,6 +138,10 @@ def read_state(path: str) -> dict:
 
 def check_compatible(saved: dict, cfg: dict, path: str, allow_change: bool) -> list[str]:
     """Keys whose values differ between the checkpoint's config and this one (UserError unless allowed)."""
+    from patfast.train.config import BY_NAME
+
+    # a key the checkpoint lacks (an option added since it was written) had its default then
+    saved = {**{k: BY_NAME[k].default for k in cfg if k not in saved and k in BY_NAME}, **saved}
     keys = sorted((set(saved) | set(cfg)) - FREE_KEYS)
     changed = [k for k in keys if saved.get(k) != cfg.get(k)]
     if changed and not allow_change:

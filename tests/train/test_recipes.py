@@ -92,3 +92,14 @@ def test_an_unknown_recipe_is_one_line_error(capsys):
     assert main(["train", "--config", "cifar100-no-such-pair"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "patfast recipes" in err
+
+
+def test_a_checkpoint_from_before_an_option_existed_still_resumes():
+    from patfast.errors import UserError
+    from patfast.train.checkpoint import check_compatible
+
+    cfg = resolved("cifar100-swin_t-resnet18")
+    old = {k: v for k, v in cfg.items() if k not in ("grad_accum", "sync_bn", "pat_feedback")}
+    assert check_compatible(old, cfg, "last.pth", False) == []
+    with pytest.raises(UserError, match="grad_accum"):
+        check_compatible(old, {**cfg, "grad_accum": 2}, "last.pth", False)
