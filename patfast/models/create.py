@@ -64,7 +64,12 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot read checkpoint {path}: {first}") from None
         return state, meta
-    obj = torch_load(path)
+    return unwrap_state(torch_load(path), path)
+
+
+def unwrap_state(obj, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict, metadata) out of what a torch file held: the weights directly or under "state_dict", "model",
+    "student" or "model_ema" (the first of these present), metadata under "meta"; a "module." prefix is removed."""
     meta: dict[str, str] = {}
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "student", "model_ema"):
@@ -88,10 +93,18 @@ def check_file(path: str) -> None:
         raise UserError(f"checkpoint {path} is not readable (permission denied)")
 
 
-def torch_load(path: str):
-    """torch.load(path, weights_only=True) on the CPU: no code from the file runs; a UserError says why it failed."""
+def torch_load(path: str, *, allow: tuple = ()):
+    """torch.load(path, weights_only=True) on the CPU: no code from the file runs; a UserError says why it failed.
+
+    `allow`: classes the file may hold besides torch's weights-only defaults, for this load only (e.g.
+    argparse.Namespace, which timm's training checkpoints carry as their "args"); only those classes are rebuilt (from
+    their saved attributes), any other Python object in the file is still refused.
+    """
     check_file(path)
     try:
+        if allow:
+            with torch.serialization.safe_globals(list(allow)):
+                return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read checkpoint {path} safely (weights only): {_load_failure(e)}") from None

@@ -210,12 +210,13 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
         student = create_model(name, k, cfg["img_size"])
         teacher_model, meta = None, {}
         if distiller_name != "none":
+            from patfast.models.legacy_checkpoint import teacher_from_config
             from patfast.train.teacher_cache import teacher_checkpoint
 
-            path = cfg.get("teacher_checkpoint") or teacher_checkpoint(cfg, log)
-            teacher_model = create_model(cfg["teacher"], k, cfg["img_size"])
-            meta = load_weights(teacher_model, path, what="teacher")
-            log(f"teacher: {cfg['teacher']} from {path}")
+            path = cfg.get("teacher_checkpoint") or (None if cfg.get("teacher_pretrained") else
+                                                     teacher_checkpoint(cfg, log))
+            teacher_model, meta, source = teacher_from_config(cfg, k, path)  # timm 0.6.5 files, EMA, pretrained
+            log(f"teacher: {cfg['teacher']} from {source}")
         t_mean, t_std = _teacher_stats(cfg, meta, dataset)
         distiller = build_distiller(
             distiller_name, student, teacher_model, img_size=cfg["img_size"], data_mean=dataset.mean,
