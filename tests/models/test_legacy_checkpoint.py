@@ -123,6 +123,19 @@ def test_wrong_architecture_names_keys():
         load_teacher("swin_tiny_patch4_window7_224", path, 100, 64, **dict(ref["kwargs"], embed_dim=24))
 
 
+def test_weights_the_filter_drops_are_refused(tmp_path):
+    """timm 0.6.5's ViT with representation_size has a pre_logits layer; timm 1.x's ViT has none and its filter drops
+    those weights, which would change the teacher."""
+    path, ref = fixture("vit_tiny_patch16_224")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, weights_only=True)
+    obj["state_dict"]["pre_logits.fc.weight"] = torch.randn(24, 24)
+    obj["state_dict"]["pre_logits.fc.bias"] = torch.randn(24)
+    torch.save(obj, tmp_path / "pre_logits.pth")
+    with pytest.raises(UserError, match=r"VisionTransformer drops 2 tensors .* e\.g\. pre_logits\.fc\.weight"):
+        load_teacher("vit_tiny_patch16_224", str(tmp_path / "pre_logits.pth"), 100, 64, **ref["kwargs"])
+
+
 def test_plain_files_load_as_load_weights(tmp_path):
     torch.manual_seed(1)
     model = create_model("convnext_atto", 10, 32)
