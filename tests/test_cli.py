@@ -57,6 +57,8 @@ def test_train_on_bundled_data_writes_every_output(tmp_path, cache, capsys):
     terms = sum(float(rows[0][t]) for t in ("loss_gt", "loss_kd", "loss_fd", "loss_reg"))
     assert float(rows[0]["train_loss"]) == pytest.approx(terms, rel=1e-4)
     assert 0 <= float(rows[0]["eval_top1"]) <= 100
+    # the paper's metric: the best over epochs (one here) of max(raw, EMA)
+    assert float(rows[0]["best_top1"]) == max(float(rows[0]["eval_top1"]), float(rows[0]["ema_top1"]))
     assert "== result on the digits test split" in stdout and "teacher convnext_atto" in stdout
     state = torch.load(out / "last.pth", weights_only=True)
     assert state["epoch"] == 1 and not any(k.startswith("teacher.") for k in state["distiller"])

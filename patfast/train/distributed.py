@@ -102,3 +102,19 @@ def broadcast_buffers(module: torch.nn.Module, world: World) -> None:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def sync_batchnorm(distiller: torch.nn.Module, world: World, device: torch.device, log) -> None:
+    """--sync-bn: every BatchNorm that learns (student, aligners, prompt blocks) becomes a SyncBatchNorm, in place;
+    the frozen teacher keeps its own. One process: nothing to synchronise (said, ignored). torch runs SyncBatchNorm
+    on CUDA only: a UserError elsewhere."""
+    from patfast.errors import UserError
+
+    if not world.distributed:
+        log("--sync-bn: one process, nothing to synchronise (ignored)")
+        return
+    if device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
+    for name, child in distiller.named_children():
+        if name != "teacher":
+            setattr(distiller, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))

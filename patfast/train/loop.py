@@ -227,14 +227,7 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
             w_reg=cfg["reg_weight"], temperature=cfg["kd_temperature"], dim=cfg["pat_dim"],
             num_heads=cfg["pat_heads"], backend=cfg["backend"], feedback=cfg.get("pat_feedback", True))
     if cfg.get("sync_bn"):
-        if not world.distributed:
-            log("--sync-bn: one process, nothing to synchronise (ignored)")
-        elif device.type != "cuda":
-            raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
-        else:  # every BatchNorm that learns (student, aligners, prompt blocks); the frozen teacher keeps its own
-            for child_name, child in distiller.named_children():
-                if child_name != "teacher":
-                    setattr(distiller, child_name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        dist_.sync_batchnorm(distiller, world, device, log)
     distiller.to(device)
     dist_.broadcast_module(distiller, world)
     show_bars = cfg["progress"] and sys.stderr.isatty()  # bars only where a person watches; the table is the log

@@ -106,3 +106,24 @@ def test_the_cli_run_with_accumulation_matches_the_run_with_the_whole_batch(tmp_
     assert "32 x 2 accumulated" in log
     assert abs(float(whole["loss_gt"]) - float(accum["loss_gt"])) < 1e-4 * float(whole["loss_gt"])
     assert abs(float(whole["eval_top1"]) - float(accum["eval_top1"])) <= 0.5
+
+
+def test_sync_bn_converts_what_learns_and_refuses_the_cpu():
+    from patfast.errors import UserError
+    from patfast.train.distributed import World, sync_batchnorm
+
+    def count(module, kind):
+        return sum(isinstance(m, kind) for m in module.modules())
+
+    said = []
+    d = maker("pat", student="resnet10t", teacher="resnet10t")()
+    sync_batchnorm(d, World(), torch.device("cpu"), said.append)  # one process: nothing to do
+    assert "ignored" in said[0] and count(d, torch.nn.SyncBatchNorm) == 0
+    with pytest.raises(UserError, match="CUDA"):
+        sync_batchnorm(d, World(rank=0, size=2), torch.device("cpu"), said.append)
+    teacher_bn = count(d.teacher, torch.nn.BatchNorm2d)
+    learning_bn = count(d, torch.nn.BatchNorm2d) - teacher_bn
+    # the conversion itself touches no device; SyncBatchNorm's forward would need CUDA (not run here)
+    sync_batchnorm(d, World(rank=0, size=2), torch.device("cuda"), said.append)
+    assert count(d, torch.nn.SyncBatchNorm) == learning_bn > 0
+    assert count(d.teacher, torch.nn.BatchNorm2d) == teacher_bn and count(d.teacher, torch.nn.SyncBatchNorm) == 0
