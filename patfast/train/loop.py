@@ -146,9 +146,10 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
             torch.cuda.set_device(device)
         if not cfg.get("out"):
             raise UserError("under torchrun, give --out (every process must write to the same run directory)")
-        if command == "train" and cfg.get("distiller") != "none" and not cfg.get("teacher_checkpoint"):
+        if (command == "train" and cfg.get("distiller") != "none" and not cfg.get("teacher_checkpoint")
+                and not cfg.get("teacher_pretrained")):
             raise UserError("under torchrun, give --teacher-checkpoint (train the teacher first with "
-                            "`patfast teacher`, or with a one-process `patfast train`)")
+                            "`patfast teacher`, or with a one-process `patfast train`) or --teacher-pretrained")
     seed_everything(cfg["seed"], cfg["deterministic"])
     dtype = amp_dtype(cfg["amp"], device)
     resume = resume_dir(cfg)
