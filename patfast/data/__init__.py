@@ -8,8 +8,9 @@ from patfast.data.datasets import (
     load_data,
     parse_data_spec,
 )
-from patfast.data.loader import BACKENDS, TorchLoader, make_loader
+from patfast.data.loader import BACKENDS, make_loader
 from patfast.data.mixup import BatchMixup, make_mixup
+from patfast.data.torch_loader import TorchLoader
 from patfast.data.transforms import build_transform
 
 __all__ = [

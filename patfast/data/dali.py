@@ -46,7 +46,7 @@ import torch
 
 from patfast.data.batch_augment import RAND_OPS, RandAugmentSpec, parse_rand_augment
 from patfast.data.datasets import ArrayImages, FolderImages, Split
-from patfast.data.loader import EpochLoader, ShardedSampler, _mix
+from patfast.data.sampling import EpochLoader, ShardedSampler, _mix
 from patfast.data.transforms import RATIO
 from patfast.errors import UserError
 

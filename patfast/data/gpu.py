@@ -36,7 +36,7 @@ from patfast.data.batch_augment import (
     resized_crop_flip,
 )
 from patfast.data.datasets import ArrayImages, FolderImages, Split
-from patfast.data.loader import EpochLoader, ShardedSampler, _mix
+from patfast.data.sampling import EpochLoader, ShardedSampler, _mix
 from patfast.data.transforms import RATIO
 from patfast.errors import UserError
 

@@ -1,206 +1,27 @@
 """`make_loader`: batches of normalised images for one split, from a chosen backend: torch, gpu or dali.
 
-Backends: "torch" (below), "gpu" (patfast/data/gpu.py: the split resident on the device, batched augmentation),
-"dali" (patfast/data/dali.py: NVIDIA DALI pipelines, CPU-only without CUDA). "auto" picks dali when DALI is installed
-and the device is CUDA, else gpu on CUDA for in-memory data sets, else torch. All backends share the sample order
-below; random erasing is per sample in the torch backend and on the batch tensors for gpu and dali (BatchErasing).
-
-The "torch" backend is a plain `torch.utils.data.DataLoader` over the split with timm transforms on PIL images.
-Order and augmentation are deterministic functions of (seed, epoch):
-- the shuffle permutation comes from a generator seeded with (seed, epoch), then is sharded over ranks
-  (DistributedSampler-like: rank r takes positions r, r + world_size, ...);
-- every training sample's augmentation RNGs (Python `random`, NumPy, torch CPU) are seeded from
-  (seed, epoch, sample index), so results do not depend on the number of workers, the batch size or the rank.
+Backends: "torch" (patfast/data/torch_loader.py: a DataLoader with timm transforms on PIL images), "gpu"
+(patfast/data/gpu.py: the split resident on the device, batched augmentation), "dali" (patfast/data/dali.py: NVIDIA
+DALI pipelines, CPU-only without CUDA). "auto" picks dali when DALI is installed and the device is CUDA, else gpu on
+CUDA for in-memory data sets, else torch. All backends share the sample order of patfast/data/sampling.py (a
+deterministic function of (seed, epoch), sharded over ranks); random erasing is per sample in the torch backend and
+on the batch tensors for gpu and dali (BatchErasing).
 """
 
 from __future__ import annotations
 
-import math
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from patfast.data.datasets import DataSpec, FolderImages, ImageData, Split, load_data
+from patfast.data.datasets import DataSpec, FolderImages, ImageData, load_data
+from patfast.data.sampling import ShardedSampler, _mix
+from patfast.data.torch_loader import TorchLoader
 from patfast.data.transforms import build_transform
 from patfast.errors import UserError
 
 BACKENDS = ("torch", "gpu", "dali")
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix64 chain): nearby inputs give unrelated seeds."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h >> 1
-
-
-class ShardedSampler(Sampler):
-    """Indices of one rank's shard for the current epoch; yields (index, sample_seed) pairs.
-
-    shuffle: permutation from (seed, epoch), cut to a multiple of world_size so every rank has the same count.
-    no shuffle: 0..N-1 in order, rank r takes r, r + world_size, ... (shards may differ in size by one).
-    """
-
-    def __init__(self, n: int, *, shuffle: bool, seed: int, rank: int, world_size: int):
-        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
-        self.epoch = 0
-        self._skip = 0  # samples to leave out at the start of the next indices() call (resuming mid-epoch)
-        self.skipped = 0  # what the last indices() call left out
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def skip_next(self, samples: int) -> None:
-        """Make the next indices() call start `samples` into the epoch's order (once; len() stays the epoch's)."""
-        self._skip = int(samples)
-
-    def indices(self) -> list[int]:
-        """This rank's sample indices for the current epoch, in order (minus a pending skip_next)."""
-        skip, self._skip = self._skip, 0
-        self.skipped = skip
-        if not self.shuffle:
-            return list(range(self.rank, self.n, self.world_size))[skip:]
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch, 0x5EED))
-        order = torch.randperm(self.n, generator=g)
-        order = order[: self.n - self.n % self.world_size]
-        return order[self.rank :: self.world_size].tolist()[skip:]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        keys = [(i, _mix(self.seed, self.epoch, i)) for i in self.indices()]  # now: consumes a pending skip
-        return iter(keys)
-
-    def __len__(self) -> int:
-        if self.shuffle:
-            return self.n // self.world_size
-        return len(range(self.rank, self.n, self.world_size))
-
-
-class TransformedSplit(Dataset):
-    """A split with a transform: key (index, sample_seed) -> ((3, S, S) float tensor, int label).
-
-    With `seeded`, the augmentation RNGs are seeded from sample_seed before each sample; in the main process
-    (workers=0) their previous states are restored after each batch, so the caller's RNG streams are untouched.
-    """
-
-    def __init__(self, split: Split, transform: Callable, seeded: bool):
-        self.split, self.transform, self.seeded = split, transform, seeded
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def _one(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        i, sample_seed = key
-        if self.seeded:
-            random.seed(sample_seed)
-            np.random.seed(sample_seed & 0xFFFFFFFF)
-            torch.random.default_generator.manual_seed(sample_seed)
-        image, label = self.split.get(i)
-        return self.transform(image), label
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        return self.__getitems__([key])[0]
-
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
-        if not self.seeded or get_worker_info() is not None:
-            return [self._one(k) for k in keys]
-        saved = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
-        try:
-            return [self._one(k) for k in keys]
-        finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.random.default_generator.set_state(saved[2])
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Global RNGs of a worker start from (seed, epoch, worker id) of the epoch the workers were started in.
-    info = get_worker_info()
-    seed, epoch = info.dataset.worker_seed
-    s = _mix(seed, epoch, worker_id, 0x3017)
-    random.seed(s)
-    np.random.seed(s & 0xFFFFFFFF)
-    torch.manual_seed(s)
-
-
-class EpochLoader:
-    """What every backend shares: the epoch counter over a ShardedSampler, set_epoch (with a mid-epoch start) and
-    the number of batches. Subclasses set `sampler`, `batch_size`, `drop_last` and `_next_epoch = 0`."""
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next iteration will use."""
-        return self._next_epoch
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Make the next iteration epoch `epoch`: its order and augmentation depend only on (seed, epoch).
-
-        skip_batches: the next iteration starts after that many batches of the epoch (resuming mid-epoch; the rest
-        of the epoch is exactly what an uninterrupted iteration would have given). Without a call, each full or
-        partial iteration advances the epoch by one (starting at 0).
-        """
-        self._next_epoch = int(epoch)
-        self.sampler.set_epoch(self._next_epoch)
-        self.sampler.skip_next(skip_batches * self.batch_size)
-
-    def batches(self, samples: int) -> int:
-        """Batches that `samples` samples make (the last partial one dropped when drop_last)."""
-        return samples // self.batch_size if self.drop_last else math.ceil(samples / self.batch_size)
-
-    def __len__(self) -> int:
-        return self.batches(len(self.sampler))
-
-
-class TorchLoader(EpochLoader):
-    """Iterable of (images (B, 3, S, S) float32 normalised, labels (B,) int64), both on `device`."""
-
-    backend = "torch"
-
-    def __init__(self, split: Split, *, transform: Callable, batch_size: int, train: bool, device: torch.device,
-                 seed: int, workers: int, rank: int, world_size: int):
-        self.dataset = split
-        self.mean, self.std = split.mean, split.std
-        self.num_classes = split.num_classes
-        self.batch_size, self.drop_last, self.train = batch_size, train, train
-        self.device = device
-        self.seed = seed
-        self.sampler = ShardedSampler(len(split), shuffle=train, seed=seed, rank=rank, world_size=world_size)
-        self._next_epoch = 0
-        self._data = TransformedSplit(split, transform, seeded=train)
-        self._data.worker_seed = (seed, 0)
-        g = torch.Generator().manual_seed(_mix(seed, 0x10AD))
-        self._loader = DataLoader(self._data, batch_size=batch_size, sampler=self.sampler, drop_last=self.drop_last,
-                                  num_workers=workers, worker_init_fn=_seed_worker if workers else None,
-                                  persistent_workers=workers > 0, pin_memory=device.type == "cuda", generator=g)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self._next_epoch
-        self._next_epoch = epoch + 1
-        self.sampler.set_epoch(epoch)
-        self._data.worker_seed = (self.seed, epoch)
-        device, non_blocking = self.device, self.device.type == "cuda"
-        try:
-            for images, labels in self._loader:
-                yield images.to(device, non_blocking=non_blocking), labels.to(device, non_blocking=non_blocking)
-        except UserError as e:  # raised in a worker: keep the one-line message, drop the worker traceback
-            raise UserError(_worker_message(str(e))) from None
-
-    def __repr__(self) -> str:
-        return (f"TorchLoader({self.dataset.name}, batch_size={self.batch_size}, batches={len(self)}, "
-                f"train={self.train}, device={self.device})")
-
-
-def _worker_message(text: str) -> str:
-    if "Original Traceback" not in text:
-        return text
-    last = [line for line in text.strip().splitlines() if line.strip()][-1]
-    return last.split("UserError: ", 1)[-1].strip()
 
 
 def _check_int(name: str, value, minimum: int) -> int:
