@@ -7,8 +7,8 @@ benchmarks/gpu_check.sh runs.
     ceilings.py  the measured ceilings of the same run: device-to-device copy bandwidth, bf16 matmul rate
     results.py   results.json / results.md: environment, ceilings, kernel rows with their baselines, the targets
     data.py      loader-only images/s of each data backend, beside the rate a PAT step consumes
-    step.py      a PAT training step on synthetic data, timed (the rate a loader must keep up with)
-    train.py     `patfast bench train`: fast path vs reference path vs floor, peak memory, the time split
+    train.py     `patfast bench train`: fast path vs reference path vs floor, peak memory, the time split; the one
+                 PAT-step builder of the benchmarks (also the step rate `bench data` sets loaders against)
     record.py    how rows are recorded as they are measured: measured / not measured (why) / FAILED (exception)
     gpu_check.py the Python side of benchmarks/gpu_check.sh: the run's store, results.json/md, the exit summary
     pytest_report.py  a pytest plugin writing counts and the running test after every test (gpu_check's GPU tests)

@@ -4,7 +4,8 @@ For every backend asked for, the loader is built (timed as setup: the gpu backen
 there), `warmup` batches are drawn untimed (pipeline builds, worker start-up), then `batches` batches are timed
 (CUDA: events around the loop, the device synchronised at both ends; CPU: host clock). A backend that cannot run
 here (DALI not installed) gets a row saying so, with no figure. On CUDA, the PAT step rate of --pair at the same
-batch and size is measured too (bench/step.py), and each loader is reported as a multiple of it.
+batch and size is measured too (bench/train.py's step builder: the fast path's settings,
+uncompiled), and each loader is reported as a multiple of it.
 
 `--json` is written before the first backend (every row "not measured: not reached") and rewritten after each
 backend and after the step rate: a run killed midway keeps what it measured. A backend (or the step rate) that
@@ -150,8 +151,6 @@ def render(rows: list[dict], step: dict | None) -> str:
 
 
 def main(args) -> int:
-    import torch
-
     from patfast.data import load_data
     from patfast.train.loop import resolve_device
     from patfast.train.report import environment
@@ -193,14 +192,13 @@ def main(args) -> int:
         print(f"{row['backend']:>6}: {FAILED if row.get('error') else num(row['img_s']) + ' img/s'}"
               + (f"  ({row['note']})" if row["note"] else ""), flush=True)
     if device.type == "cuda" or args.dry_run:
-        from patfast.bench import step as bench_step
+        from patfast.bench import train as bench_train
 
-        amp = torch.bfloat16 if device.type == "cuda" else None
         try:
-            step.update(bench_step.pat_step_rate(pair[0], pair[1], args.batch_size, args.img_size, device,
-                                                 steps=args.step_steps, warmup=1 if args.dry_run else 3, amp=amp),
-                        amp="bf16" if amp is not None else "fp32")
-            step["note"] = "eager PAT step (issue #6 adds the compiled fast path)"
+            step.update(bench_train.pat_step_rate(pair[0], pair[1], args.batch_size, args.img_size, device,
+                                                  steps=args.step_steps, warmup=1 if args.dry_run else 3))
+            step["note"] = (f"the fast path's settings uncompiled ({step.pop('how', None) or 'eager'}); "
+                            "`patfast bench train` times the compiled step")
         except Exception as e:  # noqa: BLE001
             mark_failed(step, e)
             print(f"PAT step rate: {step['note']}", flush=True)

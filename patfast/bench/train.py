@@ -78,7 +78,16 @@ def _sync(device) -> None:
 
 
 def _build(args, device, path: str):
-    """(TrainStep-like callable, distiller or None) for `path`."""
+    """(TrainStep-like callable, distiller or None) for `path`, from `patfast bench train`'s options."""
+    return build_step(path, args.teacher, args.student, args.classes, args.img_size, device,
+                      compile=args.compile, compile_mode=args.compile_mode, fast_ops=args.fast_ops,
+                      pat_dim=args.pat_dim, pat_heads=args.pat_heads)
+
+
+def build_step(path: str, teacher: str, student: str, classes: int, img_size: int, device, *, compile: bool = True,
+               compile_mode: str = "default", fast_ops: str = "auto", pat_dim: int = 512, pat_heads: int = 8):
+    """The benchmarks' one PAT-step builder -> (step, distiller or None); ``step(x, y, step=i)`` does one training
+    step. Random-initialised timm models; ``path`` is "fast", "reference" or "floor" (module docstring)."""
     import torch
 
     from patfast.distill.build import build_distiller
@@ -88,23 +97,39 @@ def _build(args, device, path: str):
 
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    teacher = create_model(args.teacher, args.classes, args.img_size)
-    student = create_model(args.student, args.classes, args.img_size)
+    t_model = create_model(teacher, classes, img_size)
+    s_model = create_model(student, classes, img_size)
     if path == "floor":
-        return FloorStep(teacher, student, device, args.compile_mode if args.compile else None), None
-    backend = args.fast_ops if path == "fast" else "reference"
+        return FloorStep(t_model, s_model, device, compile_mode if compile else None), None
+    backend = fast_ops if path == "fast" else "reference"
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-    distiller = build_distiller("pat", student, teacher, img_size=args.img_size, data_mean=mean, data_std=std,
-                                dim=args.pat_dim, num_heads=args.pat_heads, backend=backend).to(device)
+    distiller = build_distiller("pat", s_model, t_model, img_size=img_size, data_mean=mean, data_std=std,
+                                dim=pat_dim, num_heads=pat_heads, backend=backend).to(device)
     distiller.train()
     params = distiller.trainable_parameters()
     optimizer = make_optimizer(params, "sgd", 0.01, 1e-4, fused=cuda and path == "fast")
     if path == "fast":
-        speed = Speed(compile=args.compile, compile_mode=args.compile_mode,
+        speed = Speed(compile=compile, compile_mode=compile_mode,
                       amp=torch.bfloat16 if fast_bf16(device) else None, channels_last=cuda)
     else:
         speed = Speed(compile=False, compile_mode="default", amp=torch.float16 if cuda else None, channels_last=False)
     return TrainStep(distiller, optimizer, params, speed, device), distiller
+
+
+def pat_step_rate(teacher: str, student: str, batch: int, img_size: int, device, *, steps: int = 10,
+                  warmup: int = 3, classes: int = 100) -> dict:
+    """Images/s a PAT step of (teacher -> student) consumes at (batch, img_size), the fast path's settings run
+    eagerly (what `patfast bench data` sets a loader against) -> {"img_s", "step_ms", "timer", "amp", "how"}."""
+    import torch
+
+    step, _ = build_step("fast", teacher, student, classes, img_size, device, compile=False)
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, 3, img_size, img_size, device=device, generator=g)
+    y = torch.randint(0, classes, (batch,), device=device, generator=g)
+    ms, _, _ = time_steps(step, x, y, steps, warmup, device)
+    timer = "CUDA events" if device.type == "cuda" else "host clock (CPU)"
+    return {"img_s": batch * 1e3 / ms, "step_ms": ms, "timer": timer,
+            "amp": "bf16" if step.speed.amp is not None else "fp32", "how": step.speed.describe()}
 
 
 def fast_bf16(device) -> bool:

@@ -92,7 +92,7 @@ def test_bench_data_backend_that_raises_is_failed_and_the_others_are_kept(tmp_pa
         return real(args, backend, device, dataset)
 
     monkeypatch.setattr(bench_data, "bench_backend", gpu_raises)
-    monkeypatch.setattr("patfast.bench.step.pat_step_rate", _fake_step_rate)
+    monkeypatch.setattr(bench_train, "pat_step_rate", _fake_step_rate)
     path = tmp_path / "data.json"
     code = main(["bench", "data", "--dry-run", "--workers", "0", "--no-progress", "--json", str(path)])
     out = capsys.readouterr().out
