@@ -25,7 +25,9 @@ def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | No
                     teacher_prompt_points: Sequence[str] | None = None, smoothing: float = 0.1,
                     w_gt: float = 1.0, w_kd: float = 1.0, w_fd: float = 1.0, w_reg: float = 1.0,
                     temperature: float = 1.0, dim: int = 512, num_heads: int = 8, queries_per_stage: int = 16,
-                    backend: str = "auto", feedback: bool = True) -> Distiller:
+                    backend: str = "auto", feedback: bool = True, upsample_last: bool | None = None) -> Distiller:
+    """upsample_last: the aligners' order (PAT); None: the plain order for backend "reference" (the reference
+    path, as the authors compute), the cheaper exact one otherwise."""
     if name not in DISTILLERS:
         raise UserError(f"unknown distiller '{name}' (choose from {', '.join(DISTILLERS)})")
     common = {"smoothing": smoothing, "w_gt": w_gt}
@@ -53,4 +55,5 @@ def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | No
                              flag="--student-stages")
     return PAT(student, student_taps, teacher, variant=pv, afp_stages=afp_stages, dim=dim, num_heads=num_heads,
                queries_per_stage=queries_per_stage, temperature=temperature, w_kd=w_kd, w_fd=w_fd, w_reg=w_reg,
-               backend=backend, feedback=feedback, **common)
+               backend=backend, feedback=feedback,
+               upsample_last=backend != "reference" if upsample_last is None else upsample_last, **common)

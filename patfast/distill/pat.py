@@ -27,7 +27,8 @@ class PAT(Distiller):
     def __init__(self, student: nn.Module, student_taps: StageTaps, teacher: Teacher, *,
                  variant: PatVariant | None = None, afp_stages: Sequence[int] = (1, 2, 3, 4), dim: int = 512,
                  num_heads: int = 8, queries_per_stage: int = 16, temperature: float = 1.0, w_kd: float = 1.0,
-                 w_fd: float = 1.0, w_reg: float = 1.0, backend: str = "auto", feedback: bool = True, **kw):
+                 w_fd: float = 1.0, w_reg: float = 1.0, backend: str = "auto", feedback: bool = True,
+                 upsample_last: bool = True, **kw):
         super().__init__(student, **kw)
         self.student_taps = student_taps
         self.teacher = teacher
@@ -40,8 +41,9 @@ class PAT(Distiller):
                                         pos_by_batch_index=variant.pos_by_batch_index,
                                         float32_pos_table=variant.float32_pos_table, backend=backend)
         targets = teacher.taps.stage_shapes
-        # the reference backend keeps the aligners' plain order (resize, then BatchNorm + conv): the authors' way
-        self.aligners = nn.ModuleList(stage_aligner(dim, t, self.raa.queries, upsample_last=backend != "reference")
+        # upsample_last: the aligners' cheaper exact order (BatchNorm + conv on the grid, resize last); False: the
+        # plain order (resize, then BatchNorm + conv), the authors' way
+        self.aligners = nn.ModuleList(stage_aligner(dim, t, self.raa.queries, upsample_last=upsample_last)
                                       for t in targets)
         self.prompts = nn.ModuleDict({
             str(i): PromptBlock(teacher.taps.prompt_shapes[i - 1], targets[i - 1], se_gate_only=variant.se_gate_only)
@@ -79,3 +81,24 @@ class PAT(Distiller):
 
     def feedback_state(self) -> dict[str, torch.Tensor | None]:
         return {i: p.feedback for i, p in self.prompts.items()}
+
+    # --- what the training loop needs (Distiller) ------------------------------------------------------------------
+    def process_state(self) -> dict[str, torch.Tensor | None]:
+        """The feedback of every prompt block (per process: it comes from that process's previous batch)."""
+        return self.feedback_state()
+
+    def load_process_state(self, state: dict[str, torch.Tensor | None]) -> None:
+        for i, p in self.prompts.items():
+            p.feedback = state.get(i)
+
+    @property
+    def first_batch_special(self) -> bool:
+        return self.variant.teacher_train_first_batch
+
+    def compile_ready(self) -> bool:
+        """Once every prompt has feedback (from the second step on) the forward keeps one graph; without feedback
+        (the ablation) it is that graph from the start."""
+        return not self.feedback or all(p.feedback is not None for p in self.prompts.values())
+
+    def without_hooks(self, copy_of_student: nn.Module) -> nn.Module:
+        return self.student_taps.strip_hooks(copy_of_student)

@@ -183,10 +183,27 @@ class StageTaps:
         return tk.join_prefix(tk.map_to_tokens(y, self.token_return), prefix, self.class_token)
 
     def features(self) -> list[torch.Tensor]:
-        """The 4 stage features of the last forward, canonical (maps or prefix-free tokens)."""
+        """The 4 stage features of the last forward, canonical (maps or prefix-free tokens); the taps let go of
+        them (the caller holds them as long as it needs them, the taps not beyond)."""
         if any(r is None for r in self._raw):
             raise RuntimeError("no forward has run through the tapped model yet")
-        return [self.canonical(r) for r in self._raw]
+        feats = [self.canonical(r) for r in self._raw]
+        self.clear()
+        return feats
+
+    def clear(self) -> None:
+        """Forget the captured features (after a forward whose features are not wanted, e.g. the clean teacher)."""
+        self._raw = [None] * 4
+
+    def strip_hooks(self, copy_of_model: nn.Module) -> nn.Module:
+        """A deep copy of the tapped model (timm's EMA) carries these hooks too, writing into these taps: remove
+        them from the copy (by hook id: a copy keeps the ids) and return it."""
+        ids = {h.id for h in self._handles}
+        for m in copy_of_model.modules():
+            for hooks in (m._forward_hooks, m._forward_pre_hooks):
+                for hid in ids & set(hooks):
+                    del hooks[hid]
+        return copy_of_model
 
     def set_prompts(self, prompts: Sequence[nn.Module | None]) -> None:
         """Modules (map -> map) applied on the inputs of the 4 prompt points while `prompting` is True."""

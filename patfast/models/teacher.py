@@ -47,7 +47,9 @@ class Teacher(nn.Module):
     def clean(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, K) of the teacher without prompts; builds no graph."""
         self.taps.prompting = False
-        return self.model(self._input(x))
+        logits = self.model(self._input(x))
+        self.taps.clear()  # its stage features are not used: let them go now
+        return logits
 
     def prompted(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, K) and the 4 canonical stage features of the forward with the prompts inserted.

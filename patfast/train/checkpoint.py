@@ -83,8 +83,7 @@ def _numpy_rng(state) -> list:
 
 def per_process_state(distiller, sums: dict[str, float], seen: int, counted: int, skipped: int) -> dict:
     """What differs between torchrun processes: PAT feedback, RNG states, the epoch's partial sums."""
-    prompts = getattr(distiller, "prompts", {})
-    return {"feedback": {name: p.feedback.cpu() if p.feedback is not None else None for name, p in prompts.items()},
+    return {"feedback": {k: v.cpu() if v is not None else None for k, v in distiller.process_state().items()},
             "rng": rng_state(), "sums": dict(sums), "seen": seen, "counted": counted, "skipped": skipped}
 
 
@@ -103,11 +102,10 @@ def training_state(distiller, optimizer, scaler, ema, *, epoch: int, batch: int,
                    rows: list[dict], processes: list[dict], mixup=None, config: dict) -> dict:
     """The state after `batch` batches of epoch `epoch` (batch == the epoch's length: the epoch is finished).
     `processes`: per_process_state of each torchrun process in rank order (one entry for a single process)."""
-    teacher = getattr(distiller, "teacher", None)
     return {
         "version": VERSION,
         "distiller": distiller.trainable_state_dict(),
-        "teacher_buffers": dict(teacher.model.named_buffers()) if teacher is not None else {},
+        "teacher_buffers": distiller.shared_state(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "ema": ema.module.state_dict() if ema is not None else None,
@@ -160,15 +158,10 @@ def restore(state: dict, distiller, optimizer, scaler, ema, mixup, rank: int = 0
         raise UserError(f"the checkpoint was written by {len(state['processes'])} process(es); resume it with as "
                         f"many (this run has {world_size})")
     mine = state["processes"][rank]
-    missing, unexpected = distiller.load_state_dict(state["distiller"], strict=False)
-    missing = [k for k in missing if not k.startswith("teacher.")]
+    missing, unexpected = distiller.load_trainable_state_dict(state["distiller"])
     if missing or unexpected:
         raise UserError(f"the checkpoint does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    teacher = getattr(distiller, "teacher", None)
-    if teacher is not None:
-        buffers = dict(teacher.model.named_buffers())
-        for name, value in state["teacher_buffers"].items():
-            buffers[name].copy_(value)
+    distiller.load_shared_state(state["teacher_buffers"])
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["scaler"] is not None:
         scaler.load_state_dict(state["scaler"])
@@ -178,8 +171,6 @@ def restore(state: dict, distiller, optimizer, scaler, ema, mixup, rank: int = 0
         kind, keys, pos, has_gauss, gauss = state["mixup"]
         mixup.load_state_dict({"rng": (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)})
     device = next(distiller.parameters()).device
-    for name, p in getattr(distiller, "prompts", {}).items():
-        fb = mine["feedback"].get(name)
-        p.feedback = fb.to(device) if fb is not None else None
+    distiller.load_process_state({k: v.to(device) if v is not None else None for k, v in mine["feedback"].items()})
     set_rng_state(mine["rng"])
     return mine

@@ -67,6 +67,9 @@ OPTIONS = [
            ("train",), list_of=int),
     Option("pat_feedback", bool, True, "feed the previous step's (aligned student - prompted teacher) to the prompts "
            "(--no-pat-feedback: the ablation 'AFP without feedback')", ("train",)),
+    Option("pat_aligner_order", str, "auto", "aligners: upsample-last (BatchNorm + conv on the grid, then the resize: "
+           "the same function, cheaper) | plain (resize first, the authors' order) | auto (plain with --backend "
+           "reference, else upsample-last)", ("train",), choices=("auto", "upsample-last", "plain")),
     Option("pat_dim", int, 512, "RAA width", ("train",)),
     Option("pat_heads", int, 8, "RAA heads", ("train",)),
     Option("student_stages", str, None, "4 student module names whose outputs are the stage features",

@@ -117,16 +117,14 @@ class TrainStep:
             self.forward = torch.compile(distiller, mode=mode)
         # The official variant's first-batch switch is the only Python value that changes between steps: pass it only
         # where it matters, so the paper variant compiles one graph.
-        variant = getattr(distiller, "variant", None)
-        self.uses_first_batch = bool(variant is not None and variant.teacher_train_first_batch)
-        self.prompts = list(getattr(distiller, "prompts", {}).values())
+        self.uses_first_batch = distiller.first_batch_special
         self.device_skip = supports_found_inf(optimizer)
         self._primed = False  # momentum buffers made at the first step: after a resume has loaded the state
 
     def _forward(self):
-        """The compiled forward once every prompt block has feedback; before that (PAT's first step, which skips
+        """The compiled forward once the distiller is compile_ready; before that (PAT's first step, which skips
         the fusion block) the eager one, so that only the steady-state graph is ever compiled."""
-        if self.forward is not self.distiller and any(p.feedback is None for p in self.prompts):
+        if self.forward is not self.distiller and not self.distiller.compile_ready():
             return self.distiller
         return self.forward
 
@@ -139,7 +137,7 @@ class TrainStep:
             x = x.contiguous(memory_format=torch.channels_last)
         if x.shape[0] % self.accum:
             raise ValueError(f"a batch of {x.shape[0]} does not split into {self.accum} micro-batches")
-        feedback = [p.feedback for p in self.prompts]
+        before = self.distiller.process_state()
         self.optimizer.zero_grad(set_to_none=True)
         totals, nonfinite = {}, []
         for xm, ym in zip(x.chunk(self.accum), y.chunk(self.accum)):
@@ -161,7 +159,7 @@ class TrainStep:
         # The non-finite guard, on the device: a NaN/Inf loss on any rank skips the update (and the EMA) everywhere.
         bad = torch.stack(nonfinite).any() if self.accum > 1 else nonfinite[0]
         self.bad = all_max(bad.float().reshape(1), self.world).reshape(()) > 0
-        self._keep_feedback(feedback)
+        self._keep_process_state(before)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # after the mean: every rank sees the same inf/NaN
         if self.clip:
@@ -171,18 +169,19 @@ class TrainStep:
             update_ema(self.ema, self.distiller.student, step, keep=self.bad)
         return totals
 
-    def _keep_feedback(self, before: list) -> None:
-        """A skipped step leaves PAT's feedback as it was (its own would carry NaN into the next step's prompts):
-        a torch.where on the device; only before the first feedback exists (None, a different graph) is `bad` read
-        on the host, once."""
-        if any(old is None for old in before) and any(p.feedback is not None for p in self.prompts):
-            if bool(self.bad):
-                for p, old in zip(self.prompts, before):
-                    p.feedback = old
+    def _keep_process_state(self, before: dict) -> None:
+        """A skipped step leaves the distiller's per-process state (PAT's feedback) as it was (its own would carry
+        NaN into the next step): a torch.where on the device; only where the state did not exist before (None, a
+        different graph: PAT's first step) is `bad` read on the host, once."""
+        after = self.distiller.process_state()
+        if not after:
             return
-        for p, old in zip(self.prompts, before):
-            if old is not None and p.feedback is not None:
-                p.feedback = torch.where(self.bad, old, p.feedback)
+        if any(before.get(k) is None and v is not None for k, v in after.items()):
+            if bool(self.bad):
+                self.distiller.load_process_state(before)
+            return
+        self.distiller.load_process_state({k: torch.where(self.bad, before[k], v) if v is not None else v
+                                           for k, v in after.items()})
 
     def _optimizer_step(self) -> None:
         """optimizer.step() unless `bad`: decided on the device for a fused optimizer (its found_inf), on the host

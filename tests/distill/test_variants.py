@@ -9,6 +9,7 @@ from dataclasses import fields
 import pytest
 import torch
 
+from patfast import ops
 from patfast.distill.prompts import PromptBlock, SqueezeExcite
 from patfast.distill.raa import RegionAwareAttention
 from patfast.distill.variant import PatVariant
@@ -67,7 +68,8 @@ def test_1_token_reshape_bug(make_pat, make_batch, teacher, bug):
     seen = []
     modules[t.taps.prompt_points[0]].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
     x, _ = make_batch(b=2, img=IMG)
-    clean = t.clean(x)
+    with torch.no_grad():  # the clean forward, through the taps (Teacher.clean lets its features go)
+        clean = t.model(t._input(x))
     clean_feats = [f.clone() for f in t.taps.features()]
     prompted, feats = t.prompted(x)
     assert all(p.beta.item() == 0.0 for p in d.prompts.values())
@@ -136,7 +138,7 @@ def test_3_pos_by_batch_index(by_batch):
 
 
 @pytest.mark.parametrize("last", [False, True])
-def test_4_class_token_last(make_pat, make_batch, last):
+def test_4_class_token_last(make_pat, make_batch, last, monkeypatch):
     d = make_pat(teacher="deit_tiny_patch16_224", student="deit_tiny_patch16_224", img=IMG,
                  variant=PatVariant(class_token_last=last)).train()
     raw = {}
@@ -146,11 +148,16 @@ def test_4_class_token_last(make_pat, make_batch, last):
     d.teacher.model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
     with torch.no_grad():
         d.prompts["1"].beta.fill_(1.0)
+    used = {}  # the stage features PAT computes with: RAA's input (student), HCL's targets (teacher)
+    raa_forward, hcl = d.raa.forward, ops.hcl_loss_stages
+    d.raa.forward = lambda feats: (used.__setitem__("student", feats[0]), raa_forward(feats))[1]
+    monkeypatch.setattr(ops, "hcl_loss_stages",
+                        lambda s, t, **k: (used.__setitem__("teacher", t[0]), hcl(s, t, **k))[1])
     x, y = make_batch(b=2, img=IMG)
     d(x, y)
     keep = slice(0, 16) if last else slice(1, 17)
-    assert torch.equal(d.student_taps.features()[0], raw["student"][:, keep])
-    assert torch.equal(d.teacher.taps.features()[0], raw["teacher"][:, keep])
+    assert torch.equal(used["student"], raw["student"][:, keep])
+    assert torch.equal(used["teacher"], raw["teacher"][:, keep])
     clean_in, prompted_in = seen
     changed = (prompted_in - clean_in).abs().amax(dim=(0, 2)) > 0  # per token
     if last:  # official: the real class token is prompted like a patch, the last patch is set aside
