@@ -25,7 +25,7 @@
 #               torch.compile, SDPA (RAA), Triton, fwd and fwd+bwd, PAT shapes, B 64/128/256, target cases first;
 #               one process each, so a kernel that breaks the CUDA context cannot take the other ops with it
 #   gpu_tests   python -m pytest -m gpu -v tests: bf16 numerics, torch.compile fullgraph, CUDA graphs, the fast
-#               path on CUDA. Checks, not figures; the report (patfast.bench.pytest_report) is rewritten after
+#               path on CUDA. Checks, not figures; the report (benchmarks/pytest_report.py) is rewritten after
 #               every test, so a timeout still gives the counts of what ran and the test that was running
 #   data        patfast bench data: loader img/s of the torch, dali, gpu backends beside the PAT step rate (one
 #               figure; no DALI on the GPU machine: "not measured: not installed")
@@ -138,6 +138,7 @@ fi
 PY="${PYTHON:-python3}"
 if [[ "$PY" == */* ]]; then PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"; fi  # steps change directory
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+export GPU_CHECK_PY="$ROOT/benchmarks/gpu_check.py"   # the run's store, results.json / results.md, the summary
 mkdir -p "$OUT/inflight"
 OUT="$(cd "$OUT" && pwd -P)"
 PARTS="$OUT/inflight"
@@ -227,7 +228,7 @@ echo "gpu_check: patfast imports from $IMPORT_NOTE"
 
 ORDER="$(IFS=,; echo "${STEPS[*]}")"
 merge() {  # merge [--step NAME --rc N --seconds S --limit L]: the store and results.json / results.md
-    "$PY" -m patfast.bench.gpu_check merge --out "$OUT" --order "$ORDER" --run-id "$RUN_ID" --mode "$MODE" \
+    "$PY" "$GPU_CHECK_PY" merge --out "$OUT" --order "$ORDER" --run-id "$RUN_ID" --mode "$MODE" \
         --only "${ONLY:-}" --budget "$BUDGET_TOTAL" --patfast-import "$IMPORT_NOTE" --quiet "$@"
 }
 merge || echo "=== gpu_check: writing results failed ==="   # folds in what a killed earlier run left in inflight/
@@ -262,14 +263,14 @@ run_pairs() {
     while [[ "$1" != "--" ]]; do flags+=("$1"); shift; done
     shift
     deadline=$(( $(date +%s) + LIMIT_NOW ))
-    "$PY" -m patfast.bench.gpu_check e2e-row "${@/#/--pair=}" --why "not reached" --json "$PARTS/${step}_{n}.json"
+    "$PY" "$GPU_CHECK_PY" e2e-row "${@/#/--pair=}" --why "not reached" --json "$PARTS/${step}_{n}.json"
     for pair in "$@"; do
         n=$((n + 1))
         left=$(( deadline - $(date +%s) ))
         if (( left < min_s )); then
             why="not started: past the budget (${left} s of the $step step left, a pair needs E2E_PAIR_S=${min_s} s;"
             why+=" rerun with --only $step and a larger ${step^^}_TIMEOUT)"
-            "$PY" -m patfast.bench.gpu_check e2e-row --pair "$pair" --json "$PARTS/${step}_$n.json" --why "$why" \
+            "$PY" "$GPU_CHECK_PY" e2e-row --pair "$pair" --json "$PARTS/${step}_$n.json" --why "$why" \
                 || rc=1
             continue
         fi
@@ -279,7 +280,7 @@ run_pairs() {
             --json "$PARTS/${step}_$n.json" || pair_rc=$?
         if (( pair_rc != 0 )); then
             rc=1
-            [[ -s "$PARTS/${step}_$n.json" ]] || "$PY" -m patfast.bench.gpu_check e2e-row --pair "$pair" \
+            [[ -s "$PARTS/${step}_$n.json" ]] || "$PY" "$GPU_CHECK_PY" e2e-row --pair "$pair" \
                 --json "$PARTS/${step}_$n.json" --failed "bench train exited with status $pair_rc before writing its row"
         fi
     done
@@ -299,7 +300,7 @@ KERNEL_FLAGS=()
 read -r -a EXTRA_KERNEL_FLAGS <<<"${GPU_CHECK_KERNEL_ARGS:-}"   # e.g. GPU_CHECK_KERNEL_ARGS="--quick"
 DATA_FLAGS=(--data digits --data-backend all --img-size 224 --batch-size 128 --no-progress)
 read -r -a EXTRA_DATA_FLAGS <<<"${GPU_CHECK_DATA_ARGS:-}"   # e.g. GPU_CHECK_DATA_ARGS="--batches 10"
-TEST_FLAGS=(-m gpu -v -rfE tests -p no:cacheprovider -p patfast.bench.pytest_report
+TEST_FLAGS=(-m gpu -v -rfE tests -p no:cacheprovider -p pytest_report
             --report-json "$PARTS/gpu_tests.json")
 if (( DRY )); then
     # No CUDA whatever the machine has; the Triton ops through the interpreter (the harness is checked: every
@@ -327,7 +328,7 @@ if want env; then
         if command -v nvidia-smi >/dev/null && [[ "$3" == gpu ]]; then
             nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
         fi
-        "$1" -m patfast.bench.gpu_check env --json "$2"' _ "$PY" "$PARTS/env.json" "$MODE"
+        "$1" "$GPU_CHECK_PY" env --json "$2"' _ "$PY" "$PARTS/env.json" "$MODE"
 fi
 if want ceilings; then
     run_step ceilings "$PY" -m patfast.bench.ceilings --json "$PARTS/ceilings.json" "${CEILINGS_FLAGS[@]}"
@@ -347,7 +348,8 @@ for op in hcl raa kd; do
         --budget "$budget" "${ceilings[@]}" "${KERNEL_FLAGS[@]}" "${EXTRA_KERNEL_FLAGS[@]}"
 done
 if want gpu_tests; then
-    run_step gpu_tests "$PY" -m pytest "${TEST_FLAGS[@]}"
+    # the report plugin is benchmarks/pytest_report.py
+    run_step gpu_tests env PYTHONPATH="$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest "${TEST_FLAGS[@]}"
 fi
 if want data; then
     run_step data "$PY" -m patfast bench data --json "$PARTS/data.json" "${DATA_FLAGS[@]}" "${EXTRA_DATA_FLAGS[@]}"
@@ -365,7 +367,7 @@ fi
 echo
 echo "=== gpu_check: results ($OUT/results.json, $OUT/results.md) ==="
 cat "$OUT/results.md" || true
-"$PY" -m patfast.bench.gpu_check summary --out "$OUT" || FAILED+=("summary")
+"$PY" "$GPU_CHECK_PY" summary --out "$OUT" || FAILED+=("summary")
 if (( ${#FAILED[@]} )); then
     echo "gpu_check: FAILED in this run: ${FAILED[*]}"
     exit 1

@@ -1,17 +1,17 @@
-"""Benchmarks: `patfast bench kernels` (issues #3 and #4), `patfast bench data` (#5), and the pieces
-benchmarks/gpu_check.sh runs.
+"""Benchmarks: `patfast bench kernels`, `patfast bench data` and `patfast bench train`, each writing its rows (--json)
+and its table (--md). benchmarks/ holds the developer side: gpu_check.sh (the one-shot GPU run) and its Python
+(gpu_check.py, pytest_report.py), results.md's renderer (render_results.py) and the targets it judges against
+(targets.json).
 
     kernels.py   the kernel benchmark cases (PAT shapes), providers (eager reference, torch.compile(reference),
                  Triton; for RAA also SDPA with the flash / cuDNN backend pinned), the timing loop and the traffic
                  model
     ceilings.py  the measured ceilings of the same run: device-to-device copy bandwidth, bf16 matmul rate
-    results.py   results.json / results.md: environment, ceilings, kernel rows with their baselines, the targets
+    tables.py    the kernel rows' ratios against their baselines (same run) and their markdown tables
     data.py      loader-only images/s of each data backend, beside the rate a PAT step consumes
     train.py     `patfast bench train`: fast path vs reference path vs floor, peak memory, the time split; the one
                  PAT-step builder of the benchmarks (also the step rate `bench data` sets loaders against)
     record.py    how rows are recorded as they are measured: measured / not measured (why) / FAILED (exception)
-    gpu_check.py the Python side of benchmarks/gpu_check.sh: the run's store, results.json/md, the exit summary
-    pytest_report.py  a pytest plugin writing counts and the running test after every test (gpu_check's GPU tests)
 
 Timing: on CUDA ``triton.testing.do_bench`` (CUDA events around each call, L2 flushed before each, median with
 p20/p80); on the CPU a host clock (the CPU is synchronous), which is only ever used for the tiny dry-run sizes.
@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-__all__ = ["add_options", "run", "bench_ms", "num", "quantiles", "use_triton_interpreter", "QUANTILES"]
+__all__ = ["add_options", "run", "bench_ms", "environment", "num", "quantiles", "use_triton_interpreter", "QUANTILES"]
 
 QUANTILES = (0.5, 0.2, 0.8)  # median, p20, p80
 
@@ -52,6 +52,31 @@ def bench_ms(fn, cuda: bool, *, warmup_ms: float = 25, rep_ms: float = 60, cpu_r
         times.append((time.perf_counter() - start) * 1e3)
     med, p20, p80 = quantiles(times, QUANTILES)
     return med, p20, p80, "host clock around each call, 1 to 5 calls (CPU)"
+
+
+def environment() -> dict:
+    """patfast.train.report.environment() plus the GPU's details, the packaging tools' versions (the GPU image's
+    setuptools / wheel decide whether the editable install works) and the date."""
+    import datetime
+    from importlib import metadata
+
+    import torch
+
+    from patfast.train.report import environment as base
+
+    env = base()
+    env.setdefault("gpu", None)
+    for name in ("pip", "setuptools", "wheel"):
+        try:
+            env[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            env[name] = "not installed"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu_capability=f"{props.major}.{props.minor}", gpu_sms=props.multi_processor_count,
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    env["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return env
 
 
 def use_triton_interpreter(what: str) -> None:

@@ -424,19 +424,21 @@ class Bench:
              else {}) | ({"inductor_sdpa": None} if case.op == "raa_block" and provider == "compiled" else {})
 
     def doc(self) -> dict:
-        from patfast.bench.results import make_doc
+        """{"env", "ceilings", "kernels"}: the rows with their ratios (tables.derive)."""
+        from patfast.bench.tables import derive
 
-        return make_doc(self.env, self.ceilings, list(self.rows.values()))
+        rows = derive([dict(r) for r in self.rows.values()], self.ceilings or {})
+        return {"env": self.env, "ceilings": self.ceilings, "kernels": rows}
 
     def save(self) -> None:
-        from patfast.bench.results import render_md
+        from patfast.bench.tables import render
 
         doc = self.doc()
         if self.json_path:
             write_json(doc, self.json_path)
         if self.md_path:
             with open(self.md_path, "w") as f:
-                f.write(render_md(doc))
+                f.write(render(doc["kernels"]) + "\n")
 
     # -- measuring ---------------------------------------------------------------------------------------------
 
@@ -588,8 +590,8 @@ class Bench:
 
 
 def is_target(case: Case) -> bool:
-    """The cases the targets are judged on: issue #3 HCL Swin-T at B=128, the KD pair at B=256; issue #4 RAA (block
-    and core) at B=128."""
+    """The cases benchmarks/targets.json judges (HCL Swin-T at B=128, the KD pair at B=256, RAA block and core at
+    B=128): run first, so that a GPU run cut short still has them."""
     return (case.op, case.name, case.batch) == ("hcl_loss_stages", "swin_t", 128) or \
         (case.op == "kd_loss_pair" and case.batch == 256) or (case.op in RAA_OPS and case.batch == 128)
 
@@ -655,9 +657,10 @@ def main(args) -> int:
     if compiled_batches is not None and not cuda and args.compiled:
         compiled_batches |= set(batches)  # on the CPU --compiled means the (tiny) batches of this run
 
+    from patfast.bench import environment
     from patfast.bench.ceilings import describe
     from patfast.bench.ceilings import measure as measure_ceilings
-    from patfast.bench.results import environment, render_md
+    from patfast.bench.tables import render
 
     env = environment()
     print(f"patfast bench kernels | {env.get('gpu') or 'CPU (no CUDA GPU)'} | torch {env['torch']} | "
@@ -693,7 +696,7 @@ def main(args) -> int:
                   json_path=args.json, md_path=args.md, log=lambda line: print(line, flush=True))
     doc = bench.run()
     print()
-    print(render_md(doc, sections=("kernels", "targets")), flush=True)
+    print(render(doc["kernels"]), flush=True)
     failed = [(r, f) for r in doc["kernels"] for f in row_failures(r)]
     for r, f in failed:
         print(f"bench kernels: {FAILED}: {r['op']} {r['case']} B={r['batch']} {r['mode']} {r['provider']}: {f}",

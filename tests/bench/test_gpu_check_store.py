@@ -1,12 +1,13 @@
-"""gpu_check's store (patfast/bench/gpu_check.py): each step's output moves from inflight/ into parts.json with its
+"""gpu_check's store (benchmarks/gpu_check.py): each step's output moves from inflight/ into parts.json with its
 exit status; a step rerun (--only) replaces its own part and keeps the others; rows a killed step never reached
 say why; what a killed run left in inflight/ is folded in by the next merge."""
 
 import argparse
 import json
 
+import gpu_check
+
 from patfast.bench import data as bench_data
-from patfast.bench import gpu_check
 from patfast.bench.record import NOT_REACHED, write_json
 
 ORDER = ["env", "ceilings", "e2e_target", "kernels_hcl", "kernels_raa", "kernels_kd", "gpu_tests", "data",

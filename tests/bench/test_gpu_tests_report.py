@@ -1,4 +1,4 @@
-"""The GPU tests' report (patfast.bench.pytest_report) keeps counts as tests run: pytest killed by a timeout still
+"""The GPU tests' report (benchmarks/pytest_report.py) keeps counts as tests run: pytest killed by a timeout still
 gives passed / failed counts of what ran and the test it was running; parse_gpu_tests and results.md read it."""
 
 import json
@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from patfast.bench.results import make_doc, parse_gpu_tests, render_md
+from render_results import make_doc, parse_gpu_tests, render_md
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,9 +52,10 @@ def test_never_reached():
 def run_pytest_until_hang(tmp_path, report):
     """pytest over TESTS with the plugin; SIGTERM (what timeout(1) sends) once test_hangs has started."""
     (tmp_path / "test_sample.py").write_text(TESTS)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = [os.path.join(ROOT, "benchmarks"), ROOT, os.environ.get("PYTHONPATH", "")]  # the plugin, patfast
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-p",
-                             "patfast.bench.pytest_report", "--report-json", str(report), "test_sample.py"],
+                             "pytest_report", "--report-json", str(report), "test_sample.py"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     try:

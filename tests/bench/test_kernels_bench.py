@@ -14,7 +14,7 @@ import torch
 
 from patfast.bench import kernels as K
 from patfast.bench.kernels import NO_CUDA, NO_CUDA_SDPA
-from patfast.bench.results import make_doc, render_md
+from patfast.bench.tables import render as render_md
 from patfast.cli import main
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (reference-only) behaviour")
@@ -157,13 +157,13 @@ def test_gpu_logic_fills_every_row_and_keeps_the_budget(fake_gpu, tmp_path):
     assert pair["kernels_fwd"] == ["k0"] and pair["kernels_bwd"] == ["b0"]
     assert rows[("kd_loss_pair", "fwd+bwd", "compiled")]["ms_graph"] is None  # graphs: eager and Triton only
     assert rows[("hcl_loss_stages", "fwd", "eager")]["launches_fwd"] is None  # counted on fwd+bwd rows
-    assert "| 41 | 3 | fwd+bwd | triton | 100.0 us (90.0-110.0) | 8.0 us (7.0-9.0) |" in render_md(doc)
+    assert "| 41 | 3 | fwd+bwd | triton | 100.0 us (90.0-110.0) | 8.0 us (7.0-9.0) |" in render_md(doc["kernels"])
 
     fake_gpu.clear()
     bench = K.Bench(cases[1:], cuda=True, compiled=True, compiled_batches=None, quick=True, budget=0.0,
                     interpret_check=False, env={"gpu": "fake"}, ceilings={}, json_path=None, md_path=None,
                     log=lambda line: None, device=torch.device("cpu"), dtype=torch.float32)
-    doc = make_doc({"gpu": "fake"}, {}, bench.run()["kernels"])
+    doc = bench.run()
     compiled = [r for r in doc["kernels"] if r["provider"] == "compiled"]
     assert "compiled" not in fake_gpu
     assert all(r["ms"] is None and "time budget" in r["note"] for r in compiled)

@@ -1,11 +1,11 @@
-"""results.py builds the document: ratios and fractions of the copy from the same run, the issues' targets
-(met / not met / not measured / FAILED), and the markdown, where a figure whose code raised is FAILED with its
-exception, never "not measured"."""
+"""benchmarks/render_results.py builds the document: ratios and fractions of the copy from the same run, the
+issues' targets (benchmarks/targets.json: met / not met / not measured / FAILED), and the markdown, where a figure
+whose code raised is FAILED with its exception, never "not measured"."""
 
 import pytest
+from render_results import e2e_targets, make_doc, render_md, targets
 
 from patfast.bench.kernels import hcl_case, kd_case, raa_case
-from patfast.bench.results import e2e_targets, make_doc, render_md, targets
 
 
 def _row(case, mode, provider, ms, **extra):

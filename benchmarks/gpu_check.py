@@ -10,11 +10,11 @@ A merge also folds in what an earlier run killed mid-step left in inflight/ (its
 Rows a step wrote as "not measured: not reached" and never reached are given the reason when the document is built:
 the step's time limit, its exit status, or the run that ended during it.
 
-    python -m patfast.bench.gpu_check env --json PATH        print the GPU and versions; write them
-    python -m patfast.bench.gpu_check e2e-row --pair T,S [--pair ...] (--why TEXT | --failed TEXT) --json PATH
-                                                            (PATH may hold {n}: the pair's number, from 1)
-    python -m patfast.bench.gpu_check merge --out OUTDIR [--step NAME --rc N --seconds S --limit L] [run options]
-    python -m patfast.bench.gpu_check summary --out OUTDIR   the steps' status and everything FAILED
+    python benchmarks/gpu_check.py env --json PATH           print the GPU and versions; write them
+    python benchmarks/gpu_check.py e2e-row --pair T,S [--pair ...] (--why TEXT | --failed TEXT) --json PATH
+                                                         (PATH may hold {n}: the pair's number, from 1)
+    python benchmarks/gpu_check.py merge --out OUTDIR [--step NAME --rc N --seconds S --limit L] [run options]
+    python benchmarks/gpu_check.py summary --out OUTDIR   the steps' status and everything FAILED
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import os
 import re
 import sys
 
+from render_results import make_doc, parse_gpu_tests, render_md
+
 from patfast.bench.record import FAILED, NOT_REACHED, write_json
-from patfast.bench.results import make_doc, parse_gpu_tests, render_md
 
 STORE = "parts.json"
 INFLIGHT = "inflight"
@@ -244,7 +245,7 @@ def e2e_row(pair: str, why: str | None, failed: str | None) -> dict:
 
 
 def print_env(json_path: str | None) -> None:
-    from patfast.bench.results import environment
+    from patfast.bench import environment
 
     env = environment()
     print(f"GPU     {env.get('gpu') or 'none (no CUDA device visible)'}"
@@ -257,7 +258,7 @@ def print_env(json_path: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m patfast.bench.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("env", help="print the GPU and versions; write them as JSON")
     p.add_argument("--json", default=None)

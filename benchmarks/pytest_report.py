@@ -1,13 +1,13 @@
 """A pytest plugin that keeps a JSON report of the run up to date after every test, so that a run killed by a
 timeout still says how many tests passed or failed, and which test was running when it was killed.
 
-    python -m pytest -p patfast.bench.pytest_report --report-json PATH ...
+    PYTHONPATH=benchmarks python -m pytest -p pytest_report --report-json PATH ...
 
 PATH is rewritten atomically (patfast.bench.record.write_json) when collection ends, when each test starts and
 after each of its phases: {"command", "collected", "passed", "failed", "errors", "skipped", "xfailed", "xpassed",
 "running" (the test started and not finished, else null), "failures": [{"test", "when", "message"}], "seconds",
 "finished" (the session ended), "exit_status"}. benchmarks/gpu_check.sh runs the GPU tests with it, and
-patfast.bench.results.parse_gpu_tests reads it.
+benchmarks/render_results.py's parse_gpu_tests reads it.
 """
 
 from __future__ import annotations
