@@ -104,7 +104,8 @@ def build_step(path: str, teacher: str, student: str, classes: int, img_size: in
     backend = fast_ops if path == "fast" else "reference"
     mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     distiller = build_distiller("pat", s_model, t_model, img_size=img_size, data_mean=mean, data_std=std,
-                                dim=pat_dim, num_heads=pat_heads, backend=backend).to(device)
+                                dim=pat_dim, num_heads=pat_heads, backend=backend,
+                                upsample_last=path == "fast").to(device)
     distiller.train()
     params = distiller.trainable_parameters()
     optimizer = make_optimizer(params, "sgd", 0.01, 1e-4, fused=cuda and path == "fast")
