@@ -63,7 +63,8 @@ def check_inputs(cfg: dict, command: str) -> None:
     is created or written: a mistake there leaves --out as it was. Contents (corrupt data or weights, an image size
     too small for a model) are found when the run loads them."""
     from patfast.data import parse_data_spec
-    from patfast.models.create import check_file, check_model_name
+    from patfast.models.create import check_model_name
+    from patfast.models.weights import check_file
 
     parse_data_spec(cfg["data"])
     if command == "teacher":
@@ -90,7 +91,8 @@ def cmd_train(args, command: str) -> int:
 
 def cmd_eval(args) -> int:
     from patfast.data import load_data, make_loader
-    from patfast.models.create import create_model, load_state, read_state_dict, torch_load
+    from patfast.models.create import create_model
+    from patfast.models.weights import load_state, read_state_dict, torch_load
     from patfast.train.config import resolve
     from patfast.train.loop import amp_dtype, evaluate, resolve_device
 

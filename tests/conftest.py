@@ -51,7 +51,8 @@ def one_thread_seeded(_small_threads):
 def teacher(tmp_path_factory):
     """A small teacher checkpoint for subprocess and CLI runs (convnext_atto, 10 classes, 32 px): random weights,
     no training needed."""
-    from patfast.models.create import create_model, save_weights
+    from patfast.models.create import create_model
+    from patfast.models.weights import save_weights
 
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     torch.manual_seed(0)

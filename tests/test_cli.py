@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from patfast.cli import main
-from patfast.models.create import create_model, save_weights
+from patfast.models.create import create_model
+from patfast.models.weights import save_weights
 
 FAST = ["--epochs", "1", "--teacher-epochs", "1", "--batch-size", "64", "--pat-dim", "64", "--no-progress"]
 

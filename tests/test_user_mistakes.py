@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from patfast.cli import main
-from patfast.models.create import create_model, save_weights
+from patfast.models.create import create_model
+from patfast.models.weights import save_weights
 from patfast.train.step import TrainStep
 
 TINY = ["--epochs", "1", "--img-size", "32", "--batch-size", "8", "--no-progress", "--workers", "0"]

@@ -1,4 +1,5 @@
-"""Models: timm creation and weights files (create), teachers from timm checkpoints (legacy_checkpoint), stage taps."""
+"""Models: timm creation (create), weights files (weights), teachers from timm checkpoints (legacy_checkpoint), stage
+taps."""
 
 __all__ = ["load_teacher"]
 

@@ -24,15 +24,8 @@ import torch
 from torch import nn
 
 from patfast.errors import UserError
-from patfast.models.create import (
-    check_file,
-    check_model_name,
-    create_model,
-    load_state,
-    read_state_dict,
-    torch_load,
-    unwrap_state,
-)
+from patfast.models.create import check_model_name, create_model
+from patfast.models.weights import check_file, load_state, read_state_dict, torch_load, unwrap_state
 
 # buffers timm 0.6.5 stored that timm 1.x computes when it builds the model (Swin); timm's filters drop them
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask")

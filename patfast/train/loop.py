@@ -21,7 +21,8 @@ from patfast.data.mixup import make_mixup
 from patfast.distill.base import Vanilla
 from patfast.distill.build import build_distiller
 from patfast.errors import TrainingStopped, UserError
-from patfast.models.create import create_model, load_weights, save_weights
+from patfast.models.create import create_model
+from patfast.models.weights import load_weights, save_weights
 from patfast.train import checkpoint as ckpt
 from patfast.train import distributed as dist_
 from patfast.train.distributed import World

@@ -13,8 +13,9 @@ import torch
 
 from patfast.errors import UserError
 from patfast.models import load_teacher
-from patfast.models.create import create_model, load_weights, save_weights
+from patfast.models.create import create_model
 from patfast.models.legacy_checkpoint import pretrained_teacher, read_teacher_state, teacher_from_config
+from patfast.models.weights import load_weights, save_weights
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "timm065")
 NAMES = ["swin_tiny_patch4_window7_224", "convnext_tiny", "vit_tiny_patch16_224", "mixer_s16_224"]
