@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from patfast.errors import UserError
+from patfast.train import faults
 
 VERSION = 1
 # Config keys that may change on resume without changing what the run computes.
@@ -33,26 +34,8 @@ def atomic_save(obj, path: str) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    test_kill_point("save")
+    faults.reached("save")
     os.replace(tmp, path)
-
-
-def test_kill_point(where: str) -> None:
-    """Tests only: PATFAST_TEST_KILL=where:N sends SIGKILL to this process the N-th time `where` is reached
-    ("step": after a training step; "save": inside a checkpoint write, before its rename);
-    where:N:term:R sends SIGTERM instead, and only in the process of rank R (torchrun's RANK)."""
-    spec = os.environ.get("PATFAST_TEST_KILL")
-    if not spec or not spec.startswith(where + ":"):
-        return
-    _, n, *term = spec.split(":")
-    if term and os.environ.get("RANK", "0") != term[1]:
-        return
-    counts = test_kill_point.__dict__.setdefault("counts", {})
-    counts[where] = counts.get(where, 0) + 1
-    if counts[where] == int(n):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGTERM if term else signal.SIGKILL)
 
 
 def rng_state() -> dict:

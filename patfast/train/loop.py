@@ -25,6 +25,7 @@ from patfast.models.create import create_model
 from patfast.models.weights import load_weights, save_weights
 from patfast.train import checkpoint as ckpt
 from patfast.train import distributed as dist_
+from patfast.train import faults
 from patfast.train.distributed import World
 from patfast.train.nonfinite import READ_EVERY, NonFiniteTally
 from patfast.train.optim import WarmupCosine, make_optimizer
@@ -140,6 +141,7 @@ def _teacher_stats(cfg: dict, meta: dict, dataset) -> tuple[list[float], list[fl
 def run(cfg: dict, command: str, log: Log | None = None) -> dict:
     """Train according to the resolved config; returns the final figures. command: "train" or "teacher"."""
     world = dist_.from_env()
+    faults.arm()
     device = resolve_device(cfg["device"])
     if world.distributed:
         if device.type == "cuda":
@@ -227,7 +229,8 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
             teacher_stages=cfg["teacher_stages"], teacher_prompt_points=cfg["teacher_prompt_points"],
             smoothing=cfg["smoothing"], w_gt=cfg["gt_weight"], w_kd=cfg["kd_weight"], w_fd=cfg["fd_weight"],
             w_reg=cfg["reg_weight"], temperature=cfg["kd_temperature"], dim=cfg["pat_dim"],
-            num_heads=cfg["pat_heads"], backend=cfg["backend"], feedback=cfg.get("pat_feedback", True))
+            num_heads=cfg["pat_heads"], backend=cfg["backend"], feedback=cfg.get("pat_feedback", True),
+            upsample_last={"upsample-last": True, "plain": False}.get(cfg.get("pat_aligner_order", "auto")))
     if cfg.get("sync_bn"):
         dist_.sync_batchnorm(distiller, world, device, log)
     distiller.to(device)
@@ -244,8 +247,9 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
         f"{cfg['img_size']}px) | "
         f"{role}: {name} ({n_student / 1e6:.2f}M params) | distiller: {what}"
         + (f" (+{n_extra / 1e6:.2f}M trainable params)" if n_extra else ""))
-    if getattr(distiller, "teacher", None) is not None:
-        teacher_top = evaluate(distiller.teacher.model, test_loader, device, dtype, show_bars, "teacher eval", world)
+    if distiller.frozen_teacher() is not None:
+        teacher_top = evaluate(distiller.frozen_teacher().model, test_loader, device, dtype, show_bars, "teacher eval",
+                               world)
         log(f"teacher test accuracy: top-1 {teacher_top[0]:.2f}%  top-5 {teacher_top[1]:.2f}%")
 
     speed = resolve_speed(cfg, device)
@@ -260,6 +264,7 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
         from timm.utils import ModelEmaV3
 
         ema = train_step.ema = ModelEmaV3(model, decay=cfg["model_ema_decay"])
+        distiller.without_hooks(ema.module)  # the copy must not write into the distiller's stage taps
     log(f"step: {speed.describe()}" + (f" | ops backend: {cfg['backend']}" if distiller_name != "none" else ""))
     mixup = make_mixup(cfg["mixup"], cfg["cutmix"], cfg["smoothing"], k, seed=cfg["seed"])
     terms = TERMS[distiller_name]
@@ -347,7 +352,7 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
                     if show_bars:
                         loss = float(sum(losses.values()))
                         bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-                ckpt.test_kill_point("step")
+                faults.reached("step")  # tests only: the fault-injection seam (train/faults.py)
                 # a signal to any process stops them all after the same step: under torchrun a signal counts only once
                 # the processes have compared notes (at the cadence), so all of them checkpoint and stop together
                 stopping = stop.signum
