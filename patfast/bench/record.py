@@ -34,10 +34,6 @@ def mark_failed(row: dict, e: BaseException, what: str = "") -> str:
     return text
 
 
-def is_failed(row: dict | None) -> bool:
-    return bool(row and row.get("error"))
-
-
 def row_failures(row: dict) -> list[str]:
     """Every exception recorded in ``row``: its "error" as is, each "<part>_error" as "<part>: <error>"."""
     return [v if k == "error" else f"{k.removesuffix('_error').replace('_', ' ')}: {v}"
