@@ -69,7 +69,7 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from .reference import check_feature_pair
+from .checks import check_feature_pair
 
 __all__ = ["hcl_loss", "hcl_loss_stages", "COMPILE_CONFIGS"]
 

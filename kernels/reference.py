@@ -1,7 +1,8 @@
 """Eager PyTorch reference of every patfast op: the truth for tests, the CPU path, the benchmark baseline.
 
 Readable on purpose: each function is the formula of SPEC sections 1-3 written with stock torch ops, the way the
-official PAT code computes it. The Triton kernels (hcl.py, kd.py, raa.py beside this file) must match these.
+official PAT code computes it. The Triton kernels (hcl.py, kd.py, raa.py beside this file) must match these. The inputs
+are checked where they enter (patfast/ops.py, with checks.py): here is only the math.
 
 Inputs may each have their own dtype (a bf16 student map against an fp32 teacher feature): every function computes
 in their promoted dtype (``torch.promote_types``), so autograd returns each gradient in its own input's dtype.
@@ -54,32 +55,6 @@ def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
             "remove the class token (or other prefix tokens) first"
         )
     return x.transpose(1, 2).reshape(b, c, h, w)
-
-
-def check_feature_pair(name: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
-    """ValueError unless feat_s, feat_t are same-shape, non-empty (B, C, H, W) maps or (B, L, C) tokens on a grid."""
-    if not isinstance(feat_s, torch.Tensor) or not isinstance(feat_t, torch.Tensor):
-        raise ValueError(f"{name}: feat_s and feat_t must be tensors, got {type(feat_s)} and {type(feat_t)}")
-    if feat_s.dim() not in (3, 4):
-        raise ValueError(
-            f"{name}: expected (B, C, H, W) maps or (B, L, C) tokens, got a rank-{feat_s.dim()} tensor of shape "
-            f"{tuple(feat_s.shape)}"
-        )
-    if feat_s.shape != feat_t.shape:
-        raise ValueError(
-            f"{name}: student and teacher features must have the same shape, got {tuple(feat_s.shape)} and "
-            f"{tuple(feat_t.shape)} (align the student to the teacher first)"
-        )
-    if feat_s.numel() == 0:
-        raise ValueError(f"{name}: inputs are empty (shape {tuple(feat_s.shape)})")
-    if feat_s.dim() == 3:
-        length = feat_s.shape[1]
-        h = math.isqrt(length)
-        if length % h:
-            raise ValueError(
-                f"{name}: {length} tokens cannot be viewed as a map of height floor(sqrt(L)) = {h} "
-                f"(L must be a multiple of it); remove the class token or other prefix tokens first"
-            )
 
 
 def hcl_loss_ref(feat_s: torch.Tensor, feat_t: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:

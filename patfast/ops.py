@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from patfast.kernels import reference
+from patfast.kernels.checks import check_feature_pair, check_kd_inputs, check_raa_inputs
 
 __all__ = ["hcl_loss", "hcl_loss_stages", "kd_loss", "kd_loss_pair", "raa_attention", "BACKENDS"]
 
@@ -126,7 +127,7 @@ def _check_backend_arg(op: str, backend: object) -> None:
 def hcl_loss(feat_s: torch.Tensor, feat_t: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """Hierarchical context loss of one stage -> scalar. feat_s, feat_t: (B, C, H, W) or (B, L, C), same shape."""
     _check_backend_arg("hcl_loss", backend)
-    reference.check_feature_pair("hcl_loss", feat_s, feat_t)
+    check_feature_pair("hcl_loss", feat_s, feat_t)
     return _select("hcl_loss", backend, feat_s.device, feat_s.dtype, feat_t.dtype)(feat_s, feat_t)
 
 
@@ -138,23 +139,9 @@ def hcl_loss_stages(feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Ten
         raise ValueError(f"hcl_loss_stages: need the same non-zero number of student and teacher stages, got "
                          f"{len(feats_s)} and {len(feats_t)}")
     for a, b in zip(feats_s, feats_t):
-        reference.check_feature_pair("hcl_loss_stages", a, b)
+        check_feature_pair("hcl_loss_stages", a, b)
     dtypes = [x.dtype for x in (*feats_s, *feats_t)]  # each stage may bring its own pair of dtypes
     return _select("hcl_loss_stages", backend, feats_s[0].device, *dtypes)(list(feats_s), list(feats_t))
-
-
-def _check_kd_inputs(op: str, logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> None:
-    if logits_s.shape != logits_t.shape:
-        raise ValueError(
-            f"{op}: student and teacher logits must have the same shape, got {tuple(logits_s.shape)} and "
-            f"{tuple(logits_t.shape)}"
-        )
-    if logits_s.dim() != 2:
-        raise ValueError(f"{op}: expected (B, num_classes) logits, got shape {tuple(logits_s.shape)}")
-    if logits_s.numel() == 0:
-        raise ValueError(f"{op}: logits are empty (shape {tuple(logits_s.shape)})")
-    if not temperature > 0:
-        raise ValueError(f"{op}: temperature must be positive, got {temperature}")
 
 
 def kd_loss(
@@ -162,7 +149,7 @@ def kd_loss(
 ) -> torch.Tensor:
     """T^2 * batch-mean KL(softmax(logits_t/T) || softmax(logits_s/T)) -> scalar. logits: (B, K), same shape."""
     _check_backend_arg("kd_loss", backend)
-    _check_kd_inputs("kd_loss", logits_s, logits_t, temperature)
+    check_kd_inputs("kd_loss", logits_s, logits_t, temperature)
     fn = _select("kd_loss", backend, logits_s.device, logits_s.dtype, logits_t.dtype)
     return fn(logits_s, logits_t, temperature)
 
@@ -176,8 +163,8 @@ def kd_loss_pair(
     The Triton form reads the clean teacher's row once: one launch forward, one backward.
     """
     _check_backend_arg("kd_loss_pair", backend)
-    _check_kd_inputs("kd_loss_pair", logits_s, logits_t, temperature)
-    _check_kd_inputs("kd_loss_pair", logits_pt, logits_t, 1.0)
+    check_kd_inputs("kd_loss_pair", logits_s, logits_t, temperature)
+    check_kd_inputs("kd_loss_pair", logits_pt, logits_t, 1.0)
     fn = _select("kd_loss_pair", backend, logits_s.device, logits_s.dtype, logits_pt.dtype, logits_t.dtype)
     return fn(logits_s, logits_pt, logits_t, temperature)
 
@@ -197,29 +184,7 @@ def raa_attention(
 ) -> torch.Tensor:
     """LayerNorm -> q, [k|v] Linear -> +pos on q and k -> per-head softmax attention -> (B, N, D). See module doc."""
     _check_backend_arg("raa_attention", backend)
-    if tokens.dim() != 3:
-        raise ValueError(f"raa_attention: expected tokens of shape (B, N, D), got shape {tuple(tokens.shape)}")
-    b, n, d = tokens.shape
-    if not isinstance(num_heads, int) or num_heads <= 0 or d % num_heads:
-        raise ValueError(
-            f"raa_attention: the width D = {d} must be divisible by num_heads, got num_heads = {num_heads!r}"
-        )
-    expected = {
-        "norm_weight": (norm_weight, (d,)),
-        "norm_bias": (norm_bias, (d,)),
-        "q_weight": (q_weight, (d, d)),
-        "q_bias": (q_bias, (d,)),
-        "kv_weight": (kv_weight, (2 * d, d)),
-        "kv_bias": (kv_bias, (2 * d,)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"raa_attention: {name} must have shape {shape} for D = {d}, got {tuple(tensor.shape)}")
-    if pos.dim() != 3 or any(p not in (1, full) for p, full in zip(pos.shape, (b, n, d))) or pos.shape[2] != d:
-        raise ValueError(
-            f"raa_attention: pos must be broadcastable to (B, N, D) = {(b, n, d)} with a full last dimension, "
-            f"e.g. (1, {n}, {d}) (paper) or ({b}, 1, {d}) (official); got {tuple(pos.shape)}"
-        )
+    check_raa_inputs(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)
     inputs = (tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos)
     fn = _select("raa_attention", backend, tokens.device, *(x.dtype for x in inputs))
     return fn(*inputs, num_heads)

@@ -1,0 +1,77 @@
+"""Input checks of the public ops (patfast/ops.py; hcl.py's entry points share check_feature_pair): shapes, ranks,
+emptiness and arguments, each failure a ValueError that names the op. reference.py, the oracle, is only the math."""
+
+import math
+
+import torch
+
+
+def check_feature_pair(name: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
+    """ValueError unless feat_s, feat_t are same-shape, non-empty (B, C, H, W) maps or (B, L, C) tokens on a grid."""
+    if not isinstance(feat_s, torch.Tensor) or not isinstance(feat_t, torch.Tensor):
+        raise ValueError(f"{name}: feat_s and feat_t must be tensors, got {type(feat_s)} and {type(feat_t)}")
+    if feat_s.dim() not in (3, 4):
+        raise ValueError(
+            f"{name}: expected (B, C, H, W) maps or (B, L, C) tokens, got a rank-{feat_s.dim()} tensor of shape "
+            f"{tuple(feat_s.shape)}"
+        )
+    if feat_s.shape != feat_t.shape:
+        raise ValueError(
+            f"{name}: student and teacher features must have the same shape, got {tuple(feat_s.shape)} and "
+            f"{tuple(feat_t.shape)} (align the student to the teacher first)"
+        )
+    if feat_s.numel() == 0:
+        raise ValueError(f"{name}: inputs are empty (shape {tuple(feat_s.shape)})")
+    if feat_s.dim() == 3:
+        length = feat_s.shape[1]
+        h = math.isqrt(length)
+        if length % h:
+            raise ValueError(
+                f"{name}: {length} tokens cannot be viewed as a map of height floor(sqrt(L)) = {h} "
+                f"(L must be a multiple of it); remove the class token or other prefix tokens first"
+            )
+
+
+def check_kd_inputs(op: str, logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float) -> None:
+    """ValueError unless logits_s, logits_t are same-shape, non-empty (B, K) logits and temperature > 0."""
+    if logits_s.shape != logits_t.shape:
+        raise ValueError(
+            f"{op}: student and teacher logits must have the same shape, got {tuple(logits_s.shape)} and "
+            f"{tuple(logits_t.shape)}"
+        )
+    if logits_s.dim() != 2:
+        raise ValueError(f"{op}: expected (B, num_classes) logits, got shape {tuple(logits_s.shape)}")
+    if logits_s.numel() == 0:
+        raise ValueError(f"{op}: logits are empty (shape {tuple(logits_s.shape)})")
+    if not temperature > 0:
+        raise ValueError(f"{op}: temperature must be positive, got {temperature}")
+
+
+def check_raa_inputs(tokens: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, q_weight: torch.Tensor,
+                     q_bias: torch.Tensor, kv_weight: torch.Tensor, kv_bias: torch.Tensor, pos: torch.Tensor,
+                     num_heads: int) -> None:
+    """ValueError unless tokens is (B, N, D), D divides by num_heads, the weights have their shapes for D and pos
+    broadcasts to (B, N, D) with a full last dimension."""
+    if tokens.dim() != 3:
+        raise ValueError(f"raa_attention: expected tokens of shape (B, N, D), got shape {tuple(tokens.shape)}")
+    b, n, d = tokens.shape
+    if not isinstance(num_heads, int) or num_heads <= 0 or d % num_heads:
+        raise ValueError(
+            f"raa_attention: the width D = {d} must be divisible by num_heads, got num_heads = {num_heads!r}"
+        )
+    expected = {
+        "norm_weight": (norm_weight, (d,)),
+        "norm_bias": (norm_bias, (d,)),
+        "q_weight": (q_weight, (d, d)),
+        "q_bias": (q_bias, (d,)),
+        "kv_weight": (kv_weight, (2 * d, d)),
+        "kv_bias": (kv_bias, (2 * d,)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"raa_attention: {name} must have shape {shape} for D = {d}, got {tuple(tensor.shape)}")
+    if pos.dim() != 3 or any(p not in (1, full) for p, full in zip(pos.shape, (b, n, d))) or pos.shape[2] != d:
+        raise ValueError(
+            f"raa_attention: pos must be broadcastable to (B, N, D) = {(b, n, d)} with a full last dimension, "
+            f"e.g. (1, {n}, {d}) (paper) or ({b}, 1, {d}) (official); got {tuple(pos.shape)}"
+        )
