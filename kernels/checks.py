@@ -1,9 +1,12 @@
 """Input checks of the public ops (patfast/ops.py; hcl.py's entry points share check_feature_pair): shapes, ranks,
-emptiness and arguments, each failure a ValueError that names the op. reference.py, the oracle, is only the math."""
+emptiness and arguments, each failure a ValueError that names the op; and KERNEL_DTYPES, the dtypes the Triton
+kernels take (ops.py's "auto" dispatches on it). reference.py, the oracle, is only the math."""
 
 import math
 
 import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels read
 
 
 def check_feature_pair(name: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:

@@ -69,13 +69,12 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from .checks import check_feature_pair
+from .checks import KERNEL_DTYPES, check_feature_pair
+from .reference import HCL_LEVELS
 
 __all__ = ["hcl_loss", "hcl_loss_stages", "COMPILE_CONFIGS"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NUM_COEFS = 21  # per plane: 16 bins of level 4, 4 of level 2, 1 of level 1
-_LEVELS = (4, 2, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -337,7 +336,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 def _check(name: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
     check_feature_pair(name, feat_s, feat_t)
     for which, x in (("student", feat_s), ("teacher", feat_t)):  # each in its own dtype: no common one needed
-        if x.dtype not in _DTYPES:
+        if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{name}: {which} dtype {x.dtype} is not supported; use float32, float16 or bfloat16")
     if feat_s.device != feat_t.device:
         raise ValueError(
@@ -356,13 +355,13 @@ def _check_device(name: str, device: torch.device) -> None:
 def _scales(b: int, c: int, h: int, w: int) -> tuple[float, float, float, float]:
     """(1/(N total), w_4/(N_4 total), w_2/(N_2 total), w_1/(N_1 total)); 0 for a level skipped because l >= H."""
     weights, weight = {}, 1.0
-    for level in _LEVELS:
+    for level in HCL_LEVELS:
         if level < h:
             weight /= 2.0
             weights[level] = weight
     total = 1.0 + sum(weights.values())
     full = 1.0 / (b * c * h * w * total)
-    return (full, *(weights.get(level, 0.0) / (b * c * level * level * total) for level in _LEVELS))
+    return (full, *(weights.get(level, 0.0) / (b * c * level * level * total) for level in HCL_LEVELS))
 
 
 def _plan(feat_s: torch.Tensor) -> tuple:

@@ -51,13 +51,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import KERNEL_DTYPES
+
 __all__ = ["kd_loss", "pat_kl_pair"]
 
 MAX_BLOCK_K = 1024  # classes per chunk; larger K loops over chunks (online softmax in the forward)
 FWD_TILE = 4096  # elements per input per forward loop iteration
 BWD_TILE = 2048  # elements per input per backward program
 _NSTAT = 5  # per row and KL term: m_x, log z_x, m_y, log z_y, KL (x: the log_softmax slot, y: the target)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -373,7 +374,7 @@ def _check(fn: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], t
             raise ValueError(f"{fn}: all logits must have the same shape, got {first} {tuple(x0.shape)} and "
                              f"{name} {tuple(x.shape)}")
     for name, x in zip(names, tensors):
-        if x.dtype not in _DTYPES:
+        if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"{fn}: {name} has dtype {x.dtype}; the Triton kernel takes float32, float16 or "
                              "bfloat16 (use backend='reference' for others)")
     if x0.numel() == 0:

@@ -68,14 +68,13 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from .reference import to_common_dtype
+from .checks import KERNEL_DTYPES
+from .reference import LAYER_NORM_EPS, to_common_dtype
 
 __all__ = ["raa_attention", "raa_core", "MAX_N", "MAX_HEAD_DIM"]
 
 MAX_N = 256  # tokens per (batch, head): all keys of a head live in one program
 MAX_HEAD_DIM = 128
-LAYER_NORM_EPS = 1e-5
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INPUT_NAMES = ("tokens", "norm_weight", "norm_bias", "q_weight", "q_bias", "kv_weight", "kv_bias", "pos")
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -332,7 +331,7 @@ def _check_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> Non
             raise ValueError(f"raa_core: {name} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"raa_core: expected (B, H, N, head_dim) tensors, got {name} of shape {tuple(x.shape)}")
-        if x.dtype not in _DTYPES:
+        if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"raa_core: {name} has dtype {x.dtype}; the Triton kernel takes float32, float16 or "
                              "bfloat16 (use backend='reference' for others)")
     for name, x in (("k", k), ("v", v)):
@@ -401,7 +400,7 @@ def raa_attention(
         raise ValueError(f"raa_attention: the width D = {d} must be divisible by num_heads, got {num_heads!r}")
     inputs = (tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos)
     for name, x in zip(_INPUT_NAMES, inputs):
-        if x.dtype not in _DTYPES:
+        if x.dtype not in KERNEL_DTYPES:
             raise ValueError(f"raa_attention: {name} has dtype {x.dtype}; the Triton kernel takes float32, float16 "
                              "or bfloat16 (use backend='reference' for others)")
     if not torch.is_autocast_enabled(tokens.device.type):  # under autocast, autocast casts each op's inputs

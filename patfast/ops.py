@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from patfast.kernels import reference
-from patfast.kernels.checks import check_feature_pair, check_kd_inputs, check_raa_inputs
+from patfast.kernels.checks import KERNEL_DTYPES, check_feature_pair, check_kd_inputs, check_raa_inputs
 
 __all__ = ["hcl_loss", "hcl_loss_stages", "kd_loss", "kd_loss_pair", "raa_attention", "BACKENDS"]
 
@@ -58,8 +58,6 @@ _TRITON_TARGETS: dict[str, str] = {
     "kd_loss_pair": "patfast.kernels.kd:pat_kl_pair",
     "raa_attention": "patfast.kernels.raa:raa_attention",
 }
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _import_triton_impls() -> tuple[dict[str, Callable], str | None]:
@@ -114,7 +112,7 @@ def _select(op: str, backend: str, device: torch.device, *dtypes: torch.dtype) -
         return impl
     impl = _TRITON_IMPLS.get(op)
     if (backend == "auto" and impl is not None and device.type == "cuda"
-            and all(dtype in _KERNEL_DTYPES for dtype in dtypes)):
+            and all(dtype in KERNEL_DTYPES for dtype in dtypes)):
         return impl
     return _REFERENCE_IMPLS[op]
 

@@ -28,6 +28,8 @@ class Option:
     extra: dict = field(default_factory=dict)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 RECIPES = {
     # SPEC section 7: CNN students / ViT-MLP students. Keys absent here keep their built-in defaults.
     "cnn": {"opt": "sgd", "lr": 0.05, "weight_decay": 2e-3, "min_lr": 1e-3, "warmup_epochs": 3, "clip_grad": 0.0},
@@ -115,7 +117,7 @@ OPTIONS = [
     Option("compile", bool, None, "torch.compile the training step (auto: on CUDA, off on the CPU; the first "
            "steps compile)"),
     Option("compile_mode", str, "default", "torch.compile mode; reduce-overhead adds CUDA graphs",
-           choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")),
+           choices=COMPILE_MODES),
     Option("channels_last", bool, None, "channels_last memory format for conv models (auto: on CUDA, off on the CPU)"),
     Option("amp", str, "auto", "auto (bf16 on CUDA, none on CPU) | none | bf16 | fp16 (with a grad scaler)",
            choices=("auto", "none", "bf16", "fp16")),

@@ -18,6 +18,7 @@ import functools
 import pytest
 import torch
 
+from patfast.data.datasets import CIFAR100_MEAN, CIFAR100_STD
 from patfast.distill.build import build_distiller
 from patfast.models.create import create_model
 
@@ -37,7 +38,7 @@ PAIRS = [
 # the first-batch teacher mode, is not part of a traced forward).
 VARIANTS = {t: ("paper", "official") if t.startswith(("swin", "vit", "mixer")) else ("paper",) for t, _ in PAIRS}
 IMG, BATCH, CLASSES = 224, 8, 100
-MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+MEAN, STD = CIFAR100_MEAN, CIFAR100_STD
 
 
 @functools.lru_cache(maxsize=1)
