@@ -33,6 +33,7 @@ from contextlib import nullcontext
 from patfast.bench import num, use_triton_interpreter
 from patfast.bench.record import FAILED, NOT_REACHED, error_text, mark_failed, write_json
 from patfast.errors import UserError
+from patfast.train.config import COMPILE_MODES
 
 PATHS = ("fast", "reference", "floor")
 REGIONS = ("teacher_clean", "teacher_prompted", "student", "raa_aligners", "losses", "optimizer", "data_wait")
@@ -49,8 +50,7 @@ def add_options(parser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path (default 20)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation; default 4)")
     parser.add_argument("--paths", default="fast,reference,floor", help="comma list of fast, reference, floor")
-    parser.add_argument("--compile-mode", default="default",
-                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
                         help="profile the time split (default on)")
     parser.add_argument("--loader", default=None, metavar="DATA",
@@ -90,6 +90,7 @@ def build_step(path: str, teacher: str, student: str, classes: int, img_size: in
     step. Random-initialised timm models; ``path`` is "fast", "reference" or "floor" (module docstring)."""
     import torch
 
+    from patfast.data.datasets import CIFAR100_MEAN, CIFAR100_STD
     from patfast.distill.build import build_distiller
     from patfast.models.create import create_model
     from patfast.train.optim import make_optimizer
@@ -102,8 +103,8 @@ def build_step(path: str, teacher: str, student: str, classes: int, img_size: in
     if path == "floor":
         return FloorStep(t_model, s_model, device, compile_mode if compile else None), None
     backend = fast_ops if path == "fast" else "reference"
-    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-    distiller = build_distiller("pat", s_model, t_model, img_size=img_size, data_mean=mean, data_std=std,
+    distiller = build_distiller("pat", s_model, t_model, img_size=img_size, data_mean=CIFAR100_MEAN,
+                                data_std=CIFAR100_STD,
                                 dim=pat_dim, num_heads=pat_heads, backend=backend,
                                 upsample_last=path == "fast").to(device)
     distiller.train()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from patfast import ops
+from patfast.kernels.reference import LAYER_NORM_EPS
 from patfast.models.stages import StageShape
 from patfast.models.tokens import tokens_to_map
 
@@ -77,7 +78,7 @@ class RegionAwareAttention(nn.Module):
         self.pos_by_batch_index = pos_by_batch_index
         self.backend = backend
         self.projectors = nn.ModuleList(StageProjector(s, dim, grid) for s in stage_shapes)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)  # the eps the ops apply (they take only its weights)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.register_buffer("pos_table", sinusoid_table(5000, dim, float32_pos_table),

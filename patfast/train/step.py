@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from patfast.errors import UserError
+from patfast.train.config import COMPILE_MODES
 from patfast.train.distributed import all_max, average_gradients
 from patfast.train.ema import update_ema
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
