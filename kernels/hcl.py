@@ -1,62 +1,14 @@
 """Fused Triton kernels of the hierarchical context loss (HCL, SPEC section 2), forward and backward.
 
-``hcl_loss(feat_s, feat_t)`` -> fp32 scalar, one stage; what ``patfast.ops.hcl_loss(..., backend="triton")`` runs.
-``hcl_loss_stages(feats_s, feats_t)`` -> fp32 scalar, the SUM of the per-stage losses of several stages (PAT's
-loss_fd), with fewer launches than calling ``hcl_loss`` per stage and adding.
-
-Inputs: (B, C, H, W) maps with any strides (contiguous, channels_last, transposed or sliced views) or (B, L, C) tokens,
-read in place: tokens are the map (B, C, h, w), h = floor(sqrt(L)), w = L // h, with strides (sB, sC, w*sL, sL), so a
-token tensor with its class token sliced off (``x[:, 1:]``) costs no copy. Each input float32, float16 or bfloat16,
-in its own dtype (under bf16 autocast a bf16 student map meets an fp32 teacher feature): the kernels are specialised
-on each pointer's dtype and load each in place, converting to float32; all arithmetic in float32; each gradient comes
-back in its input's dtype (and layout, where the input is dense), the loss as a float32 scalar like
-``hcl_loss_ref(..., upcast=True)``.
-
-Math. With d = fs - ft, pooling is linear, so pool(fs) - pool(ft) = pool(d), and per (b, c) plane the loss needs only
-sum(d^2) and the 16 + 4 + 1 bin sums of d at levels 4, 2, 1 (adaptive-pool bin i of an axis of size n at level l
-covers [floor(i*n/l), ceil((i+1)*n/l)); rows and columns each with their own size; a level is used only when
-l < H, the map height). With N = B*C*H*W, N_l = B*C*l*l, w_l the level weights and total = 1 + sum w_l:
-    loss     = ( sum d^2 / N + sum_l w_l * sum_bins (binsum / area)^2 / N_l ) / total
-    dL/dfs   = g * ( 2 d / (N total) + sum over the bins holding the element of coef_bin ),  dL/dft = -dL/dfs
-    coef_bin = 2 w_l * binsum / (N_l * total * area^2)
-g (grad_output) is read from device memory: nothing in forward or backward syncs with the host.
-
-Kernels and grid. Both kernels use a 1-D grid of B * cdiv(C, BLOCK_C) programs; a program owns whole planes: one
-sample b and a block of BLOCK_C channels, every row and column of them (no atomics, no second pass). It walks the
-planes in column chunks of BLOCK_W and, inside a chunk, row by row, on a [BLOCK_C, BLOCK_W] tile addressed as
-c*sC + h*sH + w*sW (the contiguous axis, channels for tokens / channels_last or columns for NCHW, is the vectorised
-one). The rows where an adaptive-pool bin starts or ends (0, H//4, ceil(H/4), H//2, ceil(H/2), 3H//4, ceil(3H/4), H:
-the level-2 edges are level-4 edges too) cut the rows into at most 7 segments whose rows all lie in the same bins.
-  _hcl_fwd_kernel   reads fs and ft once. Per element: d = fs - ft, d^2 into a tile accumulator, d into a segment
-                    tile. At the end of a segment: 7 column-bin sums of the segment tile (4 + 2 + 1 column bins)
-                    added to the bins whose rows hold the segment, in a [BLOCK_C, 32] bin table (slots: level 4
-                    (i, j) at 4i + j, level 2 at 16 + 4i + j, level 1 at 24). At the end: the program's weighted
-                    share of the loss into partials[pid], and per plane the 21 backward coefficients
-                    2 w_l pooled / (N_l total area), stored as prefix sums over the column bins of each row bin
-                    (coef[B, 21, C], fp32).
-  _hcl_bwd_kernel   reads fs, ft (recomputes d), g and the coefficients. At the start of a segment, per element, the
-                    sum of the coefficients of its bins: the row bins holding the segment are at most 2 per used
-                    level, and the column bins holding column w a contiguous range [j_lo, j_hi], summed as
-                    prefix[j_hi] - prefix[j_lo - 1] (2 gathers per row bin, whatever W is; tiny, cached). Per element
-                    then 1 FMA + 1 add; writes grad_s and grad_t = -grad_s (either is skipped when not needed).
-The loss is partials.sum(): deterministic, no atomics, no zero-fill.
-
-Launches. ``hcl_loss``: forward 2 (the fused kernel + the sum of its per-program partials), backward 1.
-``hcl_loss_stages`` with S stages: forward S + 1 (one kernel per stage, all writing into one partials buffer, then a
-single sum), backward S; S separate ``hcl_loss`` calls and their sum would cost 3S - 1 forward launches. Stages are
-not fused into one launch: they differ in C, H, W, layout (and possibly dtype), each launch is specialised on its tile
-shape (constexpr) and on its unit strides (the JIT specialises ints equal to 1, which is what lets the contiguous
-axis vectorise), and a single launch would have to decode a pointer/stride table at run time with one tile shape
-for all stages. The S launches are independent, a few microseconds each, less under CUDA graphs.
-
-Bytes per call (the 6-pass model: forward reads fs and ft, backward reads both and writes both gradients). Swin-T at
-B = 128, tokens (B, 3136, 96), (B, 784, 192), (B, 196, 384), (B, 49, 768): 72,253,440 elements per tensor =
-144.5 MB in bf16 (289.0 MB in fp32); 6 passes = 867.0 MB in bf16 (1734.1 MB in fp32). On top of that the
-coefficients: 184,320 planes x 21 fp32 = 15.5 MB written by the forward and read by the backward (31.0 MB, 3.6% of
-the bf16 total), and one fp32 partial per program.
-
-Tile configuration: a fixed function of (B, C, W, layout, device) (``_launch_config``; no autotuning, so nothing
-for torch.compile to reject). ``COMPILE_CONFIGS`` lists the configurations the PAT stages launch with at batch 128.
+``hcl_loss(feat_s, feat_t)`` -> fp32 scalar, one stage; ``hcl_loss_stages(feats_s, feats_t)`` -> the sum over
+stages (PAT's loss_fd), one kernel per stage into one partials buffer. Inputs: (B, C, H, W) maps of any strides or
+(B, L, C) tokens read in place, each fp32/fp16/bf16 in its own dtype; fp32 arithmetic; gradients in each input's
+dtype.
+Grid: B * cdiv(C, BLOCK_C) programs, each owning whole (b, c) planes (rows in bin-aligned segments, a 21-bin table per
+plane); no atomics; the loss is the deterministic sum of per-program partials.
+Traffic: forward reads fs and ft once, backward reads both (and 21 fp32 coefficients per plane) and writes both
+gradients: 6 passes, e.g. 867 MB in bf16 for Swin-T's four stages at B = 128.
+Derivation, launch counts and the byte model: docs/kernels.md#hcl.
 """
 
 from __future__ import annotations

@@ -1,48 +1,12 @@
 """Fused Triton kernels for the KL terms of PAT (SPEC section 1): loss_kd and loss_reg.
 
-    kd_loss(logits_s, logits_t, temperature=1.0) -> fp32 scalar
-        T^2 * mean over rows of KL(softmax(t/T) || softmax(s/T)), summed over classes: exactly
-        ``kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="batchmean") * T^2``
-        (patfast.kernels.reference.kd_loss_ref).
-    pat_kl_pair(logits_s, logits_pt, logits_t, temperature=1.0) -> (loss_kd, loss_reg), fp32 scalars
-        loss_kd = kd_loss(s, t, T) and loss_reg = kd_loss(pt, t, 1), reading the clean teacher t once.
-
-One forward launch and one backward launch per call, for both functions.
-
-Forward: ONE program (grid (1,)) walks the batch in tiles of BLOCK_B rows x BLOCK_K classes. Per row it keeps an
-online softmax of both sides (running max m, running sum z = sum exp(x - m), rescaled when m grows) and
-w = sum exp(y - m_y) * (y - x), so K larger than BLOCK_K (at most 1024) is handled in chunks in the same single
-pass. Then per row KL = w / z_y - (m_y - m_x) - (log z_y - log z_x) (no difference of two large log-sum-exps is
-ever formed, so logits with a large offset lose no precision), and the batch sum is accumulated in registers in a
-fixed order and written once. In the pair with T = 1 (PAT's default) loss_reg reuses loss_kd's softmax of t.
-Per-row statistics (m, log z of both sides, KL) are written to a small fp32 buffer for the backward.
-
-Why a single program: the loss is a scalar, and every multi-program alternative costs a second launch
-(torch.zeros before an atomic_add, or a sum of per-program partials) or a counter that must be zeroed beforehand;
-atomic_add is also not deterministic. One program is deterministic (bitwise, run to run) with no extra launch. Its
-cost: one SM does every exp (2 per element and KL term; 3 per element for the pair at T = 1), e.g. about 0.4 M
-exps for the pair at B = 128, K = 1000 -- some 15 us at one SM's exp rate (an estimate, not a measurement), 1-2 us
-at K = 100; small next to a PAT step, but if a profile ever shows it, the alternative is a multi-program forward
-plus one tiny deterministic reduction launch.
-
-Backward: a 2-D grid over (row tiles, class chunks), no reduction and no atomics; each program recomputes
-log p = min((x - m) - log z, 0) from the saved statistics and writes, for grad_output g (read from device memory),
-    d/ds  = g * T / B * (p_s - p_t)
-    d/dt  = g * T / B * p_t * (log p_t - log p_s - KL_row)          (p at temperature T)
-(for the pair, d/dpt is the T = 1 form with g_reg, and d/dt sums both terms). Gradients are written only for the
-inputs that require them, each in its input's dtype; math is fp32 throughout.
-
-Dtypes: each of s, t, pt may be float32, float16 or bfloat16 on its own (bf16 student logits against an fp32 teacher
-under autocast): the JIT specialises each pointer on its dtype, and every load converts to fp32 in registers, so
-mixed inputs need no promotion copy.
-
-Layout: any row stride, any class stride (a column slice of a wider tensor, a transposed view). When the class
-stride is 1 and K and every row stride are multiples of ALIGN (a power of two <= 16 bytes / element size), the
-kernels receive K // ALIGN and stride // ALIGN and multiply by the constexpr ALIGN, which tells the compiler the
-row starts are 16-byte aligned so the row loads vectorise (ld.global.v4) even for K = 100 or 1000. With mixed
-dtypes ALIGN is taken for the widest one (16-byte rows for it, 8 bytes for a 16-bit partner).
-No autotuning: tile sizes come from ``_fwd_config`` / ``_bwd_config`` (plain functions of B and K), so the op is
-traceable by torch.compile and CUDA-graph capturable, and the compile-only tests build exactly these configs.
+``kd_loss(logits_s, logits_t, T)`` -> T^2 * batchmean KL(softmax(t/T) || softmax(s/T)), fp32 scalar;
+``pat_kl_pair(logits_s, logits_pt, logits_t, T)`` -> (loss_kd, loss_reg), reading the clean teacher once.
+Grid: forward ONE program walking the batch in BLOCK_B x BLOCK_K tiles (online softmax, deterministic, one launch);
+backward a 2-D grid over (row tiles, class chunks) from saved per-row statistics. Each input fp32/fp16/bf16 in its
+own dtype, any row/class strides; fp32 arithmetic.
+Traffic: forward reads each logit tensor once, backward reads them again and writes the gradients (B x K each).
+Derivation, the single-program trade-off and alignment: docs/kernels.md#kd.
 """
 
 from __future__ import annotations

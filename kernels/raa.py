@@ -1,63 +1,13 @@
 """Region-Aware Attention (SPEC section 3) with a fused Triton attention core, forward and backward.
 
-``raa_attention(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)`` -> (B, N, D)
-    The ops contract (patfast.ops.raa_attention, backend="triton"): LayerNorm (eps 1e-5) -> q = Linear(q_weight,
-    q_bias) + pos, [k | v] = Linear(kv_weight, kv_bias), k += pos -> per head softmax(q k^T / sqrt(D / heads)) v,
-    heads merged. pos is (1, N, D) (paper) or (B, 1, D) (official), or anything broadcastable to (B, N, D).
-``raa_core(q, k, v, scale)`` -> O, (B, H, N, head_dim)
-    softmax(q k^T * scale) v per (batch, head); q, k, v (B, H, N, head_dim) with any batch/head/token strides.
-    O is a (B, H, N, head_dim) view of a contiguous (B, N, H, head_dim) buffer: merging the heads back to
-    (B, N, H * head_dim) is a free reshape.
-
-Front (LayerNorm, the q and kv projections, the positional add): PyTorch ops (F.layer_norm, F.linear: cuBLAS on a
-GPU), differentiated by autograd, so the gradients of tokens, norm weight/bias, q weight/bias, kv weight/bias and pos
-are PyTorch's own. Only the attention core is Triton (``_RAACore``, a torch.autograd.Function: traceable by
-torch.compile, no host reads, no autotuning, so CUDA-graph capturable). Fusing the LayerNorm into the prologue of a
-Triton GEMM (and the positional add into its epilogue) would make the block one GEMM-bound kernel (~13 GFLOP at
-B = 128, N = 64, D = 512), but whether that beats cuBLAS + two small elementwise passes can only be decided on a
-GPU: it is left for when it can be measured.
-
-Core kernels. One program per (batch, head): grid (B * H,), one launch forward and one backward.
-  _raa_fwd_kernel   loads all N keys and values of its (b, h) once ([BLOCK_N, BLOCK_D] each), then walks the query
-                    rows in blocks of BLOCK_M (one block for N <= 64, the PAT shape): S = q k^T * scale (fp32, tl.dot),
-                    exact softmax over the whole key row (max, exp2, sum; no online rescaling), O = P v with P cast to
-                    the input dtype (flash-attention's convention), stores O (input dtype) and the row log-sum-exp
-                    LSE = max + log(sum) (natural log, fp32, (B, H, N)).
-  _raa_bwd_kernel   loads k, v once, keeps dK, dV as fp32 accumulators [BLOCK_N, BLOCK_D] in registers and walks the
-                    query blocks: P = exp(S - LSE) recomputed from the saved LSE, dP = dO v^T,
-                    delta = rowsum(P * dP), dS = P * (dP - delta); dQ = dS k * scale (complete for its block: every key
-                    is in the program, so it is stored at once), dK += dS^T q, dV += P^T dO; at the end
-                    dK * scale and dV are stored. No atomics, no zero-fill, no preprocessing launch.
-  delta: flash-attention computes rowsum(dO * O), which equals rowsum(P * dP) because O = P v; here the whole key
-  row is in the program, so rowsum(P * dP) is formed directly in fp32 from the tile. Same value, more accurate in
-  16-bit (it does not use the rounded O), and the backward never reads O (one (B, N, D) tensor less).
-Masking: N is padded to BLOCK_N = next power of two >= max(N, 16) (keys beyond N get S = -inf and P = 0; query
-rows beyond N are loaded as 0 and never stored); head_dim is padded to BLOCK_D = next power of two >= max(hd, 16)
-(tl.dot needs K >= 16) with zeros, which change no dot product.
-Precision: q, k, v each fp32, fp16 or bf16, in its own dtype: the kernels load each in place and convert it in
-registers to the compute dtype, the dtype of O (and so of dO): the autocast dtype under torch.autocast (as autocast
-does for a matmul), otherwise the promoted dtype of q, k, v. Under bf16 autocast q and k come out of "Linear + pos"
-in fp32 (an fp32 pos promotes them) and v in bf16; the core reads all three without a cast copy. S, softmax, LSE
-and every accumulator in fp32. fp32 dots run with input_precision="ieee" (true fp32, not tf32: fp32 callers get
-fp32 results, 1e-5 relative; tf32 would be ~1e-3). 16-bit dots take 16-bit operands (P and dS are rounded to the
-compute dtype before their dots) with fp32 accumulation. dQ, dK, dV are stored in the dtypes of q, k, v.
-Front dtypes: tokens, the LayerNorm / Linear parameters and pos may differ; outside autocast the front runs in their
-promoted dtype (F.linear refuses mixed operands), under autocast by autocast's rules. The output has the dtype of
-tokens.
-Limits: N <= 256 (MAX_N) and head_dim <= 128 (MAX_HEAD_DIM): all of a head's keys and values, and in the backward
-the dK and dV accumulators, sit in one program's registers / shared memory.
-
-Per-program memory at the PAT shape (N = 64, head_dim = 64, bf16). Forward (one 64-row query block, 4 warps): q, k,
-v 8 KB each, the S / P tile 64 x 64 fp32 (16 KB), O 64 x 64 fp32; ptxas: 94 registers on sm_90 (wgmma), 140 on
-sm_80 (mma.sync), no spill. Backward (two 32-row query blocks, 8 warps): k, v 8 KB each, dK and dV fp32 accumulators
-16 KB each held throughout, S / P / dP / dS tiles 32 x 64 fp32 (8 KB each); 124 registers on sm_90 (wgmma for the
-dK / dV dots, whose M is the 64 keys; mma.sync for the 32-row ones), 128 on sm_80, no spill. Larger N: 16-row query
-blocks and 8 warps (``_fwd_config`` / ``_bwd_config``); only the backward at N = 256, head_dim = 128 spills.
-
-Bytes per call (the floor: each input read once, each output written once). B = 128, N = 64, D = 512 (8 heads x 64),
-bf16: q, k, v, O, dO, dQ, dK, dV are 8,388,608 B each; LSE 262,144 B (fp32).
-  forward   reads q, k, v, writes O and LSE:                 33,816,576 B  (~34 MB)
-  backward  reads q, k, v, dO and LSE, writes dQ, dK, dV:    58,982,400 B  (~59 MB; 67 MB if it also read O)
+``raa_attention(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)`` -> (B, N, D):
+LayerNorm -> q = Linear + pos, [k | v] = Linear, k += pos (PyTorch ops, autograd) -> ``raa_core(q, k, v, scale)``,
+softmax(q k^T * scale) v per (batch, head) in Triton.
+Grid: one program per (batch, head), B * H, one launch forward (O and the row log-sum-exp) and one backward (dQ, dK,
+dV in registers; no atomics, O never re-read). q, k, v each fp32/fp16/bf16; fp32 softmax and accumulators.
+Traffic at B = 128, N = 64, D = 512, bf16: forward ~34 MB, backward ~59 MB (each input read once, each output
+written once). Limits N <= 256, head_dim <= 128.
+Per-program memory, registers and the derivation: docs/kernels.md#raa.
 """
 
 from __future__ import annotations
