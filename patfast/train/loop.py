@@ -218,7 +218,7 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
             from patfast.train.teacher_cache import teacher_checkpoint
 
             path = cfg.get("teacher_checkpoint") or (None if cfg.get("teacher_pretrained") else
-                                                     teacher_checkpoint(cfg, log))
+                                                     teacher_checkpoint(cfg, log, train=run))
             teacher_model, meta, source = teacher_from_config(cfg, k, path)  # timm 0.6.5 files, EMA, pretrained
             log(f"teacher: {cfg['teacher']} from {source}")
         t_mean, t_std = _teacher_stats(cfg, meta, dataset)

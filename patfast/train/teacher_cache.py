@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 from patfast.errors import UserError
 from patfast.train.config import data_kind, resolve
@@ -23,13 +24,13 @@ def cache_root() -> str:
     return os.path.join(root, "teachers")
 
 
-def teacher_checkpoint(cfg: dict, log: Log) -> str:
-    """Path of a teacher for `cfg`: cached, or trained now with `patfast teacher` settings (bundled data only)."""
+def teacher_checkpoint(cfg: dict, log: Log, train: Callable[[dict, str], dict]) -> str:
+    """Path of a teacher for `cfg`: cached, or trained now with `patfast teacher` settings (bundled data only) by
+    `train(teacher_cfg, "teacher")` (the loop's run: passed in, so that this module does not import the loop)."""
     if data_kind(cfg["data"]) not in BUNDLED:
         raise UserError(f"--teacher-checkpoint is required with --data {cfg['data']} (train one with "
                         f"`patfast teacher --data {cfg['data']} --teacher {cfg['teacher']}`)")
     from patfast import __version__
-    from patfast.train.loop import run
 
     ident = {k: cfg[k] for k in ("data", "teacher", "img_size", "seed")}
     ident.update(epochs=cfg["teacher_epochs"], version=__version__)
@@ -45,7 +46,7 @@ def teacher_checkpoint(cfg: dict, log: Log) -> str:
     shutil.rmtree(partial, ignore_errors=True)
     ns = argparse.Namespace(**{k: cfg[k] for k in KEYS}, epochs=cfg["teacher_epochs"], out=partial)
     tcfg = resolve(ns, "teacher")
-    run(tcfg, "teacher")
+    train(tcfg, "teacher")
     os.replace(partial, folder)  # only a finished teacher is ever found in the cache
     log(f"teacher: trained and cached at {path}")
     log("")
