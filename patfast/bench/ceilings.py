@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from patfast.bench import bench_ms, num
+from patfast.bench.measure import bench_ms, num
 from patfast.bench.record import FAILED, error_text, write_json
 
 CUDA_COPY_BYTES = 1 << 30

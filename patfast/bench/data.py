@@ -19,7 +19,7 @@ import os
 import sys
 import time
 
-from patfast.bench import num
+from patfast.bench.measure import num
 from patfast.bench.record import FAILED, NOT_REACHED, mark_failed, write_json
 from patfast.errors import UserError
 

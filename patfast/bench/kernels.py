@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from patfast import ops
-from patfast.bench import bench_ms, num, use_triton_interpreter
+from patfast.bench.measure import bench_ms, num, use_triton_interpreter
 from patfast.bench.record import FAILED, error_text, mark_failed, row_failures, write_json
 from patfast.errors import UserError
 
@@ -657,9 +657,9 @@ def main(args) -> int:
     if compiled_batches is not None and not cuda and args.compiled:
         compiled_batches |= set(batches)  # on the CPU --compiled means the (tiny) batches of this run
 
-    from patfast.bench import environment
     from patfast.bench.ceilings import describe
     from patfast.bench.ceilings import measure as measure_ceilings
+    from patfast.bench.measure import environment
     from patfast.bench.tables import render
 
     env = environment()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from patfast.bench import num
+from patfast.bench.measure import num
 from patfast.bench.record import FAILED
 
 KERNEL_OPS = {

@@ -30,7 +30,7 @@ import argparse
 import time
 from contextlib import nullcontext
 
-from patfast.bench import num, use_triton_interpreter
+from patfast.bench.measure import num, use_triton_interpreter
 from patfast.bench.record import FAILED, NOT_REACHED, error_text, mark_failed, write_json
 from patfast.errors import UserError
 from patfast.train.config import COMPILE_MODES
