@@ -32,6 +32,7 @@ from patfast.train.optim import WarmupCosine, make_optimizer
 from patfast.train.report import EpochTable, Log, SummaryCsv, header, plot_curves
 from patfast.train.signals import StopSignals
 from patfast.train.step import TrainStep, amp_dtype, resolve_speed
+from patfast.train.threads import set_cpu_threads
 
 TERMS = {"none": ["loss_gt"], "kd": ["loss_gt", "loss_kd"], "pat": ["loss_gt", "loss_kd", "loss_fd", "loss_reg"]}
 
@@ -48,6 +49,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device: unsupported device type '{device.type}' (auto, cpu, cuda or cuda:N)")
     return device
+
+
+def projection(epoch_s: float, remaining: int, compiled: bool, now: float | None = None) -> str:
+    """The line after a run's first epoch: how long the remaining epochs will take at that epoch's pace."""
+    left = epoch_s * remaining
+    done = time.strftime("%H:%M", time.localtime((now if now is not None else time.time()) + left))
+    took = f"{left / 60:.1f} min" if left < 5400 else f"{left / 3600:.1f} h"
+    note = " (an upper bound: the first epoch compiled the step)" if compiled else ""
+    return f"projected: {took} more for the remaining {remaining} epoch(s), done at about {done}{note}"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -184,6 +194,15 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
 
 def _run(cfg, command, device, dtype, out, log, state=None, world: World | None = None) -> dict:
     world = world or World()
+    before = torch.get_num_threads()
+    set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world.size)), log)  # before the header reports them
+    try:
+        return _train(cfg, command, device, dtype, out, log, state, world)
+    finally:
+        torch.set_num_threads(before)  # a caller in the same process (tests, `train` after its teacher) keeps its own
+
+
+def _train(cfg, command, device, dtype, out, log, state, world: World) -> dict:
     header(log, device, cfg)
     if world.distributed:
         log(f"torchrun: {world.size} processes (rank 0 writes the outputs), batch {cfg['batch_size']} per process")
@@ -398,6 +417,8 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
                    "img_per_s": seen / train_s, "epoch_s": time.perf_counter() - t0}
             rows.append(row)
             table.row(row)
+            if epoch == start_epoch and epoch < cfg["epochs"]:
+                log(projection(row["epoch_s"], cfg["epochs"] - epoch, speed.compile))
             save(epoch, steps_per_epoch, {}, 0, 0, 0, best_too=improved)
             if world.main:
                 summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows
