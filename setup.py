@@ -11,7 +11,7 @@ setup(
     package_dir={"patfast": "patfast", "patfast.kernels": "kernels"},
     package_data={"patfast": ["recipes/*.yaml"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # torch.serialization.safe_globals (timm 0.6.5 teacher files)
         "timm>=1.0.9",
         "numpy",
         "scikit-learn",

@@ -168,7 +168,8 @@ def _convert(o: Option, value, source: str):
     what = f"{flag(o.name)}" if source == "command line" else f"'{o.name}' in {source}"
     try:
         if o.list_of is not None:
-            if o.name == "pat_afp_stage" and str(value).strip().lower() in ("none", "[]"):
+            if o.name == "pat_afp_stage" and (value == [] or (isinstance(value, str) and value.strip().lower()
+                                                                in ("none", "[]"))):
                 return []
             items = value if isinstance(value, (list, tuple)) else [s for s in str(value).split(",") if s.strip()]
             return [o.list_of(str(s).strip()) if o.list_of is not str else str(s).strip() for s in items]

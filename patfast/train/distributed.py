@@ -106,8 +106,11 @@ def barrier(world: World) -> None:
 
 def sync_batchnorm(distiller: torch.nn.Module, world: World, device: torch.device, log) -> None:
     """--sync-bn: every BatchNorm that learns (student, aligners, prompt blocks) becomes a SyncBatchNorm, in place;
-    the frozen teacher keeps its own. One process: nothing to synchronise (said, ignored). torch runs SyncBatchNorm
-    on CUDA only: a UserError elsewhere."""
+    the frozen teacher keeps its own. timm's conversion (its BatchNormAct2d keep their activation) and the hooks on a
+    converted module (a stage tap may sit on a BatchNorm) move to its replacement. One process: nothing to
+    synchronise (said, ignored). torch runs SyncBatchNorm on CUDA only: a UserError elsewhere."""
+    from timm.layers import convert_sync_batchnorm
+
     from patfast.errors import UserError
 
     if not world.distributed:
@@ -116,5 +119,13 @@ def sync_batchnorm(distiller: torch.nn.Module, world: World, device: torch.devic
     if device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
     for name, child in distiller.named_children():
-        if name != "teacher":
-            setattr(distiller, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
+        if name == "teacher":
+            continue
+        hooks = {n: (m._forward_hooks, m._forward_pre_hooks) for n, m in child.named_modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m._forward_hooks or m._forward_pre_hooks)}
+        converted = convert_sync_batchnorm(child)
+        modules = dict(converted.named_modules())
+        for n, (forward, pre) in hooks.items():
+            modules[n]._forward_hooks.update(forward)
+            modules[n]._forward_pre_hooks.update(pre)
+        setattr(distiller, name, converted)

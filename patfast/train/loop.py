@@ -51,6 +51,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _aligner_order(cfg: dict, world: World) -> bool | None:
+    """--pat-aligner-order -> build_distiller's upsample_last (None: its default by backend). Under --sync-bn the
+    plain order: the upsample-last aligners form their BatchNorm statistics themselves, from this process alone."""
+    order = cfg.get("pat_aligner_order", "auto")
+    if cfg.get("sync_bn") and world.distributed:
+        if order == "upsample-last":
+            raise UserError("--pat-aligner-order upsample-last computes its BatchNorm statistics per process: with "
+                            "--sync-bn use plain (or auto)")
+        return False
+    return {"upsample-last": True, "plain": False}.get(order)
+
+
 def projection(epoch_s: float, remaining: int, compiled: bool, now: float | None = None) -> str:
     """The line after a run's first epoch: how long the remaining epochs will take at that epoch's pace."""
     left = epoch_s * remaining
@@ -249,7 +261,7 @@ def _train(cfg, command, device, dtype, out, log, state, world: World) -> dict:
             smoothing=cfg["smoothing"], w_gt=cfg["gt_weight"], w_kd=cfg["kd_weight"], w_fd=cfg["fd_weight"],
             w_reg=cfg["reg_weight"], temperature=cfg["kd_temperature"], dim=cfg["pat_dim"],
             num_heads=cfg["pat_heads"], backend=cfg["backend"], feedback=cfg.get("pat_feedback", True),
-            upsample_last={"upsample-last": True, "plain": False}.get(cfg.get("pat_aligner_order", "auto")))
+            upsample_last=_aligner_order(cfg, world))
     if cfg.get("sync_bn"):
         dist_.sync_batchnorm(distiller, world, device, log)
     distiller.to(device)
@@ -417,8 +429,9 @@ def _train(cfg, command, device, dtype, out, log, state, world: World) -> dict:
                    "img_per_s": seen / train_s, "epoch_s": time.perf_counter() - t0}
             rows.append(row)
             table.row(row)
-            if epoch == start_epoch and epoch < cfg["epochs"]:
-                log(projection(row["epoch_s"], cfg["epochs"] - epoch, speed.compile))
+            if epoch == start_epoch and epoch < cfg["epochs"]:  # (a resumed partial epoch: scaled to a whole one)
+                pace = row["epoch_s"] * steps_per_epoch / max(1, steps_per_epoch - first)
+                log(projection(pace, cfg["epochs"] - epoch, speed.compile))
             save(epoch, steps_per_epoch, {}, 0, 0, 0, best_too=improved)
             if world.main:
                 summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows

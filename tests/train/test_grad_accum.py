@@ -116,14 +116,22 @@ def test_sync_bn_converts_what_learns_and_refuses_the_cpu():
         return sum(isinstance(m, kind) for m in module.modules())
 
     said = []
-    d = maker("pat", student="resnet10t", teacher="resnet10t")()
+    # MobileNetV2: timm's BatchNormAct2d (BatchNorm + activation in one module), and a stage tap on one of them
+    d = maker("pat", student="mobilenetv2_100", teacher="resnet10t")()
+    x = batches(n=1, size=2)[0][0]
+    with torch.no_grad():
+        before = d.student.eval()(x)
     sync_batchnorm(d, World(), torch.device("cpu"), said.append)  # one process: nothing to do
     assert "ignored" in said[0] and count(d, torch.nn.SyncBatchNorm) == 0
     with pytest.raises(UserError, match="CUDA"):
         sync_batchnorm(d, World(rank=0, size=2), torch.device("cpu"), said.append)
     teacher_bn = count(d.teacher, torch.nn.BatchNorm2d)
-    learning_bn = count(d, torch.nn.BatchNorm2d) - teacher_bn
-    # the conversion itself touches no device; SyncBatchNorm's forward would need CUDA (not run here)
+    learning_bn = count(d, torch.nn.modules.batchnorm._BatchNorm) - teacher_bn
+    # the conversion itself touches no device; SyncBatchNorm's training forward would need CUDA (not run here)
     sync_batchnorm(d, World(rank=0, size=2), torch.device("cuda"), said.append)
     assert count(d, torch.nn.SyncBatchNorm) == learning_bn > 0
     assert count(d.teacher, torch.nn.BatchNorm2d) == teacher_bn and count(d.teacher, torch.nn.SyncBatchNorm) == 0
+    with torch.no_grad():  # eval mode runs on the CPU: the activations survived, and the stage taps still capture
+        after = d.student.eval()(x)
+    assert torch.equal(before, after)
+    assert all(r is not None for r in d.student_taps._raw)

@@ -103,3 +103,30 @@ def test_a_checkpoint_from_before_an_option_existed_still_resumes():
     assert check_compatible(old, cfg, "last.pth", False) == []
     with pytest.raises(UserError, match="grad_accum"):
         check_compatible(old, {**cfg, "grad_accum": 2}, "last.pth", False)
+
+
+def test_sync_bn_takes_the_plain_aligner_order():
+    from patfast.errors import UserError
+    from patfast.train.distributed import World
+    from patfast.train.loop import _aligner_order
+
+    two = World(rank=0, size=2)
+    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "auto"}, two) is False
+    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "plain"}, two) is False
+    with pytest.raises(UserError, match="per process"):
+        _aligner_order({"sync_bn": True, "pat_aligner_order": "upsample-last"}, two)
+    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "auto"}, World()) is None  # one process: by backend
+    assert _aligner_order({"pat_aligner_order": "upsample-last"}, two) is True
+
+
+def test_no_afp_is_said_with_none_not_by_a_missing_value(tmp_path):
+    from patfast.errors import UserError
+    from patfast.train.config import read_yaml
+
+    (tmp_path / "a.yaml").write_text("pat_afp_stage: none\n")
+    (tmp_path / "b.yaml").write_text("pat_afp_stage: []\n")
+    (tmp_path / "c.yaml").write_text("pat_afp_stage:\n")
+    assert read_yaml(str(tmp_path / "a.yaml"), "train")["pat_afp_stage"] == []
+    assert read_yaml(str(tmp_path / "b.yaml"), "train")["pat_afp_stage"] == []
+    with pytest.raises(UserError):
+        read_yaml(str(tmp_path / "c.yaml"), "train")
