@@ -104,6 +104,13 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def any_signal(signum: int | None, device: torch.device, world: World) -> int | None:
+    """The largest signal number any process has received (None: none): a collective, every process calls it at the
+    same step."""
+    flag = all_max(torch.tensor([signum or 0], device=device), world)
+    return int(flag.item()) or None
+
+
 def sync_batchnorm(distiller: torch.nn.Module, world: World, device: torch.device, log) -> None:
     """--sync-bn: every BatchNorm that learns (student, aligners, prompt blocks) becomes a SyncBatchNorm, in place;
     the frozen teacher keeps its own. timm's conversion (its BatchNormAct2d keep their activation) and the hooks on a

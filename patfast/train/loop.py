@@ -278,9 +278,9 @@ def _train(cfg, command, device, dtype, out, log, state, world: World) -> dict:
         f"{cfg['img_size']}px) | "
         f"{role}: {name} ({n_student / 1e6:.2f}M params) | distiller: {what}"
         + (f" (+{n_extra / 1e6:.2f}M trainable params)" if n_extra else ""))
-    if distiller.frozen_teacher() is not None:
-        teacher_top = evaluate(distiller.frozen_teacher().model, test_loader, device, dtype, show_bars, "teacher eval",
-                               world)
+    frozen = distiller.frozen_teacher()
+    if frozen is not None:
+        teacher_top = evaluate(frozen.model, test_loader, device, dtype, show_bars, "teacher eval", world)
         log(f"teacher test accuracy: top-1 {teacher_top[0]:.2f}%  top-5 {teacher_top[1]:.2f}%")
 
     speed = resolve_speed(cfg, device)
@@ -390,8 +390,7 @@ def _train(cfg, command, device, dtype, out, log, state, world: World) -> dict:
                 if world.distributed:
                     stopping = None
                     if cadence:
-                        flag = dist_.all_max(torch.tensor([stop.signum or 0], device=device), world)
-                        stop.signum = stopping = int(flag.item()) or None
+                        stop.signum = stopping = dist_.any_signal(stop.signum, device, world)
                 due = stopping or (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0)
                 if i + 1 < steps_per_epoch and due:
                     now = read_tally(epoch)
@@ -438,8 +437,7 @@ def _train(cfg, command, device, dtype, out, log, state, world: World) -> dict:
                 plot_curves(rows, terms, os.path.join(out, "curves.png"),
                             f"{role} {name} | {what} | {cfg['data']}")
             if world.distributed:  # a signal during the evaluation: every process stops here, or none does
-                flag = dist_.all_max(torch.tensor([stop.signum or 0], device=device), world)
-                stop.signum = int(flag.item()) or None
+                stop.signum = dist_.any_signal(stop.signum, device, world)
             if stop.signum:
                 raise stop.stopped(os.path.join(out, "last.pth"), out, False)
 
