@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="patfast", description="Fast heterogeneous knowledge distillation with PAT.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser.commands = {}  # name -> its parser (a --config file sets the defaults of one)
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
         if name == "bench":
             from patfast.bench import add_options as add_bench_options
 
@@ -175,8 +176,10 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        from patfast.train.config import parse_args
+
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv, parser.commands)
         if args.command is None:
             parser.print_help()
             raise UserError(f"choose a command: {', '.join(COMMANDS)}")

@@ -91,7 +91,7 @@ def build_step(path: str, teacher: str, student: str, classes: int, img_size: in
     import torch
 
     from patfast.data.datasets import CIFAR100_MEAN, CIFAR100_STD
-    from patfast.distill.build import build_distiller
+    from patfast.distill.build import DistillSettings, build_distiller
     from patfast.models.create import create_model
     from patfast.train.optim import make_optimizer
     from patfast.train.step import Speed, TrainStep
@@ -103,10 +103,10 @@ def build_step(path: str, teacher: str, student: str, classes: int, img_size: in
     if path == "floor":
         return FloorStep(t_model, s_model, device, compile_mode if compile else None), None
     backend = fast_ops if path == "fast" else "reference"
-    distiller = build_distiller("pat", s_model, t_model, img_size=img_size, data_mean=CIFAR100_MEAN,
-                                data_std=CIFAR100_STD,
-                                dim=pat_dim, num_heads=pat_heads, backend=backend,
-                                upsample_last=path == "fast").to(device)
+    settings = DistillSettings(pat_dim=pat_dim, pat_heads=pat_heads, backend=backend,
+                               pat_aligner_order="upsample-last" if path == "fast" else "plain")
+    distiller = build_distiller("pat", s_model, t_model, settings, img_size=img_size, data_mean=CIFAR100_MEAN,
+                                data_std=CIFAR100_STD).to(device)
     distiller.train()
     params = distiller.trainable_parameters()
     optimizer = make_optimizer(params, "sgd", 0.01, 1e-4, fused=cuda and path == "fast")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
 from torch import nn
 
@@ -17,43 +18,69 @@ from patfast.models.teacher import Teacher
 DISTILLERS = ("pat", "kd", "none")
 
 
-def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | None, *, img_size: int,
-                    data_mean: Sequence[float], data_std: Sequence[float],
-                    teacher_mean: Sequence[float] | None = None, teacher_std: Sequence[float] | None = None,
-                    variant: str = "paper", afp_stages: Sequence[int] = (1, 2, 3, 4),
-                    student_stages: Sequence[str] | None = None, teacher_stages: Sequence[str] | None = None,
-                    teacher_prompt_points: Sequence[str] | None = None, smoothing: float = 0.1,
-                    w_gt: float = 1.0, w_kd: float = 1.0, w_fd: float = 1.0, w_reg: float = 1.0,
-                    temperature: float = 1.0, dim: int = 512, num_heads: int = 8, queries_per_stage: int = 16,
-                    backend: str = "auto", feedback: bool = True, upsample_last: bool | None = None) -> Distiller:
-    """upsample_last: the aligners' order (PAT); None: the plain order for backend "reference" (the reference
-    path, as the authors compute), the cheaper exact one otherwise."""
+@dataclass(frozen=True)
+class DistillSettings:
+    """What a distiller is built with, each field named as its key in the run configuration (patfast/train/config.py:
+    one spelling per setting). Fields a distiller does not use are ignored (KD reads no pat_*)."""
+
+    pat_variant: str = "paper"  # SPEC section 6
+    pat_afp_stage: Sequence[int] = (1, 2, 3, 4)  # teacher stages with a feedback prompt; () = no AFP
+    pat_feedback: bool = True
+    pat_aligner_order: str = "upsample-last"  # | "plain" (resize first, the authors' order): the same function
+    pat_dim: int = 512
+    pat_heads: int = 8
+    pat_queries_per_stage: int = 16
+    student_stages: Sequence[str] | None = None
+    teacher_stages: Sequence[str] | None = None
+    teacher_prompt_points: Sequence[str] | None = None
+    smoothing: float = 0.1
+    gt_weight: float = 1.0
+    kd_weight: float = 1.0
+    fd_weight: float = 1.0
+    reg_weight: float = 1.0
+    kd_temperature: float = 1.0
+    backend: str = "auto"  # the ops' implementation (reference | triton | auto); never the algorithm
+
+    @classmethod
+    def from_config(cls, cfg: Mapping, **override) -> DistillSettings:
+        """The settings a resolved run configuration holds (keys it lacks keep their defaults)."""
+        return cls(**{**{f.name: cfg[f.name] for f in fields(cls) if f.name in cfg}, **override})
+
+
+def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | None,
+                    settings: DistillSettings = DistillSettings(), *, img_size: int, data_mean: Sequence[float],
+                    data_std: Sequence[float], teacher_mean: Sequence[float] | None = None,
+                    teacher_std: Sequence[float] | None = None) -> Distiller:
+    """The distiller `name` around `student` (and the teacher it needs), built with `settings`."""
+    o = settings
     if name not in DISTILLERS:
         raise UserError(f"unknown distiller '{name}' (choose from {', '.join(DISTILLERS)})")
-    common = {"smoothing": smoothing, "w_gt": w_gt}
+    common = {"smoothing": o.smoothing, "w_gt": o.gt_weight}
     if name == "none":
         return Vanilla(student, **common)
     if teacher_model is None:
         raise UserError(f"distiller '{name}' needs a teacher")
     try:
-        pv = PatVariant.named(variant)
+        pv = PatVariant.named(o.pat_variant)
     except ValueError as e:
         raise UserError(str(e)) from None
-    bad = [s for s in afp_stages if s not in (1, 2, 3, 4)]
+    bad = [s for s in o.pat_afp_stage if s not in (1, 2, 3, 4)]
     if bad:  # none at all: the ablation without AFP
-        raise UserError(f"--pat-afp-stage takes stages among 1,2,3,4, got {','.join(map(str, afp_stages))}")
-    if dim % num_heads:
-        raise UserError(f"--pat-dim {dim} is not divisible by --pat-heads {num_heads}")
-    teacher_taps = StageTaps(teacher_model, img_size, stage_modules=teacher_stages,
-                             prompt_points=teacher_prompt_points, class_token=pv.class_token_rule,
+        raise UserError(f"--pat-afp-stage takes stages among 1,2,3,4, got {','.join(map(str, o.pat_afp_stage))}")
+    if o.pat_dim % o.pat_heads:
+        raise UserError(f"--pat-dim {o.pat_dim} is not divisible by --pat-heads {o.pat_heads}")
+    if o.pat_aligner_order not in ("upsample-last", "plain"):
+        raise UserError(f"--pat-aligner-order must be upsample-last or plain, got '{o.pat_aligner_order}'")
+    teacher_taps = StageTaps(teacher_model, img_size, stage_modules=o.teacher_stages,
+                             prompt_points=o.teacher_prompt_points, class_token=pv.class_token_rule,
                              token_return=pv.token_return_rule, flag="--teacher-stages")
     teacher = Teacher(teacher_model, teacher_taps, mean=teacher_mean or data_mean, std=teacher_std or data_std,
                       data_mean=data_mean, data_std=data_std)
     if name == "kd":
-        return KD(student, teacher, temperature=temperature, w_kd=w_kd, backend=backend, **common)
-    student_taps = StageTaps(student, img_size, stage_modules=student_stages, class_token=pv.class_token_rule,
+        return KD(student, teacher, temperature=o.kd_temperature, w_kd=o.kd_weight, backend=o.backend, **common)
+    student_taps = StageTaps(student, img_size, stage_modules=o.student_stages, class_token=pv.class_token_rule,
                              flag="--student-stages")
-    return PAT(student, student_taps, teacher, variant=pv, afp_stages=afp_stages, dim=dim, num_heads=num_heads,
-               queries_per_stage=queries_per_stage, temperature=temperature, w_kd=w_kd, w_fd=w_fd, w_reg=w_reg,
-               backend=backend, feedback=feedback,
-               upsample_last=backend != "reference" if upsample_last is None else upsample_last, **common)
+    return PAT(student, student_taps, teacher, variant=pv, afp_stages=o.pat_afp_stage, dim=o.pat_dim,
+               num_heads=o.pat_heads, queries_per_stage=o.pat_queries_per_stage, temperature=o.kd_temperature,
+               w_kd=o.kd_weight, w_fd=o.fd_weight, w_reg=o.reg_weight, backend=o.backend, feedback=o.pat_feedback,
+               upsample_last=o.pat_aligner_order == "upsample-last", **common)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from patfast.data import load_data, make_loader
 from patfast.data.mixup import make_mixup
 from patfast.distill.base import Vanilla
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.errors import TrainingStopped, UserError
 from patfast.models.create import create_model
 from patfast.models.weights import load_weights, save_weights
@@ -51,16 +51,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _aligner_order(cfg: dict, world: World) -> bool | None:
-    """--pat-aligner-order -> build_distiller's upsample_last (None: its default by backend). Under --sync-bn the
-    plain order: the upsample-last aligners form their BatchNorm statistics themselves, from this process alone."""
+def _aligner_order(cfg: dict, world: World) -> str:
+    """--pat-aligner-order "auto" -> upsample-last, but plain under --sync-bn with several processes: the
+    upsample-last aligners form their BatchNorm statistics themselves, from this process alone."""
     order = cfg.get("pat_aligner_order", "auto")
     if cfg.get("sync_bn") and world.distributed:
         if order == "upsample-last":
             raise UserError("--pat-aligner-order upsample-last computes its BatchNorm statistics per process: with "
                             "--sync-bn use plain (or auto)")
-        return False
-    return {"upsample-last": True, "plain": False}.get(order)
+        return "plain"
+    return "upsample-last" if order == "auto" else order
 
 
 def projection(epoch_s: float, remaining: int, compiled: bool, now: float | None = None) -> str:
@@ -253,15 +253,10 @@ def _train(cfg, command, device, dtype, out, log, state, world: World) -> dict:
             teacher_model, meta, source = teacher_from_config(cfg, k, path)  # timm 0.6.5 files, EMA, pretrained
             log(f"teacher: {cfg['teacher']} from {source}")
         t_mean, t_std = _teacher_stats(cfg, meta, dataset)
-        distiller = build_distiller(
-            distiller_name, student, teacher_model, img_size=cfg["img_size"], data_mean=dataset.mean,
-            data_std=dataset.std, teacher_mean=t_mean, teacher_std=t_std, variant=cfg["pat_variant"],
-            afp_stages=cfg["pat_afp_stage"], student_stages=cfg["student_stages"],
-            teacher_stages=cfg["teacher_stages"], teacher_prompt_points=cfg["teacher_prompt_points"],
-            smoothing=cfg["smoothing"], w_gt=cfg["gt_weight"], w_kd=cfg["kd_weight"], w_fd=cfg["fd_weight"],
-            w_reg=cfg["reg_weight"], temperature=cfg["kd_temperature"], dim=cfg["pat_dim"],
-            num_heads=cfg["pat_heads"], backend=cfg["backend"], feedback=cfg.get("pat_feedback", True),
-            upsample_last=_aligner_order(cfg, world))
+        settings = DistillSettings.from_config(cfg, pat_aligner_order=_aligner_order(cfg, world))
+        distiller = build_distiller(distiller_name, student, teacher_model, settings, img_size=cfg["img_size"],
+                                    data_mean=dataset.mean, data_std=dataset.std, teacher_mean=t_mean,
+                                    teacher_std=t_std)
     if cfg.get("sync_bn"):
         dist_.sync_batchnorm(distiller, world, device, log)
     distiller.to(device)

@@ -20,7 +20,7 @@ def make_pat():
     variant: a name ("paper" / "official": built by build_distiller) or a PatVariant (one switch at a time: built
     the way build_distiller wires a variant into the taps).
     """
-    from patfast.distill.build import build_distiller
+    from patfast.distill.build import DistillSettings, build_distiller
     from patfast.distill.pat import PAT
     from patfast.distill.variant import PatVariant
     from patfast.models.create import create_model
@@ -31,12 +31,13 @@ def make_pat():
         t = create_model(teacher, 10, img)
         s = create_model(student, 10, img)
         if isinstance(variant, str):
-            return build_distiller("pat", s, t, img_size=img, data_mean=MEAN, data_std=STD, variant=variant, **kw)
+            settings = DistillSettings(pat_variant=variant, **kw)  # kw: DistillSettings fields
+            return build_distiller("pat", s, t, settings, img_size=img, data_mean=MEAN, data_std=STD)
         assert isinstance(variant, PatVariant)
         t_taps = StageTaps(t, img, class_token=variant.class_token_rule, token_return=variant.token_return_rule)
         wrapped = Teacher(t, t_taps, mean=MEAN, std=STD, data_mean=MEAN, data_std=STD)
         s_taps = StageTaps(s, img, class_token=variant.class_token_rule)
-        return PAT(s, s_taps, wrapped, variant=variant, **kw)
+        return PAT(s, s_taps, wrapped, variant=variant, **kw)  # kw: PAT's arguments
 
     return make
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from timm.utils import ModelEmaV3
 
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.distill.pat import PAT
 from patfast.models.create import create_model
 
@@ -18,9 +18,9 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 def make(name, **kw):
     torch.manual_seed(0)
     teacher = create_model("convnext_atto", 10, 32) if name != "none" else None
-    extra = {"dim": 64, "num_heads": 4} if name == "pat" else {}
-    return build_distiller(name, create_model("resnet10t", 10, 32), teacher, img_size=32, data_mean=MEAN,
-                           data_std=STD, **extra, **kw)
+    extra = {"pat_dim": 64, "pat_heads": 4} if name == "pat" else {}
+    return build_distiller(name, create_model("resnet10t", 10, 32), teacher, DistillSettings(**extra, **kw),
+                           img_size=32, data_mean=MEAN, data_std=STD)
 
 
 def batch():
@@ -60,8 +60,8 @@ def test_pat_process_state_is_the_feedback_and_shared_state_the_teacher_buffers(
     assert all(fresh.prompts[k].feedback is state[k] for k in state)
     shared = d.shared_state()
     assert shared.keys() == dict(d.teacher.model.named_buffers()).keys()
-    assert not d.first_batch_special and make("pat", variant="official").first_batch_special
-    assert make("pat", feedback=False).compile_ready()  # without feedback the steady graph is the first one
+    assert not d.first_batch_special and make("pat", pat_variant="official").first_batch_special
+    assert make("pat", pat_feedback=False).compile_ready()  # without feedback the steady graph is the first one
     with pytest.raises(ValueError):
         make("kd").load_process_state({"1": None})
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from patfast import ops
 from patfast.distill.base import Vanilla
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.distill.kd import KD
 from patfast.errors import UserError
 from patfast.models.create import create_model
@@ -25,7 +25,7 @@ def _kl(target_logits, logits, t):
 
 def test_kd_distiller(make_batch):
     s, t = create_model("resnet18", 10, IMG), create_model("convnext_atto", 10, IMG)
-    d = build_distiller("kd", s, t, img_size=IMG, temperature=4.0, w_kd=2.0, **NORM)
+    d = build_distiller("kd", s, t, DistillSettings(kd_temperature=4.0, kd_weight=2.0), img_size=IMG, **NORM)
     assert isinstance(d, KD)
     d.train()
     assert not any(m.training for m in t.modules())
@@ -47,7 +47,7 @@ def test_kd_distiller(make_batch):
 
 def test_none_distiller(make_batch):
     s = create_model("resnet18", 10, IMG)
-    d = build_distiller("none", s, None, img_size=IMG, smoothing=0.0, w_gt=2.0, **NORM)
+    d = build_distiller("none", s, None, DistillSettings(smoothing=0.0, gt_weight=2.0), img_size=IMG, **NORM)
     assert isinstance(d, Vanilla)
     x, y = make_batch()
     logits, losses = d(x, y)
@@ -72,5 +72,5 @@ def test_unknown_variant_is_a_user_error():
     from patfast.models.create import create_model
 
     with pytest.raises(UserError, match="unknown PAT variant"):
-        build_distiller("pat", create_model("resnet10t", 10, 32), create_model("resnet10t", 10, 32), img_size=32,
-                        data_mean=(0.5,) * 3, data_std=(0.5,) * 3, variant="bogus")
+        build_distiller("pat", create_model("resnet10t", 10, 32), create_model("resnet10t", 10, 32),
+                        DistillSettings(pat_variant="bogus"), img_size=32, data_mean=(0.5,) * 3, data_std=(0.5,) * 3)

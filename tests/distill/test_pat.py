@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from patfast import ops
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.errors import UserError
 from patfast.models.create import create_model
 
@@ -222,7 +222,7 @@ def test_loss_terms_at_beta_zero(make_pat, make_batch):
 
 
 def test_loss_weights_and_temperatures(make_pat, make_batch):
-    d = make_pat(w_gt=0.5, w_kd=2.0, w_fd=3.0, w_reg=4.0, temperature=2.0).train()
+    d = make_pat(gt_weight=0.5, kd_weight=2.0, fd_weight=3.0, reg_weight=4.0, kd_temperature=2.0).train()
     with torch.no_grad():
         for p in d.prompts.values():
             p.beta.fill_(0.5)
@@ -270,7 +270,7 @@ def test_trainable_parameters_exclude_only_the_teacher(make_pat):
 
 
 def test_afp_stage_subset(make_pat, make_batch, monkeypatch):
-    d = make_pat(afp_stages=(1, 3)).train()
+    d = make_pat(pat_afp_stage=(1, 3)).train()
     assert sorted(d.prompts) == ["1", "3"]
     taps_prompts = d.teacher.taps.prompts
     assert taps_prompts[0] is d.prompts["1"] and taps_prompts[2] is d.prompts["3"]
@@ -295,7 +295,8 @@ def test_afp_stage_subset(make_pat, make_batch, monkeypatch):
 def test_bad_afp_stages_are_user_errors(stages):
     s, t = create_model("resnet18", 10, IMG), create_model("convnext_atto", 10, IMG)
     with pytest.raises(UserError):
-        build_distiller("pat", s, t, img_size=IMG, data_mean=(0.5,) * 3, data_std=(0.25,) * 3, afp_stages=stages)
+        build_distiller("pat", s, t, DistillSettings(pat_afp_stage=stages), img_size=IMG, data_mean=(0.5,) * 3,
+                        data_std=(0.25,) * 3)
 
 
 def test_build_distiller_passes_user_overrides_to_the_taps():
@@ -303,8 +304,8 @@ def test_build_distiller_passes_user_overrides_to_the_taps():
     stages = ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
     t_stages = ["stages.0.blocks.0", "stages.1.blocks.0", "stages.2.blocks.0", "stages.3.blocks.0"]
     points = ["stages.0.blocks", "stages.1.blocks", "stages.2.blocks", "stages.3.blocks"]  # after each downsample
-    d = build_distiller("pat", s, t, img_size=IMG, data_mean=(0.5,) * 3, data_std=(0.25,) * 3,
-                        student_stages=stages, teacher_stages=t_stages, teacher_prompt_points=points)
+    settings = DistillSettings(student_stages=stages, teacher_stages=t_stages, teacher_prompt_points=points)
+    d = build_distiller("pat", s, t, settings, img_size=IMG, data_mean=(0.5,) * 3, data_std=(0.25,) * 3)
     assert d.student_taps.stage_modules == stages
     assert d.teacher.taps.stage_modules == t_stages
     assert d.teacher.taps.prompt_points == points
@@ -313,14 +314,15 @@ def test_build_distiller_passes_user_overrides_to_the_taps():
     assert all(isinstance(p.fb_align, torch.nn.Identity) for p in d.prompts.values())
     with pytest.raises(UserError):
         build_distiller("pat", create_model("resnet18", 10, IMG), create_model("convnext_atto", 10, IMG),
-                        img_size=IMG, data_mean=(0.5,) * 3, data_std=(0.25,) * 3,
-                        teacher_prompt_points=["stages.0", "stages.9"])
+                        DistillSettings(teacher_prompt_points=["stages.0", "stages.9"]), img_size=IMG,
+                        data_mean=(0.5,) * 3, data_std=(0.25,) * 3)
 
 
 def test_dim_not_divisible_by_heads_is_a_user_error():
     s, t = create_model("resnet18", 10, IMG), create_model("convnext_atto", 10, IMG)
     with pytest.raises(UserError):
-        build_distiller("pat", s, t, img_size=IMG, data_mean=(0.5,) * 3, data_std=(0.25,) * 3, dim=100, num_heads=8)
+        build_distiller("pat", s, t, DistillSettings(pat_dim=100, pat_heads=8), img_size=IMG, data_mean=(0.5,) * 3,
+                        data_std=(0.25,) * 3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,7 +369,7 @@ PAIRS = [
 @pytest.mark.parametrize("teacher, student, variant, afp", PAIRS,
                          ids=[f"{t.split('_')[0]}-{s.split('_')[0]}-{v}" for t, s, v, _ in PAIRS])
 def test_training_steps_run(make_pat, make_batch, teacher, student, variant, afp):
-    d = make_pat(teacher=teacher, student=student, img=IMG, variant=variant, afp_stages=afp).train()
+    d = make_pat(teacher=teacher, student=student, img=IMG, variant=variant, pat_afp_stage=afp).train()
     opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01)
     betas = []
     for step in range(2):  # step 2 runs the fusion block on step 1's feedback

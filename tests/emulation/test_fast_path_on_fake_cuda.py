@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from patfast.data.datasets import CIFAR100_MEAN, CIFAR100_STD
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.models.create import create_model
 
 KERNELS = {"patfast.kernels.hcl", "patfast.kernels.kd", "patfast.kernels.raa"}
@@ -51,7 +51,7 @@ def real_models(teacher: str, student: str) -> tuple[torch.nn.Module, torch.nn.M
 def build(fake, teacher: str, student: str, variant: str):
     t, s = (copy.deepcopy(m) for m in real_models(teacher, student))
     torch.manual_seed(0)
-    d = build_distiller("pat", s, t, img_size=IMG, data_mean=MEAN, data_std=STD, variant=variant)
+    d = build_distiller("pat", s, t, DistillSettings(pat_variant=variant), img_size=IMG, data_mean=MEAN, data_std=STD)
     fake.module(d).train()
     x = fake.tensor(torch.randn(BATCH, 3, IMG, IMG))
     y = fake.tensor(torch.randint(0, CLASSES, (BATCH,)))

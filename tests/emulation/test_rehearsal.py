@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from patfast import ops
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.kernels import reference
 from patfast.models.create import create_model
 
@@ -53,8 +53,8 @@ def build(case: str, backend: str):
         for name, p in t.named_parameters():
             if name.startswith("head") and p.dim() == 2 and not p.any():
                 torch.nn.init.trunc_normal_(p, std=0.02)
-    d = build_distiller("pat", s, t, img_size=IMG, data_mean=MEAN, data_std=STD, variant=variant, dim=64,
-                        num_heads=4, backend=backend)
+    settings = DistillSettings(pat_variant=variant, pat_dim=64, pat_heads=4, backend=backend)
+    d = build_distiller("pat", s, t, settings, img_size=IMG, data_mean=MEAN, data_std=STD)
     with torch.no_grad():
         for p in d.prompts.values():
             p.beta.fill_(0.1)

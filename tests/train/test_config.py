@@ -5,13 +5,13 @@ import argparse
 import pytest
 
 from patfast.errors import UserError
-from patfast.train.config import OPTIONS, RECIPES, add_options, resolve
+from patfast.train.config import OPTIONS, RECIPES, add_options, parse_args, resolve
 
 
 def parse(command, *argv, tokens=None):
     p = argparse.ArgumentParser()
     add_options(p, command)
-    return resolve(p.parse_args(list(argv)), command, student_is_tokens=tokens)
+    return resolve(parse_args(p, list(argv), command=command), command, student_is_tokens=tokens)
 
 
 def test_command_line_beats_yaml_beats_defaults(tmp_path):
@@ -91,3 +91,15 @@ def test_config_file_errors(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="mapping"):
         parse("train", "--config", str(listy))
+
+
+def test_distill_settings_are_spelled_as_the_config_keys():
+    from dataclasses import fields
+
+    from patfast.distill.build import DistillSettings
+
+    names = {f.name for f in fields(DistillSettings)} - {"pat_queries_per_stage"}  # not a command-line option
+    assert names <= {o.name for o in OPTIONS if "train" in o.commands}
+    cfg = parse("train", "--pat-dim", "256", "--kd-weight", "2", "--pat-afp-stage", "1,3")
+    s = DistillSettings.from_config(cfg)
+    assert (s.pat_dim, s.kd_weight, list(s.pat_afp_stage), s.pat_variant) == (256, 2.0, [1, 3], "paper")

@@ -9,7 +9,7 @@ weights after them), and the feedback state that carries over between steps.
 import pytest
 import torch
 
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.models.create import create_model
 from patfast.train.step import Speed, TrainStep
 
@@ -28,8 +28,9 @@ def make_step(speed: Speed, backend: str, device: str = "cpu") -> TrainStep:
     torch.manual_seed(0)
     teacher = create_model("convnext_atto", 10, 32)
     student = create_model("resnet10t", 10, 32)
-    distiller = build_distiller("pat", student, teacher, img_size=32, data_mean=MEAN, data_std=STD, backend=backend,
-                                dim=64, num_heads=4)
+    order = "plain" if backend == "reference" else "upsample-last"  # the reference path: the authors' order
+    settings = DistillSettings(pat_dim=64, pat_heads=4, backend=backend, pat_aligner_order=order)
+    distiller = build_distiller("pat", student, teacher, settings, img_size=32, data_mean=MEAN, data_std=STD)
     distiller.to(device).train()
     params = distiller.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.models.create import create_model
 from patfast.train.optim import make_optimizer
 from patfast.train.step import Speed, TrainStep
@@ -44,9 +44,9 @@ def maker(name, student="deit_tiny_patch16_224", teacher="convnext_atto", **kw):
     def make():
         torch.manual_seed(0)
         t = create_model(teacher, 10, 32) if name != "none" else None
-        common = {"dim": 64, "num_heads": 4} if name == "pat" else {}
-        return build_distiller(name, create_model(student, 10, 32), t, img_size=32, data_mean=MEAN, data_std=STD,
-                               **common, **kw)
+        common = {"pat_dim": 64, "pat_heads": 4} if name == "pat" else {}
+        return build_distiller(name, create_model(student, 10, 32), t, DistillSettings(**common, **kw), img_size=32,
+                               data_mean=MEAN, data_std=STD)
     return make
 
 
@@ -79,10 +79,10 @@ def test_a_batch_that_does_not_split_is_refused():
 
 
 def test_ablations_no_afp_and_afp_without_feedback():
-    no_afp, losses = steps(maker("pat", student="resnet10t", afp_stages=()), 1, batches())
+    no_afp, losses = steps(maker("pat", student="resnet10t", pat_afp_stage=()), 1, batches())
     assert len(no_afp.prompts) == 0
     assert all(step_losses["loss_reg"].item() == 0.0 for step_losses in losses)  # no prompt: z'_T = z_T
-    no_fb, _ = steps(maker("pat", student="resnet10t", feedback=False), 1, batches())
+    no_fb, _ = steps(maker("pat", student="resnet10t", pat_feedback=False), 1, batches())
     assert len(no_fb.prompts) == 4 and all(p.feedback is None for p in no_fb.prompts.values())
     with_fb, _ = steps(maker("pat", student="resnet10t"), 1, batches())
     assert all(p.feedback is not None for p in with_fb.prompts.values())

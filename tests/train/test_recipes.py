@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from patfast.cli import _token_student, build_parser
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.models.create import create_model
-from patfast.train.config import resolve
+from patfast.train.config import parse_args, resolve
 from patfast.train.recipes import packaged_recipes
 
 RECIPES = sorted(packaged_recipes())
@@ -23,7 +23,8 @@ PAIRS = {("swin_tiny_patch4_window7_224", "resnet18"), ("vit_small_patch16_224",
 
 
 def resolved(name: str, *extra: str) -> dict:
-    args = build_parser().parse_args(["train", "--config", name, *extra])
+    parser = build_parser()
+    args = parse_args(parser, ["train", "--config", name, *extra], parser.commands)
     return resolve(args, "train", student_is_tokens=_token_student)
 
 
@@ -68,9 +69,9 @@ def test_every_recipe_builds_its_distiller_on_the_meta_device(name):
     with torch.device("meta"):
         student = create_model(cfg["student"], classes, cfg["img_size"])
         teacher = create_model(cfg["teacher"], classes, cfg["img_size"])
-        d = build_distiller(cfg["distiller"], student, teacher, img_size=cfg["img_size"], data_mean=(0.5,) * 3,
-                            data_std=(0.25,) * 3, variant=cfg["pat_variant"], afp_stages=cfg["pat_afp_stage"],
-                            dim=cfg["pat_dim"], num_heads=cfg["pat_heads"], feedback=cfg["pat_feedback"])
+        settings = DistillSettings.from_config(cfg, pat_aligner_order="plain")  # "auto" is resolved by the loop
+        d = build_distiller(cfg["distiller"], student, teacher, settings, img_size=cfg["img_size"],
+                            data_mean=(0.5,) * 3, data_std=(0.25,) * 3)
     assert len(d.student_taps.stage_shapes) == len(d.teacher.taps.stage_shapes) == 4
     assert sorted(int(i) for i in d.prompts) == cfg["pat_afp_stage"]
     assert d.feedback == cfg["pat_feedback"]
@@ -111,12 +112,13 @@ def test_sync_bn_takes_the_plain_aligner_order():
     from patfast.train.loop import _aligner_order
 
     two = World(rank=0, size=2)
-    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "auto"}, two) is False
-    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "plain"}, two) is False
+    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "auto"}, two) == "plain"
+    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "plain"}, two) == "plain"
     with pytest.raises(UserError, match="per process"):
         _aligner_order({"sync_bn": True, "pat_aligner_order": "upsample-last"}, two)
-    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "auto"}, World()) is None  # one process: by backend
-    assert _aligner_order({"pat_aligner_order": "upsample-last"}, two) is True
+    assert _aligner_order({"sync_bn": True, "pat_aligner_order": "auto"}, World()) == "upsample-last"  # one process
+    assert _aligner_order({"pat_aligner_order": "upsample-last"}, two) == "upsample-last"
+    assert _aligner_order({"pat_aligner_order": "auto", "backend": "reference"}, World()) == "upsample-last"
 
 
 def test_no_afp_is_said_with_none_not_by_a_missing_value(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from timm.utils import ModelEmaV3
 
-from patfast.distill.build import build_distiller
+from patfast.distill.build import DistillSettings, build_distiller
 from patfast.models.create import create_model
 from patfast.train.ema import update_ema
 from patfast.train.nonfinite import NonFiniteTally
@@ -48,7 +48,8 @@ def make_step(opt="sgd", fused=True, speed=EAGER, distiller="pat", ema=True):
     torch.manual_seed(0)
     teacher = create_model("convnext_atto", 10, 32)
     student = create_model("resnet10t", 10, 32)
-    d = build_distiller(distiller, student, teacher, img_size=32, data_mean=MEAN, data_std=STD, dim=64, num_heads=4)
+    d = build_distiller(distiller, student, teacher, DistillSettings(pat_dim=64, pat_heads=4), img_size=32,
+                        data_mean=MEAN, data_std=STD)
     d.train()
     params = d.trainable_parameters()
     optimizer = make_optimizer(params, opt, 0.02, 1e-3, fused=fused)
