@@ -47,7 +47,7 @@ import torch
 from patfast.data.batch_augment import RAND_OPS, RandAugmentSpec, parse_rand_augment
 from patfast.data.datasets import ArrayImages, FolderImages, Split
 from patfast.data.sampling import EpochLoader, ShardedSampler, _mix
-from patfast.data.transforms import RATIO
+from patfast.data.transforms import RATIO, check_augment_args
 from patfast.errors import UserError
 
 DALI_MISSING = "the dali data backend needs NVIDIA DALI: pip install 'patfast[dali]'"
@@ -401,13 +401,7 @@ class DaliLoader(EpochLoader):
         for name, value in (("batch size", batch_size), ("image size", img_size)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise UserError(f"{name} must be an integer >= 1, got {value!r}")
-        lo, hi = (float(v) for v in crop_scale)
-        if not 0 < lo <= hi <= 1:
-            raise UserError(f"crop scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
-        if not 0 <= hflip <= 1:
-            raise UserError(f"hflip is a probability in [0, 1], got {hflip}")
-        if not 0 < crop_pct <= 1:
-            raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        lo, hi = check_augment_args(crop_scale, hflip, crop_pct)
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             raise UserError(f"the dali data backend runs on the CPU or a CUDA device, not {device}")

@@ -37,7 +37,7 @@ from patfast.data.batch_augment import (
 )
 from patfast.data.datasets import ArrayImages, FolderImages, Split
 from patfast.data.sampling import EpochLoader, ShardedSampler, _mix
-from patfast.data.transforms import RATIO
+from patfast.data.transforms import RATIO, check_augment_args
 from patfast.errors import UserError
 
 MEMORY_FRACTION = 0.5  # of the device's free memory (CUDA) or of the machine's RAM (CPU) a split may take
@@ -108,13 +108,7 @@ class GpuLoader(EpochLoader):
     def __init__(self, split: Split, *, batch_size: int, img_size: int, train: bool, device: torch.device, seed: int,
                  rank: int, world_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5,
                  auto_augment: str | None = None, crop_pct: float = 0.875, progress: bool = True):
-        lo, hi = (float(v) for v in crop_scale)
-        if not 0 < lo <= hi <= 1:
-            raise UserError(f"crop scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
-        if not 0 <= hflip <= 1:
-            raise UserError(f"hflip is a probability in [0, 1], got {hflip}")
-        if not 0 < crop_pct <= 1:
-            raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        lo, hi = check_augment_args(crop_scale, hflip, crop_pct)
         self.augment = parse_rand_augment(auto_augment) if train and auto_augment else None
         self.dataset = split
         self.mean, self.std = split.mean, split.std

@@ -17,6 +17,19 @@ from patfast.errors import UserError
 RATIO = (3 / 4, 4 / 3)
 
 
+
+def check_augment_args(crop_scale, hflip: float, crop_pct: float) -> tuple[float, float]:
+    """UserError unless the crop scale is 0 < min <= max <= 1, hflip a probability and crop_pct in (0, 1]; the crop
+    scale as floats (every loader backend checks its arguments here)."""
+    lo, hi = (float(v) for v in crop_scale)
+    if not 0 < lo <= hi <= 1:
+        raise UserError(f"crop scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
+    if not 0 <= hflip <= 1:
+        raise UserError(f"hflip is a probability in [0, 1], got {hflip}")
+    if not 0 < crop_pct <= 1:
+        raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return lo, hi
+
 def _posterize(img, bits_to_keep, **_):
     """timm's posterize, with 0 bits giving black as Pillow < 13 did (Pillow 13 raises for bits < 1)."""
     from PIL import Image, ImageOps
@@ -57,17 +70,12 @@ def build_transform(train: bool, img_size: int, mean: Sequence[float], std: Sequ
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise UserError(f"mean/std must be 3 values each with std > 0, got mean={mean} std={std}")
+    lo, hi = check_augment_args(crop_scale, hflip, crop_pct)
     if not train:
-        if not 0 < crop_pct <= 1:
-            raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
         return create_transform(img_size, is_training=False, interpolation="bilinear", crop_pct=crop_pct,
                                 crop_mode="center", mean=mean, std=std)
-    lo, hi = (float(v) for v in crop_scale)
-    if not 0 < lo <= hi <= 1:
-        raise UserError(f"crop scale must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
-    for name, p in (("hflip", hflip), ("re_prob", re_prob)):
-        if not 0 <= p <= 1:
-            raise UserError(f"{name} is a probability in [0, 1], got {p}")
+    if not 0 <= re_prob <= 1:
+        raise UserError(f"re_prob is a probability in [0, 1], got {re_prob}")
     if color_jitter < 0:
         raise UserError(f"color_jitter must be >= 0, got {color_jitter}")
     if auto_augment is not None and not auto_augment.strip():
