@@ -95,7 +95,9 @@ def cmd_eval(args) -> int:
     from patfast.models.create import create_model
     from patfast.models.weights import load_state, read_state_dict, torch_load
     from patfast.train.config import resolve
-    from patfast.train.loop import amp_dtype, evaluate, resolve_device
+    from patfast.train.evaluate import evaluate
+    from patfast.train.loop import resolve_device
+    from patfast.train.step import amp_dtype
 
     cfg = resolve(args, "eval")
     if not cfg.get("checkpoint"):

@@ -60,7 +60,7 @@ def test_train_on_bundled_data_writes_every_output(tmp_path, cache, capsys):
     assert 0 <= float(rows[0]["eval_top1"]) <= 100
     # the paper's metric: the best over epochs (one here) of max(raw, EMA)
     assert float(rows[0]["best_top1"]) == max(float(rows[0]["eval_top1"]), float(rows[0]["ema_top1"]))
-    assert "== result on the digits test split" in stdout and "teacher convnext_atto" in stdout
+    assert "== result on the digits test split" in stdout and "teacher resnet10t" in stdout
     state = torch.load(out / "last.pth", weights_only=True)
     assert state["epoch"] == 1 and not any(k.startswith("teacher.") for k in state["distiller"])
 
@@ -75,7 +75,7 @@ def test_train_on_bundled_data_writes_every_output(tmp_path, cache, capsys):
     # a second run reuses the cached teacher; an existing run directory is refused
     code, stdout, err = run_cli(capsys, "train", *FAST, "--distiller", "kd", "--out", str(tmp_path / "run2"))
     assert code == 0, err
-    assert "using the cached convnext_atto" in stdout
+    assert "using the cached resnet10t" in stdout
     code, _, err = run_cli(capsys, "train", *FAST, "--out", str(out))
     assert_user_error(code, err, "already holds a run")
 

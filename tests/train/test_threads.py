@@ -1,7 +1,7 @@
 """torch's intra-op threads: a process's share of the free cores, never more than it had; the projection line."""
 
-from patfast.train.loop import projection
 from patfast.train.threads import cpu_threads, runnable_now
+from patfast.train.training import projection
 
 
 def test_an_idle_machine_keeps_every_core():
