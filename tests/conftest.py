@@ -8,6 +8,12 @@ import shutil
 
 if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# 2-core CI machine: intra-op threads fixed so timings and results are stable; one per process when pytest-xdist
+# runs two workers, so the workers together use the two cores. Through OMP_NUM_THREADS (before torch is imported)
+# so that runs inside the tests, and the processes they start, keep it too instead of following the machine's load
+# (train/threads.py; its own test clears the variable).
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,10 +27,6 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
 
-
-# 2-core CI machine: intra-op threads fixed so timings and results are stable; one per process when pytest-xdist
-# runs two workers (CI's second environment), so the workers together use the two cores.
-THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 
 @pytest.fixture(autouse=True)

@@ -32,3 +32,25 @@ def test_projection_after_the_first_epoch():
     line = projection(12.0, 10, compiled=False, now=0.0)
     assert line.startswith("projected: 2.0 min more for the remaining 10 epoch(s), done at about ")
     assert "upper bound" in projection(600.0, 299, compiled=True) and "49.8 h" in projection(600.0, 299, True)
+
+
+def test_a_run_lowers_its_threads_on_a_busy_machine_and_says_so(monkeypatch):
+    import torch
+
+    from patfast.train import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the suite pins it (tests/conftest.py)
+    monkeypatch.setattr(threads, "runnable_now", lambda: 9)  # load 8 besides this process
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before, lines = torch.get_num_threads(), []
+    torch.set_num_threads(2)
+    try:
+        threads.set_cpu_threads(1, lines.append)
+        assert torch.get_num_threads() == 1
+        assert lines == ["CPU threads: 1 of 2 cores (1 process(es) of this run, 8 other runnable process(es) now)"]
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user chose: left alone
+        torch.set_num_threads(2)
+        threads.set_cpu_threads(1, lines.append)
+        assert torch.get_num_threads() == 2 and len(lines) == 1
+    finally:
+        torch.set_num_threads(before)
