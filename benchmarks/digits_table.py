@@ -46,9 +46,20 @@ def teacher_top1(folder: str) -> float | None:
 def table(out: str, folders: list[str], seeds: list[int]) -> str:
     """Write OUT/table.md, table.csv, table.png over the run folders; returns the markdown."""
     report = runs_report.build_report(folders)
-    t1 = next((t for t in map(teacher_top1, folders) if t is not None), None)
-    note = (f"Seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds). Teacher test top-1: "
-            f"{f'{t1:.2f}' if t1 is not None else 'n/a'} %.")
+    by_seed = {}  # each seed's teacher (the cache trains one per seed), as the distilling runs logged it
+    for folder in folders:
+        t1 = teacher_top1(folder)
+        if t1 is not None:
+            by_seed.setdefault(folder.rstrip("/").rsplit("-seed", 1)[-1], t1)
+    tops = [by_seed[k] for k in sorted(by_seed)]
+    if len(tops) > 1:
+        mean = sum(tops) / len(tops)
+        std = (sum((t - mean) ** 2 for t in tops) / (len(tops) - 1)) ** 0.5
+        each = " / ".join(f"{t:.2f}" for t in tops)
+        teacher = f"{mean:.2f} ± {std:.2f} % (seeds {', '.join(sorted(by_seed))}: {each})"
+    else:
+        teacher = f"{tops[0]:.2f} %" if tops else "n/a"
+    note = f"Seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds). Teacher test top-1: {teacher}."
     title = "Bundled digits: student alone, KD, PAT"
     text = runs_report.markdown(report, title, note)
     runs_report.write_markdown(os.path.join(out, "table.md"), text)
