@@ -1,10 +1,13 @@
-"""Test setup: Triton runs through its interpreter when there is no CUDA GPU.
+"""Test setup: Triton runs through its interpreter when there is no CUDA GPU; fixed intra-op threads; a teacher
+cache of the test process's own.
 
-TRITON_INTERPRET must be set before triton is first imported, hence at the top of conftest.
+TRITON_INTERPRET (and OMP_NUM_THREADS) must be set before triton (torch) is first imported, hence at the top.
 """
 
+import atexit
 import os
 import shutil
+import tempfile
 
 if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -13,7 +16,11 @@ if shutil.which("nvidia-smi") is None and not os.path.exists("/dev/nvidia0"):
 # so that runs inside the tests, and the processes they start, keep it too instead of following the machine's load
 # (train/threads.py; its own test clears the variable).
 THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
-os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+# Set, not defaulted: pytest-xdist workers inherit the controller's environment, which this file has already set.
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+# a teacher cache of this test process's own: never the user's ~/.cache, never shared by two pytest-xdist workers
+os.environ["PATFAST_CACHE"] = tempfile.mkdtemp(prefix="patfast-test-cache-")
+atexit.register(shutil.rmtree, os.environ["PATFAST_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
