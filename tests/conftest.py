@@ -68,3 +68,27 @@ def teacher(tmp_path_factory):
     save_weights(create_model("convnext_atto", 10, 32), str(path), {"model": "convnext_atto", "num_classes": 10,
                                                                     "img_size": 32})
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def assert_config_reusable():
+    """assert_config_reusable(args_yaml): `patfast <its command> --config args_yaml` resolves to the configuration
+    the run recorded (apart from what the file says about the run itself: its command, config, out and resume)."""
+    import yaml
+
+    from patfast.cli import _token_student, build_parser
+    from patfast.train.config import parse_args, resolve
+
+    about_the_run = ("command", "config", "out", "resume")  # not defaults for a new run
+
+    def check(path) -> None:
+        with open(path) as f:
+            saved = yaml.safe_load(f)
+        parser = build_parser()
+        args = parse_args(parser, [saved["command"], "--config", str(path)], parser.commands)
+        cfg = resolve(args, saved["command"], student_is_tokens=_token_student)
+        strip = [{k: v for k, v in c.items() if k not in about_the_run} for c in (cfg, saved)]
+        assert strip[0] == strip[1], {k: (strip[0].get(k), strip[1].get(k)) for k in strip[0].keys() | strip[1].keys()
+                                      if strip[0].get(k) != strip[1].get(k)}
+
+    return check

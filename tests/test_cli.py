@@ -38,13 +38,15 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_on_bundled_data_writes_every_output(tmp_path, cache, capsys):
+def test_train_on_bundled_data_writes_every_output(tmp_path, cache, capsys, assert_config_reusable):
     out = tmp_path / "run"
     code, stdout, err = run_cli(capsys, "train", *FAST, "--out", str(out))
     assert code == 0, err
     # the teacher was trained first and cached
     cached = list(cache.glob("teachers/*/teacher.safetensors"))
     assert len(cached) == 1
+    for args_yaml in (out / "args.yaml", cached[0].parent / "args.yaml"):  # a train and a teacher run's
+        assert_config_reusable(args_yaml)
     for name in ("args.yaml", "summary.csv", "last.pth", "student.safetensors", "student_ema.safetensors",
                  "curves.png", "log.txt"):
         assert (out / name).is_file(), name

@@ -225,7 +225,15 @@ def _typed(o: Option, value, what: str):
         raise UserError(f"{what} must be {kind}, got {value!r}") from None
 
 
+# A run's args.yaml records these about the run itself: read back as a --config file, they are not defaults for a
+# new run (its command is the one typed; its output directory is a new one).
+RUN_RECORD_KEYS = ("command", "config", "out", "resume")
+
+
 def read_yaml(path: str, command: str) -> dict:
+    """The option values of a config file for `command` (a recipe, a file of one's own, or a run's args.yaml: keys
+    of the other commands are skipped; `null` means the default of an option whose default is None, as args.yaml
+    writes it, and is an error elsewhere)."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path} (nor a packaged recipe: `patfast recipes` lists them)")
     try:
@@ -237,13 +245,17 @@ def read_yaml(path: str, command: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
-    out = {}
+    out, run_record = {}, "command" in data  # patfast wrote it (args.yaml)
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if run_record and name in RUN_RECORD_KEYS:
+            continue
         if name not in BY_NAME or name == "config":
             raise UserError(f"unknown key '{key}' in config file {path}")
         if command not in BY_NAME[name].commands:
             continue  # a config shared between commands may hold keys of the other one
+        if value is None and BY_NAME[name].default is None:
+            continue  # null for an option whose default is None (auto, none given): that default
         out[name] = _convert(BY_NAME[name], value, path)
     return out
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 
 from patfast.errors import UserError
 from patfast.train.config import data_kind, resolve
@@ -40,14 +42,35 @@ def teacher_checkpoint(cfg: dict, log: Log, train: Callable[[dict, str], dict]) 
     if os.path.isfile(path):
         log(f"teacher: using the cached {cfg['teacher']} trained on {cfg['data']} ({path})")
         return path
-    log(f"no --teacher-checkpoint: training a {cfg['teacher']} teacher on {cfg['data']} for "
-        f"{cfg['teacher_epochs']} epochs first (cached in {folder} for the next runs)")
-    partial = folder + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    ns = argparse.Namespace(**{k: cfg[k] for k in KEYS}, epochs=cfg["teacher_epochs"], out=partial)
-    tcfg = resolve(ns, "teacher")
-    train(tcfg, "teacher")
-    os.replace(partial, folder)  # only a finished teacher is ever found in the cache
+    with _only_writer(folder + ".lock", log):  # two runs started together: one trains, the other waits for it
+        if os.path.isfile(path):
+            log(f"teacher: using the {cfg['teacher']} another run has just trained and cached ({path})")
+            return path
+        log(f"no --teacher-checkpoint: training a {cfg['teacher']} teacher on {cfg['data']} for "
+            f"{cfg['teacher_epochs']} epochs first (cached in {folder} for the next runs)")
+        partial = folder + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        ns = argparse.Namespace(**{k: cfg[k] for k in KEYS}, epochs=cfg["teacher_epochs"], out=partial)
+        tcfg = resolve(ns, "teacher")
+        train(tcfg, "teacher")
+        os.replace(partial, folder)  # only a finished teacher is ever found in the cache
     log(f"teacher: trained and cached at {path}")
     log("")
     return path
+
+
+@contextmanager
+def _only_writer(lock_path: str, log: Log):
+    """An exclusive lock on `lock_path` (flock: released by the kernel when the holder dies, so a killed run never
+    leaves the cache locked); says so when it has to wait."""
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"teacher: another run is training this teacher ({lock_path} is locked); waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -103,3 +103,16 @@ def test_distill_settings_are_spelled_as_the_config_keys():
     cfg = parse("train", "--pat-dim", "256", "--kd-weight", "2", "--pat-afp-stage", "1,3")
     s = DistillSettings.from_config(cfg)
     assert (s.pat_dim, s.kd_weight, list(s.pat_afp_stage), s.pat_variant) == (256, 2.0, [1, 3], "paper")
+
+
+def test_an_args_yaml_feeds_config_back(tmp_path, assert_config_reusable):
+    import yaml
+
+    # what the loop writes (train/loop.py): {"command": ..., **resolved}, with None for the auto values
+    for command, argv in (("train", ["--distiller", "kd", "--epochs", "3", "--out", str(tmp_path / "old")]),
+                          ("teacher", ["--teacher", "resnet10t", "--lr", "0.02"])):
+        path = tmp_path / f"{command}.yaml"
+        path.write_text(yaml.safe_dump({"command": command, **parse(command, *argv)}, sort_keys=False))
+        assert_config_reusable(path)
+    cfg = parse("train", "--config", str(tmp_path / "train.yaml"))
+    assert cfg["out"] is None and cfg["distiller"] == "kd" and cfg["teacher_mean"] is None  # a new run's own out

@@ -34,9 +34,10 @@ def run(out, teacher, batch, nproc, *extra, kill=None, timeout=900):
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path, teacher):
+def test_two_gloo_processes_match_one_process_of_the_same_global_batch(tmp_path, teacher, assert_config_reusable):
     two, proc = run(tmp_path / "two", teacher, 64, 2)
     one, _ = run(tmp_path / "one", teacher, 128, 1)
+    assert_config_reusable(tmp_path / "two" / "args.yaml")  # written under torchrun
     assert proc.stdout.count("torchrun: 2 processes") == 1  # rank 0 speaks, once
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
     assert len(two) == len(one) == 2
