@@ -17,7 +17,6 @@ from patfast.errors import UserError
 RATIO = (3 / 4, 4 / 3)
 
 
-
 def check_augment_args(crop_scale, hflip: float, crop_pct: float) -> tuple[float, float]:
     """UserError unless the crop scale is 0 < min <= max <= 1, hflip a probability and crop_pct in (0, 1]; the crop
     scale as floats (every loader backend checks its arguments here)."""
@@ -29,6 +28,7 @@ def check_augment_args(crop_scale, hflip: float, crop_pct: float) -> tuple[float
     if not 0 < crop_pct <= 1:
         raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
     return lo, hi
+
 
 def _posterize(img, bits_to_keep, **_):
     """timm's posterize, with 0 bits giving black as Pillow < 13 did (Pillow 13 raises for bits < 1)."""

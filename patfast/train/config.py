@@ -185,7 +185,6 @@ def _command_line_type(o: Option):
     def convert(text: str):
         return _convert(o, text, "command line")
 
-    convert.__name__ = o.name  # argparse names the type in its own messages
     return convert
 
 

@@ -135,7 +135,7 @@ class Training:
         if epoch == self.start_epoch and epoch < b.cfg["epochs"]:  # (a resumed partial epoch: scaled to a whole one)
             pace = row["epoch_s"] * self.steps_per_epoch / max(1, self.steps_per_epoch - first)
             b.log(projection(pace, b.cfg["epochs"] - epoch, self.speed.compile))
-        self.save(epoch, self.steps_per_epoch, EpochSums({}), best_too=improved)
+        self.save(epoch, self.steps_per_epoch, None, best_too=improved)
         if b.world.main:
             self.summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows
             plot_curves(self.rows, self.terms, os.path.join(b.out, "curves.png"),
@@ -242,9 +242,10 @@ class Training:
                 "--lr, or check the data)", 3)
         return seen_so_far
 
-    def save(self, epoch: int, batch: int, fig: EpochSums, *, best_too: bool = False) -> None:
-        """last.pth (and best.pth) after `batch` batches of `epoch`. Every process comes here at the same step (the
-        gather is collective); the weights are the same on all."""
+    def save(self, epoch: int, batch: int, fig: EpochSums | None, *, best_too: bool = False) -> None:
+        """last.pth (and best.pth) after `batch` batches of `epoch`; `fig`: the epoch's figures so far, None at its
+        end (nothing of it to carry). Every process comes here at the same step (the gather is collective); the
+        weights are the same on all."""
         b = self.b
         if not all(bool(torch.isfinite(p).all()) for p in self.params):  # never replace a good checkpoint by a bad
             b.log(f"warning: non-finite weights at epoch {epoch}, step {self.step}: checkpoint not written")
@@ -252,7 +253,7 @@ class Training:
         for module in (self.model, self.ema.module if self.ema is not None else None):
             if module is not None:
                 dist_.broadcast_buffers(module, b.world)
-        counted = batch - fig.skipped if fig.sums else 0
+        fig, counted = (fig, batch - fig.skipped) if fig is not None else (EpochSums({}), 0)
         local = ckpt.per_process_state(b.distiller, {t: float(v) for t, v in fig.sums.items()}, fig.seen, counted,
                                        fig.skipped)
         processes = ckpt.gather_processes(local, b.world)
