@@ -5,13 +5,21 @@ loaded once by `load_data` into an `ImageData`: its `train` and `test` splits pl
 per-channel mean/std on the 0-1 scale, native image size). A split holds its images either in memory as uint8
 (N, H, W, 3) arrays (`ArrayImages`: digits, CIFAR) or as file paths decoded lazily (`FolderImages`); either way
 `split.get(i)` gives sample i as (PIL RGB image, int label). Loader backends and transforms live elsewhere.
+
+ImageFolder files: only the IMAGE_EXTENSIONS are read; other files (.gif, .txt, ...) and files outside the class
+folders are skipped, and `ImageData.notes` says how many and which kinds (one line each, for the training log).
+Images with an alpha channel or a transparent colour (RGBA, LA, P or RGB with transparency) are composited on a white
+background (BACKGROUND) before becoming RGB, so transparent pixels are white whatever colour they store. A warning
+PIL gives while decoding a file is re-issued with that file's path in front.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -26,6 +34,8 @@ SPLIT_ALIASES = {"train": "train", "test": "test", "val": "test"}
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+BACKGROUND = (255, 255, 255)  # what transparent pixels of ImageFolder images become (white)
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 Stats = tuple[float, float, float]
 
@@ -53,6 +63,8 @@ def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     kind = kind.strip().lower()
     if kind == "digits" and not sep:
         return DataSpec("digits")
+    if kind not in KINDS and os.path.isdir(os.path.expanduser(spec.strip())):
+        raise UserError(_bare_directory_hint(spec.strip()))
     if kind in KINDS and kind != "digits" and not root.strip():
         raise UserError(f"data spec '{spec}' needs a directory: {kind}:DIR")
     if kind not in KINDS or kind == "digits":
@@ -63,6 +75,19 @@ def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     if not os.access(root, os.R_OK | os.X_OK):
         raise UserError(f"data spec '{spec}': directory not readable: {root}")
     return DataSpec(kind, root)
+
+
+def _bare_directory_hint(path: str) -> str:
+    """The one-line error for a data spec that is a bare directory: the spec to type instead."""
+    root = os.path.expanduser(path)
+    for kind, (sub, train_files, _, _, meta_file, *_) in _CIFAR.items():
+        for folder in (root, os.path.join(root, sub)):
+            if all(os.path.isfile(os.path.join(folder, f)) for f in (train_files[0], meta_file)):
+                return (f"data spec '{path}' is a bare directory, not a spec; it holds "
+                        f"{kind.upper().replace('CIFAR', 'CIFAR-')} python batches, so use {kind}:{path}")
+    return (f"data spec '{path}' is a bare directory, not a spec; for a tree of images (train/<class>/ and "
+            f"val/<class>/ in it) use imagefolder:{path}, for CIFAR python batches cifar10:{path} or "
+            f"cifar100:{path}")
 
 
 class ArrayImages:
@@ -113,16 +138,36 @@ class FolderImages:
     def get(self, i: int) -> tuple[Image.Image, int]:
         """Sample i as (PIL RGB image, label), decoded from its file now."""
         path, label = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), label
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise UserError(f"cannot decode image {path}: {e}") from None
+        return decode_image(path), label
 
     __getitem__ = get
 
     def __repr__(self) -> str:
         return f"FolderImages({self.name}, n={len(self)}, classes={self.num_classes})"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as an RGB image; one with an alpha channel or a transparent colour is composited on BACKGROUND (white)
+    first, instead of keeping whatever colour its transparent pixels store."""
+    if img.mode not in _ALPHA_MODES and "transparency" not in img.info:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")  # P with per-entry alphas too (PIL warns only when asked for RGB directly)
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba).convert("RGB")
+
+
+def decode_image(path: str) -> Image.Image:
+    """The image file at `path` as PIL RGB (see to_rgb); a UserError naming the file when it cannot be decoded, and
+    PIL's warnings about it re-issued with its path in front."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(path) as img:
+                rgb = to_rgb(img)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise UserError(f"cannot decode image {path}: {e}") from None
+    for w in caught:
+        warnings.warn(f"{path}: {w.message}", w.category, stacklevel=2)
+    return rgb
 
 
 Split = ArrayImages | FolderImages
@@ -135,6 +180,7 @@ class ImageData:
     spec: DataSpec
     train: Split
     test: Split
+    notes: list[str] = field(default_factory=list)  # one-line remarks for the log, e.g. the files skipped
 
     @property
     def classes(self) -> list[str]:
@@ -292,16 +338,41 @@ def _class_dirs(folder: str) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(folder: str) -> list[str]:
+def _image_files(folder: str, skipped: list[str]) -> list[str]:
+    """The image files under `folder` (sorted, sub-folders included); the other files are appended to `skipped`."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        for f in sorted(filenames):
+            (found if f.lower().endswith(IMAGE_EXTENSIONS) else skipped).append(os.path.join(dirpath, f))
     return found
 
 
+def _loose_files(folder: str) -> list[str]:
+    """Files directly in train/ or val/, outside any class folder."""
+    return sorted(e.path for e in os.scandir(folder) if not e.is_dir())
+
+
+def _skipped_notes(root: str, skipped: list[str], loose: list[str]) -> list[str]:
+    notes = []
+    if skipped:
+        kinds = Counter(os.path.splitext(p)[1].lower() or "no extension" for p in skipped)
+        shown = sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+        detail = ", ".join(f"{ext}: {n}" for ext, n in shown[:6]) + (", ..." if len(shown) > 6 else "")
+        notes.append(f"imagefolder: skipped {len(skipped)} file{'s' if len(skipped) > 1 else ''} that "
+                     f"{'are' if len(skipped) > 1 else 'is'} not images ({detail}; e.g. "
+                     f"{os.path.relpath(skipped[0], root)}); only {', '.join(IMAGE_EXTENSIONS)} files are read")
+    if loose:
+        notes.append(f"imagefolder: skipped {len(loose)} file{'s' if len(loose) > 1 else ''} outside the class "
+                     f"folders (e.g. {os.path.relpath(loose[0], root)}); images go in train/<class>/ and "
+                     "val/<class>/")
+    return notes
+
+
 def load_imagefolder(spec: DataSpec) -> ImageData:
-    """DIR/train/<class>/*.png and DIR/val/<class>/*.png (classes from train/); images decoded lazily."""
+    """DIR/train/<class>/*.png and DIR/val/<class>/*.png (classes from train/); images decoded lazily.
+
+    Files of other extensions and files outside the class folders are skipped, and counted in the `notes`."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     dirs = {s: os.path.join(spec.root, s) for s in ("train", "val")}
@@ -317,11 +388,11 @@ def load_imagefolder(spec: DataSpec) -> ImageData:
         detail = "; ".join(s for s in (f"not in train/: {', '.join(extra[:5])}" if extra else "",
                                        f"missing from val/: {', '.join(lacking[:5])}" if lacking else "") if s)
         raise UserError(f"{spec}: val/ classes differ from train/ classes ({detail})")
-    splits = []
+    splits, skipped = [], []
     for sub, name in (("train", "train"), ("val", "test")):
         samples, empty = [], []
         for label, cls in enumerate(classes):
-            files = _image_files(os.path.join(dirs[sub], cls))
+            files = _image_files(os.path.join(dirs[sub], cls), skipped)
             if not files and sub == "train":
                 empty.append(cls)
             samples += [(path, label) for path in files]
@@ -332,4 +403,5 @@ def load_imagefolder(spec: DataSpec) -> ImageData:
             raise UserError(f"{spec}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {dirs[sub]}")
         splits.append(FolderImages(samples, classes=classes, mean=tuple(IMAGENET_DEFAULT_MEAN),
                                    std=tuple(IMAGENET_DEFAULT_STD), name=f"imagefolder/{name}"))
-    return ImageData(spec, *splits)
+    loose = _loose_files(dirs["train"]) + _loose_files(dirs["val"])
+    return ImageData(spec, *splits, notes=_skipped_notes(spec.root, skipped, loose))

@@ -2,6 +2,7 @@
 
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -44,6 +45,23 @@ def test_parse_data_spec_needs_dir(tmp_path):
     a_file.write_text("x")
     with pytest.raises(UserError, match="directory not found"):
         parse_data_spec(f"imagefolder:{a_file}")
+
+
+def test_parse_data_spec_bare_directory_suggests_the_spec(tmp_path, cifar100_dir):
+    images = tmp_path / "pets"
+    images.mkdir()
+    with pytest.raises(UserError, match=f"bare directory, not a spec; .*use imagefolder:{images},") as e:
+        parse_data_spec(str(images))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=f"CIFAR-100 python batches, so use cifar100:{cifar100_dir}$"):
+        parse_data_spec(str(cifar100_dir))
+    with pytest.raises(UserError, match=f"CIFAR-100 python batches, so use cifar100:{tmp_path}$"):
+        parse_data_spec(str(tmp_path))  # the parent of cifar-100-python/, as cifar100:DIR accepts
+
+
+def test_parse_data_spec_bare_cifar10_directory(cifar10_dir):
+    with pytest.raises(UserError, match=f"CIFAR-10 python batches, so use cifar10:{cifar10_dir}$"):
+        parse_data_spec(str(cifar10_dir))
 
 
 # ---------------------------------------------------------------------------------------------------------- digits
@@ -172,6 +190,62 @@ def test_imagefolder_grey_image_becomes_rgb(folder_dir):
     data = load_data(f"imagefolder:{folder_dir}")
     image, _ = data.train.get(data.train.samples.index((str(folder_dir / "train" / "cat" / "grey.png"), 0)))
     assert image.mode == "RGB" and np.asarray(image)[0, 0].tolist() == [77, 77, 77]
+
+
+def test_imagefolder_notes_the_skipped_files(folder_dir):
+    assert load_data(f"imagefolder:{folder_dir}").notes == []
+    Image.new("P", (4, 4)).save(folder_dir / "train" / "cat" / "a.gif")
+    Image.new("P", (4, 4)).save(folder_dir / "val" / "dog" / "b.GIF")
+    (folder_dir / "train" / "dog" / "notes.txt").write_text("not an image")
+    (folder_dir / "train" / "readme.md").write_text("outside the classes")
+    data = load_data(f"imagefolder:{folder_dir}")
+    assert (len(data.train), len(data.test)) == (9, 6)
+    assert data.notes == [
+        "imagefolder: skipped 3 files that are not images (.gif: 2, .txt: 1; e.g. train/cat/a.gif); "
+        "only .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp files are read",
+        "imagefolder: skipped 1 file outside the class folders (e.g. train/readme.md); images go in train/<class>/ "
+        "and val/<class>/"]
+
+
+def _pixel(data, path):
+    image, _ = data.train.get(data.train.samples.index((str(path), 0)))
+    assert image.mode == "RGB"
+    return np.asarray(image)[0].tolist()
+
+
+def test_imagefolder_alpha_is_composited_on_white(folder_dir):
+    cat = folder_dir / "train" / "cat"
+    rgba = Image.new("RGBA", (3, 1), (255, 0, 0, 0))  # transparent red: white, not red
+    rgba.putpixel((1, 0), (0, 0, 255, 128))  # half-transparent blue over white
+    rgba.putpixel((2, 0), (0, 200, 0, 255))  # opaque: as stored
+    rgba.save(cat / "rgba.png")
+    la = Image.new("LA", (2, 1), (0, 0))
+    la.putpixel((1, 0), (50, 255))
+    la.save(cat / "la.png")
+    palette = Image.new("P", (3, 1), 0)
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    palette.putpixel((1, 0), 1)
+    palette.putpixel((2, 0), 2)
+    palette.save(cat / "p_bytes.png", transparency=bytes([0, 128]))  # per-entry alphas: red 0, green 128, blue 255
+    palette.save(cat / "p_index.png", transparency=0)  # one transparent index: red
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(cat / "rgb_key.png", transparency=(10, 20, 30))
+    data = load_data(f"imagefolder:{folder_dir}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL's "Palette images with Transparency expressed in bytes" warning
+        assert _pixel(data, cat / "rgba.png") == [[255, 255, 255], [127, 127, 255], [0, 200, 0]]
+        assert _pixel(data, cat / "la.png") == [[255, 255, 255], [50, 50, 50]]
+        assert _pixel(data, cat / "p_bytes.png") == [[255, 255, 255], [127, 255, 127], [0, 0, 255]]
+        assert _pixel(data, cat / "p_index.png") == [[255, 255, 255], [0, 255, 0], [0, 0, 255]]
+        assert _pixel(data, cat / "rgb_key.png") == [[255, 255, 255]]
+
+
+def test_imagefolder_pil_warnings_name_the_file(folder_dir, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12 x 10 images: PIL's DecompressionBombWarning
+    data = load_data(f"imagefolder:{folder_dir}")
+    with pytest.warns(Image.DecompressionBombWarning) as caught:
+        image, _ = data.test.get(0)
+    assert image.size == (12, 10)
+    assert [str(w.message).split(": ")[0] for w in caught] == [str(folder_dir / "val" / "cat" / "0.png")]
 
 
 def test_imagefolder_errors(folder_dir, tmp_path):
