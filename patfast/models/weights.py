@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import torch
 from torch import nn
@@ -124,11 +125,17 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
 
 
 def save_weights(model: nn.Module, path: str, metadata: dict) -> None:
-    """Write the model's weights to a .safetensors file (atomically) with string metadata (model name, classes...)."""
+    """Write the model's weights to a .safetensors file (atomically) with string metadata (model name, classes...).
+
+    The file gets the mode a plain open() gives (0666 less the umask, so 0644 usually), not safetensors' 0600."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     tmp = path + ".tmp"
+    with open(tmp, "wb"):  # created as open() creates files: its mode is the one to keep
+        pass
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)
     save_file(state, tmp, metadata=meta)
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
