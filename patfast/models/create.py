@@ -11,15 +11,40 @@ from patfast.errors import UserError
 
 
 def check_model_name(name: str) -> None:
-    """A UserError, with the closest names, unless timm knows a model called `name`."""
+    """A UserError, with the closest names, unless timm knows a model called `name`; a pretrained tag
+    (`resnet18.a1_in1k`) must be one timm has for that model."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else " (see timm.list_models())"
         raise UserError(f"unknown timm model '{name}'{hint}")
+    arch, tag = split_tag(name)
+    if tag:
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        if tag not in tags:
+            known = f"its tags: {', '.join(tags)}; " if tags else "it has no pretrained tags; "
+            raise UserError(f"unknown pretrained tag '.{tag}' for timm model {arch} ({known}or drop the tag: {arch})")
+
+
+def split_tag(name: str) -> tuple[str, str]:
+    """timm's "arch.tag" -> (arch, tag); tag "" when there is none (`resnet18.a1_in1k` -> resnet18, a1_in1k)."""
+    arch, _, tag = name.partition(".")
+    return arch, tag
+
+
+def random_init_note(name: str, hint: str = "no download here; pass a weights file") -> str | None:
+    """The one-line note for the log when `name` carries a pretrained tag (`resnet18.a1_in1k`) that create_model does
+    not use: the model starts from random weights whatever the tag says. None for a name without a tag."""
+    _, tag = split_tag(name)
+    if not tag:
+        return None
+    return f"{name}: the tag '.{tag}' names pretrained weights, but the model starts from random weights ({hint})"
 
 
 def create_model(name: str, num_classes: int, img_size: int, **kwargs) -> nn.Module:
     """A timm model by name, randomly initialised, with `num_classes` outputs, built for `img_size` inputs.
+
+    A pretrained tag in the name (`resnet18.a1_in1k`) is checked and otherwise unused: no weights are downloaded
+    (random_init_note(name) is the line to log about it).
 
     Models that take an `img_size` argument (ViT, Swin, Mixer...) are built for that size; the others (CNNs) accept
     any size as they are.
