@@ -8,7 +8,8 @@ Which modules (SPEC sections 4 and 5), found from timm's `feature_info`, never f
       models (Swin) a stage that starts with a `downsample` gets its prompt after it, on `<stage>.blocks`.
   isotropic models (ViT, DeiT, Mixer, ResMLP): stage features = outputs of blocks 1, 3, 9, 11 of 12 and prompts on
       the inputs of blocks 0, 2, 4, 10, the indices scaled to other depths.
-Users override both lists with module names (`--student-stages`, `--teacher-stages`, `--teacher-prompt-points`).
+Users override both lists with module names (`--student-stages`, `--teacher-stages`, `--teacher-prompt-points`),
+4 different modules in forward order (the order of `model.named_modules()`: outputs for stages, inputs for prompts).
 
 Features come out in one of two canonical forms: maps (B, C, H, W), or tokens (B, L, C) with the prefix (class)
 tokens removed; NHWC outputs (timm Swin) become tokens (B, H*W, C).
@@ -16,8 +17,9 @@ tokens removed; NHWC outputs (timm Swin) become tokens (B, H*W, C).
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,14 +104,57 @@ def default_prompt_points(model: nn.Module) -> list[str]:
     return points
 
 
-def _check_names(model: nn.Module, names: Sequence[str], flag: str) -> list[str]:
+def _forward_rank(model: nn.Module, inputs: bool) -> dict[str, int]:
+    """Module name -> its place in the forward pass, taken from the module order of `model.named_modules()`: the
+    order inputs arrive in (pre-order, a module before its sub-modules) or, `inputs` False, the order outputs leave in
+    (post-order, a module after its sub-modules)."""
+    if inputs:
+        return {n: i for i, (n, _) in enumerate(model.named_modules())}
+    rank: dict[str, int] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child, sub in module.named_children():
+            visit(f"{prefix}.{child}" if prefix else child, sub)
+        rank.setdefault(prefix, len(rank))
+
+    visit("", model)
+    return rank
+
+
+def _check_names(model: nn.Module, names: Sequence[str], flag: str, *, inputs: bool = False,
+                 defaults: Callable[[nn.Module], list[str]] | None = None, ordered: bool = True) -> list[str]:
+    """UserError unless `names` are 4 modules of `model` (an unknown one named with close matches and the
+    `defaults`) in forward order without repeats (`ordered`; inputs: the order their inputs arrive in, else their
+    outputs)."""
     names = list(names)
     if len(names) != 4:
         raise UserError(f"{flag} needs exactly 4 module names, got {len(names)}: {','.join(names)}")
     modules = dict(model.named_modules())
+    what = "prompt points" if inputs else "stages"
+    try:
+        default = ",".join(defaults(model)) if defaults is not None else ""
+    except UserError:  # no feature_info: no defaults to show
+        default = ""
+    shown = f"; the default {what}: {flag} {default}" if default else ""
     for n in names:
         if n not in modules or n == "":
-            raise UserError(f"{flag}: {type(model).__name__} has no module '{n}'")
+            order = [m for m in modules if m]
+            close = sorted(difflib.get_close_matches(n, order, n=4, cutoff=0.6), key=order.index)
+            hint = f"close names: {', '.join(close)}; " if close else ""
+            raise UserError(f"{flag}: {type(model).__name__} has no module '{n}' ({hint}names as in "
+                            f"model.named_modules()){shown}")
+    if not ordered:
+        return names
+    repeated = [n for i, n in enumerate(names) if n in names[:i]]
+    if repeated:
+        raise UserError(f"{flag}: module '{repeated[0]}' is named twice; name 4 different modules in forward order, "
+                        f"earliest first{shown}")
+    rank = _forward_rank(model, inputs)
+    for a, b in zip(names, names[1:]):
+        if rank[b] < rank[a]:
+            raise UserError(f"{flag}: the {what} must be in forward order, earliest first, but '{b}' comes before "
+                            f"'{a}' in {type(model).__name__}'s forward; "
+                            f"e.g. {flag} {','.join(sorted(names, key=rank.__getitem__))}")
     return names
 
 
@@ -132,12 +177,17 @@ class StageTaps:
         self.token_return = token_return
         self.num_prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"
+        # Names given by the user must be in forward order; the defaults need not be (shallow isotropic models
+        # repeat blocks there).
+        user_stages, user_points = stage_modules is not None, prompt_points is not None
         if stage_modules is None:
             stage_modules = default_stage_modules(model)
         if prompt_points is None:
             prompt_points = default_prompt_points(model)
-        self.stage_modules = _check_names(model, stage_modules, flag)
-        self.prompt_points = _check_names(model, prompt_points, flag.replace("stages", "prompt-points"))
+        self.stage_modules = _check_names(model, stage_modules, flag, defaults=default_stage_modules,
+                                          ordered=user_stages)
+        self.prompt_points = _check_names(model, prompt_points, flag.replace("stages", "prompt-points"), inputs=True,
+                                          defaults=default_prompt_points, ordered=user_points)
         self.prompts: list[nn.Module | None] = [None] * 4
         self.prompting = False  # prompts act only while this is True (the prompted teacher forward)
         self._raw: list[torch.Tensor | None] = [None] * 4

@@ -320,6 +320,48 @@ def test_bad_overrides_are_user_errors(kw):
         StageTaps(model, IMG, **kw)
 
 
+def test_unknown_module_lists_close_names_and_the_defaults():
+    model = create_model("resnet18", 10, IMG)
+    with pytest.raises(UserError, match=r"^--student-stages: ResNet has no module 'layer9' \(close names: layer1, "
+                                        r"layer2, layer3, layer4; names as in model.named_modules\(\)\); the default "
+                                        r"stages: --student-stages layer1,layer2,layer3,layer4$"):
+        StageTaps(model, IMG, stage_modules=["layer1", "layer2", "layer3", "layer9"], flag="--student-stages")
+    with pytest.raises(UserError, match=r"^--teacher-prompt-points: ResNet has no module 'layer2.7' \(close names: "
+                                        r"layer2, layer2.0, layer2.1, .*the default prompt points: "
+                                        r"--teacher-prompt-points layer1,layer2,layer3,layer4$"):
+        StageTaps(model, IMG, prompt_points=["layer1", "layer2.7", "layer3", "layer4"], flag="--teacher-stages")
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"stage_modules": ["layer4", "layer3", "layer2", "layer1"]},
+     "^--teacher-stages: the stages must be in forward order, earliest first, but 'layer3' comes before 'layer4' in "
+     "ResNet's forward; e.g. --teacher-stages layer1,layer2,layer3,layer4$"),
+    ({"stage_modules": ["layer1", "layer3", "layer2", "layer4"]}, "but 'layer2' comes before 'layer3'"),
+    ({"stage_modules": ["layer1", "layer1.0", "layer2", "layer3"]},  # layer1.0's output leaves before layer1's
+     "but 'layer1.0' comes before 'layer1' in ResNet's forward; e.g. --teacher-stages layer1.0,layer1,layer2,layer3$"),
+    ({"stage_modules": ["layer1", "layer2", "layer2", "layer4"]},
+     "^--teacher-stages: module 'layer2' is named twice; name 4 different modules in forward order, earliest first; "
+     "the default stages: --teacher-stages layer1,layer2,layer3,layer4$"),
+    ({"prompt_points": ["layer2", "layer1", "layer3", "layer4"]},
+     "^--teacher-prompt-points: the prompt points must be in forward order, .*e.g. --teacher-prompt-points "
+     "layer1,layer2,layer3,layer4$"),
+    ({"prompt_points": ["layer1.1", "layer1", "layer3", "layer4"]},  # layer1's input arrives before layer1.1's
+     "but 'layer1' comes before 'layer1.1'"),
+])
+def test_overrides_out_of_forward_order_are_user_errors(kw, message):
+    model = create_model("resnet18", 10, IMG)
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        StageTaps(model, IMG, flag="--teacher-stages", **kw)
+
+
+def test_nested_overrides_in_forward_order_are_accepted():
+    model = create_model("resnet18", 10, IMG)
+    taps = StageTaps(model, IMG, stage_modules=["layer1.0", "layer1", "layer2", "layer3"],
+                     prompt_points=["layer1", "layer1.0", "layer2", "layer3"])
+    assert taps.stage_modules == ["layer1.0", "layer1", "layer2", "layer3"]
+    assert taps.prompt_points == ["layer1", "layer1.0", "layer2", "layer3"]
+
+
 def test_too_small_images_are_user_errors():
     with pytest.raises(UserError):
         create_model("resnet18", 10, 16)  # the deepest stage reduces 32x
