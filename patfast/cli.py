@@ -82,9 +82,10 @@ def check_inputs(cfg: dict, command: str) -> None:
 
 def cmd_train(args, command: str) -> int:
     from patfast.train.config import resolve
-    from patfast.train.loop import run
+    from patfast.train.loop import run, saved_config
 
-    cfg = resolve(args, command, student_is_tokens=_token_student)
+    saved = saved_config({"resume": args.resume, "out": args.out}, command)  # --resume: that run's config
+    cfg = resolve(args, command, student_is_tokens=_token_student, saved=saved)
     check_inputs(cfg, command)
     run(cfg, command)
     return 0

@@ -117,13 +117,25 @@ def read_state(path: str) -> dict:
     return state
 
 
+def read_config(path: str) -> dict:
+    """The config a training state was written with (memory-mapped: the weights are not read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        state = read_state(path)  # its message
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise UserError(f"{path} is not a patfast training state of this version (written by `patfast train`)")
+    return dict(state["config"])
+
+
 def check_compatible(saved: dict, cfg: dict, path: str, allow_change: bool) -> list[str]:
-    """Keys whose values differ between the checkpoint's config and this one (UserError unless allowed)."""
+    """Keys whose values differ between the checkpoint's config and this one (UserError unless allowed; the
+    epochs may always change: a longer run extends it, its cosine schedule recomputed for the new length)."""
     from patfast.train.config import BY_NAME
 
     # a key the checkpoint lacks (an option added since it was written) had its default then
     saved = {**{k: BY_NAME[k].default for k in cfg if k not in saved and k in BY_NAME}, **saved}
-    keys = sorted((set(saved) | set(cfg)) - FREE_KEYS)
+    keys = sorted((set(saved) | set(cfg)) - FREE_KEYS - {"epochs"})
     changed = [k for k in keys if saved.get(k) != cfg.get(k)]
     if changed and not allow_change:
         shown = ", ".join(f"{k} ({saved.get(k)!r} -> {cfg.get(k)!r})" for k in changed[:4])

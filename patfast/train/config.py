@@ -263,14 +263,20 @@ def data_kind(data: str) -> str:
     return str(data).split(":", 1)[0]
 
 
-def resolve(args: argparse.Namespace, command: str, *, student_is_tokens=None) -> dict:
+def resolve(args: argparse.Namespace, command: str, *, student_is_tokens=None, saved: dict | None = None) -> dict:
     """The resolved configuration of a run as a plain dict (what args.yaml holds), from `args` as `parse_args` gives
     them (typed, a --config file applied: the values not None are the user's).
 
     student_is_tokens: callable(model_name) -> bool, used by recipe "auto" (token students get the ViT recipe).
+    saved: the resolved config of the run --resume continues: the command line overrides only what it gives.
     """
     user = {k: v for k, v in vars(args).items() if k in BY_NAME and v is not None}  # typed: parse_args
     cfg = {o.name: o.default for o in OPTIONS if command in o.commands}
+    if saved is not None:
+        cfg.update({k: v for k, v in saved.items() if k in cfg})
+        cfg.update(user)
+        _validate(cfg)
+        return cfg
     kind = data_kind(user.get("data", cfg.get("data", "digits")))
     data_defaults = {k: v for k, v in DATA_DEFAULTS.get(kind, {}).items() if k in cfg}
     if command == "teacher" and "teacher" in data_defaults:

@@ -2,8 +2,8 @@
 
 PATFAST_TEST_KILL=where:N sends SIGKILL to the process the N-th time `where` is reached ("step": after a training
 step; "save": inside a checkpoint write, before its rename); where:N:term:R sends SIGTERM instead, and only in the
-process of rank R (torchrun's RANK). The variable is read once, when a run starts (`arm`); unarmed, `reached` is
-one comparison.
+process of rank R (torchrun's RANK); where:N:int:R, SIGINT (what Ctrl-C sends). The variable is read once, when a
+run starts (`arm`); unarmed, `reached` is one comparison.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def arm(environ=os.environ) -> None:
     where, n, *term = spec.split(":")
     if term and environ.get("RANK", "0") != term[1]:
         return
-    _armed[where] = {"at": int(n), "signal": signal.SIGTERM if term else signal.SIGKILL, "count": 0}
+    sent = {"term": signal.SIGTERM, "int": signal.SIGINT}[term[0]] if term else signal.SIGKILL
+    _armed[where] = {"at": int(n), "signal": sent, "count": 0}
 
 
 def reached(where: str) -> None:

@@ -69,21 +69,70 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def resume_dir(cfg: dict) -> str | None:
-    """The run directory to continue (--resume DIR, or --resume auto with an --out holding last.pth), or None."""
+    """The run directory to continue (--resume DIR, or --resume auto with an --out holding last.pth), or None (a
+    fresh run; also --resume DIR of a run stopped before its first checkpoint: it starts again in DIR)."""
     resume = cfg.get("resume")
     if not resume:
         return None
     if resume == "auto":
         out = cfg.get("out")
-        return out if out and os.path.isfile(os.path.join(out, "last.pth")) else None
+        if not out:
+            raise UserError("--resume auto continues the run in --out DIR if there is one: give --out")
+        return out if os.path.isfile(os.path.join(out, "last.pth")) else None
     if not os.path.isdir(resume):
         raise UserError(f"--resume {resume}: no such run directory")
-    if not os.path.isfile(os.path.join(resume, "last.pth")):
-        raise UserError(f"--resume {resume}: the directory holds no last.pth (not a patfast run, or it never "
-                        "finished a checkpoint)")
     if cfg.get("out") and os.path.abspath(cfg["out"]) != os.path.abspath(resume):
         raise UserError(f"--resume {resume} continues that directory; --out {cfg['out']} names another")
+    if not os.path.isfile(os.path.join(resume, "last.pth")):
+        if os.path.isfile(os.path.join(resume, "args.yaml")):
+            return None  # stopped before its first checkpoint (e.g. in the demo's teacher phase): run it again
+        raise UserError(f"--resume {resume}: the directory holds no last.pth (not a patfast run, or it never "
+                        "finished a checkpoint)")
     return resume
+
+
+def saved_config(cfg: dict, command: str) -> dict | None:
+    """The config of the run that --resume continues (its last.pth's; the args.yaml of a run stopped before its
+    first checkpoint), for the command line to override; None for a fresh run."""
+    resume = cfg.get("resume")
+    where = resume_dir(cfg)
+    if where:
+        saved = ckpt.read_config(os.path.join(where, "last.pth"))
+    elif resume and resume != "auto":
+        path = os.path.join(resume, "args.yaml")
+        try:
+            with open(path) as f:
+                saved = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"--resume {resume}: cannot read {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"--resume {resume}: {path} is not a patfast args.yaml")
+        saved["out"] = resume
+    else:
+        return None
+    where = where or resume
+    if saved.get("command", command) != command:
+        raise UserError(f"--resume {where}: that run is a `patfast {saved['command']}` run (continue it with "
+                        f"`patfast {saved['command']} --resume {where}`)")
+    return {k: v for k, v in saved.items() if k != "command"}
+
+
+def _check_epochs(state: dict, cfg: dict, resume: str) -> None:
+    if cfg["epochs"] < state["epoch"]:
+        raise UserError(f"--resume {resume}: the run has reached epoch {state['epoch']}; --epochs {cfg['epochs']} "
+                        "would end it before that (give more to extend it)")
+
+
+def _resume_notes(state: dict, cfg: dict, resume: str) -> list[str]:
+    """What the log says about a resumed run's length: extended, or nothing left to train."""
+    before = state["config"].get("epochs")
+    if before != cfg["epochs"]:
+        return [f"resume: --epochs {before} -> {cfg['epochs']}: the cosine schedule now ends at epoch {cfg['epochs']} "
+                "(the steps done followed the old one)"]
+    if len(state["rows"]) >= cfg["epochs"]:
+        return [f"resume: the run had finished its {cfg['epochs']} epochs; nothing left to train (extend it with "
+                f"--resume {resume} --epochs N)"]
+    return []
 
 
 def _holds_a_run(out: str) -> bool:
@@ -149,6 +198,7 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
             raise UserError(f"--resume {resume}: that run is a `patfast {saved.get('command')}` run")
         ckpt.check_compatible({k: v for k, v in saved.items() if k != "command"}, cfg,
                               os.path.join(resume, "last.pth"), cfg.get("allow_config_change", False))
+        _check_epochs(state, cfg, resume)
     world = dist_.setup(device) if world.distributed else world
     try:
         out = resume or cfg.get("out")
@@ -157,6 +207,9 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
         dist_.barrier(world)
         own_log = log is None
         log = log or Log(os.path.join(out, "log.txt") if world.main else None, quiet=not world.main)
+        if cfg.get("resume") not in (None, "auto") and resume is None:
+            log(f"--resume {cfg['resume']}: no checkpoint there yet (stopped before its first one): the run starts "
+                "again from its args.yaml")
         try:
             return _run(cfg, command, device, dtype, out, log, state, world)
         finally:
@@ -179,6 +232,8 @@ def _run(cfg, command, device, dtype, out, log, state=None, world: World | None 
 
 def _train(cfg, command, device, dtype, out, log, state, world: World) -> dict:
     header(log, device, cfg)
+    for note in _resume_notes(state, cfg, out) if state is not None else []:
+        log(note)
     if world.distributed:
         log(f"torchrun: {world.size} processes (rank 0 writes the outputs), batch {cfg['batch_size']} per process")
     if state is None and world.main:  # a resumed run keeps the args.yaml it was started with
@@ -220,7 +275,7 @@ def _build(cfg, command, device, dtype, out, log, world: World) -> tuple[Built, 
             from patfast.train.teacher_cache import teacher_checkpoint
 
             path = cfg.get("teacher_checkpoint") or (None if cfg.get("teacher_pretrained") else
-                                                     teacher_checkpoint(cfg, log, train=run))
+                                                     teacher_checkpoint(cfg, log, train=run, out=out))
             teacher_model, meta, source = teacher_from_config(cfg, k, path)  # timm 0.6.5 files, EMA, pretrained
             log(f"teacher: {cfg['teacher']} from {source}")
         t_mean, t_std = _teacher_stats(cfg, meta, dataset)

@@ -8,10 +8,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from collections.abc import Callable
 from contextlib import contextmanager
 
-from patfast.errors import UserError
+from patfast.errors import TrainingStopped, UserError
 from patfast.train.config import data_kind, resolve
 from patfast.train.report import Log
 
@@ -26,9 +27,10 @@ def cache_root() -> str:
     return os.path.join(root, "teachers")
 
 
-def teacher_checkpoint(cfg: dict, log: Log, train: Callable[[dict, str], dict]) -> str:
+def teacher_checkpoint(cfg: dict, log: Log, train: Callable[[dict, str], dict], out: str | None = None) -> str:
     """Path of a teacher for `cfg`: cached, or trained now with `patfast teacher` settings (bundled data only) by
-    `train(teacher_cfg, "teacher")` (the loop's run: passed in, so that this module does not import the loop)."""
+    `train(teacher_cfg, "teacher")` (the loop's run: passed in, so that this module does not import the loop). A
+    teacher stopped part-way (Ctrl-C) continues from its checkpoint next time. out: the student run's directory."""
     if data_kind(cfg["data"]) not in BUNDLED:
         raise UserError(f"--teacher-checkpoint is required with --data {cfg['data']} (train one with "
                         f"`patfast teacher --data {cfg['data']} --teacher {cfg['teacher']}`)")
@@ -49,14 +51,42 @@ def teacher_checkpoint(cfg: dict, log: Log, train: Callable[[dict, str], dict]) 
         log(f"no --teacher-checkpoint: training a {cfg['teacher']} teacher on {cfg['data']} for "
             f"{cfg['teacher_epochs']} epochs first (cached in {folder} for the next runs)")
         partial = folder + ".partial"
-        shutil.rmtree(partial, ignore_errors=True)
         ns = argparse.Namespace(**{k: cfg[k] for k in KEYS}, epochs=cfg["teacher_epochs"], out=partial)
         tcfg = resolve(ns, "teacher")
-        train(tcfg, "teacher")
+        if _can_continue(partial, tcfg, log):
+            tcfg["resume"] = partial
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+        try:
+            train(tcfg, "teacher")
+        except TrainingStopped as e:
+            if e.status < 128:
+                raise
+            again = f"run the same command again{f' (or --resume {out})' if out else ''}"
+            raise TrainingStopped(f"stopped by {signal.Signals(e.status - 128).name} while training the teacher: its "
+                                  f"checkpoint is {os.path.join(partial, 'last.pth')}; {again} and the teacher "
+                                  "continues from it", e.status) from None
         os.replace(partial, folder)  # only a finished teacher is ever found in the cache
     log(f"teacher: trained and cached at {path}")
     log("")
     return path
+
+
+def _can_continue(partial: str, tcfg: dict, log: Log) -> bool:
+    """Whether a teacher stopped part-way in `partial` can be continued with `tcfg` (the same settings)."""
+    from patfast.train import checkpoint as ckpt
+
+    last = os.path.join(partial, "last.pth")
+    if not os.path.isfile(last):
+        return False
+    try:
+        saved = ckpt.read_config(last)
+        ckpt.check_compatible({k: v for k, v in saved.items() if k != "command"}, tcfg, last, False)
+    except UserError as e:
+        log(f"teacher: the stopped teacher in {partial} cannot be continued ({e}); training it again")
+        return False
+    log(f"teacher: continuing the teacher stopped in {partial}")
+    return True
 
 
 @contextmanager

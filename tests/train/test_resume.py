@@ -102,3 +102,69 @@ def test_resume_refuses_another_config(tmp_path, teacher, uninterrupted):
     assert proc.returncode == 2
     assert "cannot resume from" in proc.stderr and "lr" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def bare_resume(out, *extra):
+    """`patfast train --resume OUT` and nothing else (what the stop message prints), in train()'s environment."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATFAST_CACHE=str(out) + "-cache")
+    env.pop("PATFAST_TEST_KILL", None)
+    argv = [sys.executable, "-m", "patfast", "train", "--resume", str(out), *extra]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_resume_dir_alone_continues_with_the_runs_config_and_epochs_extend_it(tmp_path, teacher, uninterrupted):
+    # issue 16 bug 2: `--resume D` was refused ("another config: epochs (2 -> 15)"): the command line's defaults
+    # were compared with the run's config instead of starting from it
+    out = tmp_path / "run"
+    killed = train(out, teacher, kill="step:6", check=False)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = bare_resume(out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert summary(out) == summary(uninterrupted)
+    again = bare_resume(out)  # finished: nothing to train, said so
+    assert again.returncode == 0 and "nothing left to train" in again.stdout, again.stderr[-2000:]
+    longer = bare_resume(out, "--epochs", "3")  # extended: one more epoch, said so
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "--epochs 2 -> 3" in longer.stdout
+    rows = summary(out)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[:2] == summary(uninterrupted)
+    shorter = bare_resume(out, "--epochs", "2")
+    assert shorter.returncode == 2 and "reached epoch 3" in shorter.stderr
+    other = bare_resume(out, "--lr", "0.3")  # what is given still counts as a change
+    assert other.returncode == 2 and "lr" in other.stderr and "cannot resume" in other.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_demo_teacher_phase_keeps_the_teacher(tmp_path):
+    # issue 16 bug 3: the printed `--resume <cache>/....partial` was refused (a `patfast teacher` run) and a rerun
+    # deleted the partial teacher; now the same command (or --resume OUT) continues the teacher where it stopped,
+    # and the teacher it finishes is the one an uninterrupted run trains (bit for bit, --deterministic)
+    def demo(out, cache, kill=None, resume=False):
+        argv = [sys.executable, "-m", "patfast", "train", "--teacher", "resnet10t", "--student", "resnet10t",
+                "--teacher-epochs", "1", "--epochs", "1", "--batch-size", "128", "--img-size", "32", "--pat-dim",
+                "64", "--pat-heads", "4", "--deterministic", "--no-progress"]
+        argv += ["--resume", str(out)] if resume else ["--out", str(out)]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PATFAST_CACHE=str(cache))
+        env.pop("PATFAST_TEST_KILL", None)
+        if kill:
+            env["PATFAST_TEST_KILL"] = kill
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+
+    stopped = demo(tmp_path / "run", tmp_path / "cache", kill="step:5:int:0")
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert "while training the teacher" in last and f"--resume {tmp_path / 'run'}" in last, last
+    (partial,) = (tmp_path / "cache" / "teachers").glob("*.partial")
+    assert (partial / "last.pth").is_file()
+    resumed = demo(tmp_path / "run", tmp_path / "cache", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "continuing the teacher stopped in" in resumed.stdout
+    assert not partial.exists()
+    whole = demo(tmp_path / "whole", tmp_path / "cache-whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    (a,) = (tmp_path / "cache" / "teachers").glob("*/teacher.safetensors")
+    (b,) = (tmp_path / "cache-whole" / "teachers").glob("*/teacher.safetensors")
+    wa, wb = load_file(a), load_file(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
