@@ -10,6 +10,7 @@ the loader seeds those per sample to make augmentation reproducible.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from patfast.errors import UserError
@@ -28,6 +29,56 @@ def check_augment_args(crop_scale, hflip: float, crop_pct: float) -> tuple[float
     if not 0 < crop_pct <= 1:
         raise UserError(f"crop_pct must be in (0, 1], got {crop_pct}")
     return lo, hi
+
+
+AUTO_AUGMENT_EXAMPLES = "rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix) or original (AutoAugment)"
+AUTO_AUGMENT_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+# The sections timm parses after the first one, each a key and its value: int, float, or one of the strings listed.
+_AA_SECTIONS = {
+    "rand": {"m": int, "n": int, "mstd": float, "mmax": int, "inc": ("0", "1"), "p": float,
+             "t": ("weights", "3aw", "3a")},
+    "augmix": {"m": int, "w": int, "d": int, "a": float, "b": ("0", "1"), "mstd": float},
+    "policy": {"mstd": float},
+}
+
+
+def check_auto_augment(text: str | None) -> str | None:
+    """A timm auto-augment string checked against the grammar timm 1.x parses (which skips sections it cannot read,
+    e.g. 'rand-bogus', silently): the stripped string, None for ''/None (off); a one-line UserError otherwise."""
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+
+    def bad(reason: str) -> UserError:
+        return UserError(f"bad auto-augment '{text}': {reason}; e.g. {AUTO_AUGMENT_EXAMPLES}")
+
+    first, *sections = text.split("-")
+    if first in ("rand", "augmix"):
+        grammar = _AA_SECTIONS[first]
+    elif first in AUTO_AUGMENT_POLICIES:
+        grammar = _AA_SECTIONS["policy"]
+    else:
+        raise bad(f"it must start with rand, augmix or one of {', '.join(AUTO_AUGMENT_POLICIES)}, not '{first}'")
+    family = first if first in ("rand", "augmix") else first + " (AutoAugment)"
+    for section in sections:
+        if not section:
+            raise bad("an empty section (a '-' doubled or at the end)")
+        if section.startswith("t") and "t" in grammar:
+            key, value = "t", section[1:]
+        else:
+            m = re.fullmatch(r"([a-z]+)(\d[\d.]*)", section)
+            key, value = m.groups() if m else (section, None)
+        kind = grammar.get(key)
+        if kind is None or value is None:
+            keys = "".join(f"[-{k}<{'|'.join(t) if isinstance(t, tuple) else t.__name__}>]" for k, t in grammar.items())
+            raise bad(f"unknown section '{section}' (the form is {first}{keys})")
+        if isinstance(kind, tuple) and value not in kind:
+            raise bad(f"section '{section}': {family} {key} takes {'|'.join(kind)}")
+        if kind is int and not value.isdigit() or kind is float and not re.fullmatch(r"\d+(\.\d*)?", value):
+            raise bad(f"section '{section}': {family} {key} takes {'an integer' if kind is int else 'a number'}")
+        if key == "p" and not 0 <= float(value) <= 1:
+            raise bad(f"section '{section}': p is a probability in [0, 1]")
+    return text
 
 
 def _posterize(img, bits_to_keep, **_):
@@ -57,7 +108,8 @@ def build_transform(train: bool, img_size: int, mean: Sequence[float], std: Sequ
                     crop_pct: float = 0.875) -> Callable:
     """The training (random) or eval (deterministic) transform for `img_size` x `img_size` outputs.
 
-    `auto_augment` is a timm augmentation string such as "rand-m9-mstd0.5-inc1" (None: off). `color_jitter` is off
+    `auto_augment` is a timm augmentation string such as "rand-m9-mstd0.5-inc1" (None or "": off; checked by
+    check_auto_augment). `color_jitter` is off
     by default (timm's own default is 0.4): the paper's protocol does not list it. Options of the other mode are
     ignored (crop_pct for train; crop_scale, hflip, auto_augment, re_prob, color_jitter for eval).
     """
@@ -78,8 +130,7 @@ def build_transform(train: bool, img_size: int, mean: Sequence[float], std: Sequ
         raise UserError(f"re_prob is a probability in [0, 1], got {re_prob}")
     if color_jitter < 0:
         raise UserError(f"color_jitter must be >= 0, got {color_jitter}")
-    if auto_augment is not None and not auto_augment.strip():
-        auto_augment = None
+    auto_augment = check_auto_augment(auto_augment)
     try:
         return create_transform(img_size, is_training=True, scale=(lo, hi), ratio=RATIO, hflip=hflip,
                                 color_jitter=color_jitter or None, auto_augment=auto_augment, interpolation="bilinear",
