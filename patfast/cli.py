@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
+import time
 
 from patfast.errors import TrainingStopped, UserError
 
@@ -200,14 +202,23 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_report(args)
         return cmd_info(args)
     except UserError as e:
-        print(f"patfast: error: {e}", file=sys.stderr)
+        _say(f"patfast: error: {e}")
         return 2
     except TrainingStopped as e:
-        print(f"patfast: {e}", file=sys.stderr)
+        _say(f"patfast: {e}")
         return e.status
     except KeyboardInterrupt:
-        print("patfast: interrupted", file=sys.stderr)
+        _say("patfast: interrupted")
         return 130
+
+
+def _say(line: str) -> None:
+    """The one line of a failed or stopped run, on stderr; under torchrun from rank 0 alone (every process hits the
+    same mistake or the same stop). The others wait a moment first: torchrun stops rank 0 once one process exits."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    else:
+        time.sleep(2)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -23,8 +24,9 @@ class StopSignals:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # asked twice: stop now
         self.signum = signum
-        print(f"patfast: {NAMES.get(signum, signum)} received: finishing this step, then writing a checkpoint",
-              flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process is signalled: rank 0 says it
+            print(f"patfast: {NAMES.get(signum, signum)} received: finishing this step, then writing a checkpoint",
+                  flush=True)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

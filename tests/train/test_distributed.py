@@ -7,8 +7,10 @@ SyncBatchNorm; the tolerances below are what that leaves after one epoch.
 
 import csv
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -77,3 +79,48 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step(tmp_path, teacher
     assert proc.stderr.count("stopped by SIGTERM") >= 1, proc.stderr[-3000:]
     state = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert state["step"] == READ_EVERY
+
+
+def _launch(launcher, out, teacher, *extra):
+    """launcher "torchrun" (torch.distributed.run) or "patfast.launch", 2 processes, a small run in the background."""
+    start = (["torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534", "-m", "patfast"]
+             if launcher == "torchrun" else ["patfast.launch", "--nproc_per_node", "2", "--master_port", "29534"])
+    argv = [sys.executable, "-m", *start, "train", "--data", "digits", "--teacher", "convnext_atto", "--student",
+            "resnet10t", "--teacher-checkpoint", teacher, "--img-size", "32", "--batch-size", "64", "--pat-dim", "64",
+            "--pat-heads", "4", "--no-progress", "--out", str(out), "--device", "cpu", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PATFAST_TEST_KILL", None)
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_a_mistake_under_torchrun_is_said_once_and_patfast_launch_keeps_status_2(tmp_path, teacher):
+    # issue 16 bug 5: each process printed `patfast: error:`; torchrun adds its report and exits 1 (its own rule,
+    # documented); `python -m patfast.launch` (torchrun in process) ends with the one line and status 2
+    proc = _launch("torchrun", tmp_path / "a", teacher, "--epochs", "-1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and err.count("patfast: error:") == 1, err[-3000:]
+    proc = _launch("patfast.launch", tmp_path / "b", teacher, "--epochs", "-1")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert err.strip().splitlines() == ["patfast: error: --epochs must be > 0, got -1"], err[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_patfast_launch_checkpoints_once_and_exits_130(tmp_path, teacher):
+    # Ctrl-C reaches the launcher (torchrun puts its processes in sessions of their own); it passes SIGINT on, both
+    # processes finish the same step, rank 0 writes last.pth and says so once; no traceback; status 130
+    out = tmp_path / "run"
+    proc = _launch("patfast.launch", out, teacher, "--epochs", "50")
+    deadline = time.time() + 300
+    while not (out / "log.txt").exists() or "step: " not in (out / "log.txt").read_text():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    time.sleep(3)  # inside the first epoch's steps
+    proc.send_signal(signal.SIGINT)
+    stdout, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.count("stopped by SIGINT") == 1 and "Traceback" not in err, err[-3000:]
+    assert stdout.count("SIGINT received") == 1, stdout[-2000:]
+    state = torch.load(out / "last.pth", weights_only=True)
+    assert state["step"] >= 1
