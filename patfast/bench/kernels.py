@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 
 from patfast import ops
-from patfast.bench.measure import bench_ms, num, use_triton_interpreter
+from patfast.bench.measure import Profiled, bench_ms, num, use_triton_interpreter
 from patfast.bench.record import FAILED, error_text, mark_failed, row_failures, write_json
 from patfast.errors import UserError
 
@@ -294,16 +294,13 @@ class Runner:
 def count_launches(runner: Runner, cuda: bool) -> tuple[list[str], list[str]]:
     """Names of the GPU kernels (and memsets/copies) one forward and one backward launch, from torch.profiler.
 
-    On the CPU this runs the same profiler code with CPU activity only (so the dry run exercises it) and finds no
-    GPU kernels; the caller reports that as not measured.
+    On the CPU this runs the same code with CPU activity only (so the dry run exercises it; without CUDA through
+    torch's CPU-only profiler, measure.Profiled) and finds no GPU kernels; the caller reports that as not measured.
     """
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
 
     def kernels(fn):
-        with profile(activities=activities) as prof:
+        with Profiled(cuda=cuda, cpu=not cuda) as prof:
             out = fn()
             if cuda:
                 torch.cuda.synchronize()

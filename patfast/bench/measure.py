@@ -1,5 +1,5 @@
 """How the benchmarks measure and show figures: the timing loop, quantiles, the number format, the environment
-record, and the switch to Triton's interpreter on a CPU."""
+record, the profiler, and the switch to Triton's interpreter on a CPU."""
 
 from __future__ import annotations
 
@@ -57,6 +57,50 @@ def environment() -> dict:
                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
     env["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return env
+
+
+class Profiled:
+    """``with Profiled(cuda) as p: ...`` then ``p.events()``: the ops run inside, as torch's FunctionEvents (name,
+    cpu_parent / cpu_children, sequence_nr, thread, fwd_thread, device_type, cpu_time_total, device time).
+
+    On a machine with CUDA: torch.profiler (Kineto), with CPU activity when ``cpu``, CUDA activity when ``cuda``.
+    On a machine without CUDA, torch's CPU-only profiler instead, which does not go through Kineto: Kineto probes
+    for GPUs as a trace ends and writes to stderr from C++ (``gpuGetDeviceCount failed with code 35``,
+    ``profiler_start`` / ``profiler_stop``) on every CPU run of the split or the launch count. The CPU-only
+    profiler records the same CPU events (torch marks it deprecated, so far without a warning); a torch without it
+    falls back to torch.profiler.
+    """
+
+    def __init__(self, cuda: bool, cpu: bool = True):
+        import torch
+
+        self._legacy = False
+        if not torch.cuda.is_available():
+            try:
+                from torch.autograd.profiler_legacy import profile as legacy
+            except ImportError:  # a torch without it: torch.profiler below
+                legacy = None
+            if legacy is not None:
+                import warnings
+
+                with warnings.catch_warnings():  # its deprecation, should a torch emit one: not the user's concern
+                    warnings.filterwarnings("ignore", message=".*profiler_legacy.*")
+                    self._prof = legacy()
+                self._legacy = True
+        if not self._legacy:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._prof = profile(activities=[ProfilerActivity.CPU] * cpu + [ProfilerActivity.CUDA] * cuda)
+
+    def __enter__(self) -> Profiled:
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+
+    def events(self) -> list:
+        return list(self._prof.function_events if self._legacy else self._prof.events())
 
 
 def use_triton_interpreter(what: str) -> None:

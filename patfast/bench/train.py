@@ -18,7 +18,8 @@ a run killed midway keeps the paths it measured. A path (or its split, or the lo
 row, with the exception; the next path still runs, and the exit status is 1. `--dry-run` runs the fast path's ops
 with backend "triton" on CPU tensors, through the Triton interpreter (TRITON_INTERPRET=1).
 
-The time split comes from torch.profiler over a few eager steps of each path's settings (compiled code has no
+The time split comes from torch.profiler (torch's CPU-only profiler on a machine without CUDA: measure.Profiled)
+over a few eager steps of each path's settings (compiled code has no
 module boundaries): forward time of each region (clean teacher, prompted teacher, student, RAA + aligners, losses =
 the rest of the forward), backward time attributed to the region whose forward op created each autograd node
 (matched by sequence number), optimizer (+ EMA-free update) and, with --loader, the data wait.
@@ -30,7 +31,7 @@ import argparse
 import time
 from contextlib import nullcontext
 
-from patfast.bench.measure import num, use_triton_interpreter
+from patfast.bench.measure import Profiled, num, use_triton_interpreter
 from patfast.bench.record import FAILED, NOT_REACHED, error_text, mark_failed, write_json
 from patfast.errors import UserError
 from patfast.train.config import COMPILE_MODES
@@ -215,7 +216,6 @@ def time_steps(step, x, y, steps: int, warmup: int, device) -> tuple[float, floa
 def time_split(step, distiller, x, y, device, steps: int = 3) -> dict[str, float]:
     """ms per step in each region (REGIONS), from torch.profiler over `steps` eager steps (see module docstring)."""
     from torch.autograd.profiler import record_function
-    from torch.profiler import ProfilerActivity, profile
 
     open_ranges = []
 
@@ -241,11 +241,10 @@ def time_split(step, distiller, x, y, device, steps: int = 3) -> dict[str, float
         handles += [module.register_forward_pre_hook(enter(label)), module.register_forward_hook(leave)]
     eager = step.forward
     step.forward = distiller  # eager: module boundaries exist
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
         step(x, y)  # warm
         _sync(device)
-        with profile(activities=activities) as prof:
+        with Profiled(cuda=device.type == "cuda") as prof:
             for _ in range(steps):
                 with record_function("pf::step"):
                     step(x, y)
@@ -283,7 +282,7 @@ def _attribute(events, cuda: bool, steps: int) -> dict[str, float]:
                 seq_region.setdefault((e.thread, e.sequence_nr), r)
     for e in events:
         if e.name.startswith("autograd::engine::evaluate_function"):
-            r = seq_region.get((getattr(e, "fwd_thread", e.thread), e.sequence_nr))
+            r = seq_region.get(_node_of(e))
             if r is not None:
                 out[r] += t(e)
         if e.name.startswith("Optimizer.step") or e.name.startswith("Optimizer.zero_grad"):
@@ -293,6 +292,15 @@ def _attribute(events, cuda: bool, steps: int) -> dict[str, float]:
     # losses: what the step spent outside every other region (the loss ops and their backward, glue)
     out["losses"] = max(0.0, forward_total - sum(out.values()))
     return {k: v / 1e3 / steps for k, v in out.items()}
+
+
+def _node_of(e) -> tuple:
+    """(forward thread, sequence number) of the autograd node an evaluate_function event runs: on the event itself
+    (Kineto), else on its child, the node's own event (torch's CPU-only profiler leaves the parent's at -1)."""
+    for x in (e, *e.cpu_children):
+        if x.sequence_nr is not None and x.sequence_nr >= 0:
+            return getattr(x, "fwd_thread", x.thread), x.sequence_nr
+    return None, None
 
 
 def parse_paths(text: str) -> list[str]:

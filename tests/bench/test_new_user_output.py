@@ -1,0 +1,44 @@
+"""What a new user sees from `patfast bench` on a machine without a GPU: no profiler noise on stderr, --no-compile
+taking a warm-up of 1 and saying its fast path is not compiled, no unit after a figure that is not there, and a
+compact plain-text kernel table (markdown only with --md). Every test runs the real CLI, at tiny sizes."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA prints")
+TINY_TRAIN = ["bench", "train", "--teacher", "convnext_atto", "--student", "resnet10t", "--img-size", "32",
+              "--batch-size", "2", "--classes", "10", "--pat-dim", "64", "--pat-heads", "4", "--steps", "1",
+              "--device", "cpu"]
+# what Kineto (torch.profiler's backend) writes to stderr from C++ when it looks for a GPU that is not there
+PROFILER_NOISE = re.compile(r"gpuGetDeviceCount|profiler_start|profiler_stop|USDT:|Kineto|CUPTI", re.IGNORECASE)
+
+
+def patfast(*argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-m", "patfast", *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@cpu_only
+def test_the_time_split_prints_no_profiler_noise_without_cuda(tmp_path):
+    path = tmp_path / "e2e.json"
+    train = patfast(*TINY_TRAIN, "--paths", "reference", "--warmup", "2", "--json", str(path))
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert not PROFILER_NOISE.search(train.stderr), train.stderr
+    (row,) = json.loads(path.read_text())
+    assert row["split"]["reference"]["student"] > 0 and row["split"]["reference"]["teacher_prompted"] > 0
+
+
+@cpu_only
+def test_the_launch_count_prints_no_profiler_noise_without_cuda():
+    # --interpret-check (the dry run) runs the launch counter's profiler code once per op on the CPU
+    kernels = patfast("bench", "kernels", "--op", "kd", "--classes", "41", "--interpret-check")
+    assert kernels.returncode == 0, kernels.stdout[-3000:] + kernels.stderr[-3000:]
+    assert not PROFILER_NOISE.search(kernels.stderr), kernels.stderr
