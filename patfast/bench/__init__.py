@@ -80,6 +80,8 @@ def add_kernel_options(parser) -> None:
 def run(args) -> int:
     """`patfast bench ...`"""
     if args.what == "kernels":
+        if args.interpret_check:  # before kernels.py imports patfast.ops (and so triton); a no-op on CUDA
+            use_triton_interpreter("bench kernels --interpret-check")
         from patfast.bench.kernels import main
 
         return main(args)

@@ -42,3 +42,14 @@ def test_the_launch_count_prints_no_profiler_noise_without_cuda():
     kernels = patfast("bench", "kernels", "--op", "kd", "--classes", "41", "--interpret-check")
     assert kernels.returncode == 0, kernels.stdout[-3000:] + kernels.stderr[-3000:]
     assert not PROFILER_NOISE.search(kernels.stderr), kernels.stderr
+
+
+@cpu_only
+def test_interpret_check_switches_to_the_interpreter_itself():
+    # without TRITON_INTERPRET in the environment: bench kernels sets it before Triton is first imported
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "patfast", "bench", "kernels", "--op", "kd", "--classes", "41",
+                           "--interpret-check"], cwd=ROOT, env=dict(env, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Triton through the interpreter" in proc.stdout, proc.stdout
