@@ -49,7 +49,9 @@ def add_options(parser) -> None:
     parser.add_argument("--pat-dim", type=int, default=512, help="PAT's RAA / aligner width (default 512)")
     parser.add_argument("--pat-heads", type=int, default=8, help="PAT's RAA heads (default 8)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path (default 20)")
-    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (compilation; default 4)")
+    parser.add_argument("--warmup", type=int, default=4,
+                        help="untimed steps first (compilation; default 4): at least 2 when compiling, 1 with "
+                             "--no-compile")
     parser.add_argument("--paths", default="fast,reference,floor", help="comma list of fast, reference, floor")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES)
     parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
@@ -311,6 +313,19 @@ def parse_paths(text: str) -> list[str]:
     return paths
 
 
+def check_warmup(warmup: int, compile: bool, paths: list[str]) -> None:
+    """--warmup: >= 2 when something is compiled (the fast path or the floor with --compile: step 0 compiles, and
+    the fast path's step 1 recompiles with the feedback); else >= 1 (PAT's step 0 runs without the feedback, unlike
+    every later step, so it is never timed). The reference path is never compiled."""
+    compiled = compile and any(p in ("fast", "floor") for p in paths)
+    if compiled and warmup < 2:
+        raise UserError(f"--warmup must be >= 2 when the fast path or the floor is compiled (step 0 compiles, and "
+                        f"the fast path's step 1 again, with the feedback), got {warmup}; with --no-compile >= 1")
+    if warmup < 1:
+        raise UserError(f"--warmup must be >= 1 (PAT's first step runs without the feedback, unlike the steps that "
+                        f"are timed), got {warmup}")
+
+
 def new_row(args, device, paths: list[str]) -> dict:
     """The pair's row before anything ran: every figure None, every asked path "not reached"."""
     missing = [p for p in PATHS if p not in paths]
@@ -445,13 +460,12 @@ def main(args) -> int:
     for name in ("batch_size", "img_size", "steps", "classes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 2:
-        raise UserError("--warmup must be >= 2 (the first steps compile, the second with the feedback)")
-    parse_paths(args.paths)
+    paths = parse_paths(args.paths)
     if args.dry_run:  # tiny and eager: step 0 runs without the feedback, the timed step 1 with it
         args.teacher, args.student, args.img_size, args.batch_size = "convnext_atto", "resnet10t", 32, 2
         args.steps, args.warmup, args.device, args.classes, args.compile = 1, 1, "cpu", 10, False
         args.fast_ops, args.pat_dim, args.pat_heads = "triton", 64, 4
+    check_warmup(args.warmup, args.compile, paths)
     if args.fast_ops == "triton":  # before patfast.ops is imported (no-op on CUDA)
         use_triton_interpreter("bench train --fast-ops triton on the CPU")
     from patfast.train.loop import resolve_device

@@ -11,6 +11,10 @@ import sys
 import pytest
 import torch
 
+from patfast.bench import train as bench_train
+from patfast.cli import main
+from patfast.errors import UserError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without CUDA prints")
 TINY_TRAIN = ["bench", "train", "--teacher", "convnext_atto", "--student", "resnet10t", "--img-size", "32",
@@ -53,3 +57,24 @@ def test_interpret_check_switches_to_the_interpreter_itself():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Triton through the interpreter" in proc.stdout, proc.stdout
+
+
+def test_no_compile_takes_a_warmup_of_1_and_compiling_still_needs_2(tmp_path, capsys):
+    path = tmp_path / "e2e.json"
+    code = main([*TINY_TRAIN, "--no-compile", "--warmup", "1", "--paths", "fast,reference", "--no-split",
+                 "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err
+    (row,) = json.loads(path.read_text())
+    assert row["fast_img_s"] > 0 and row["reference_img_s"] > 0
+    for argv, needle in (([*TINY_TRAIN, "--warmup", "1"], "--warmup must be >= 2 when the fast path or the floor "
+                          "is compiled"),
+                         ([*TINY_TRAIN, "--no-compile", "--warmup", "0"], "--warmup must be >= 1")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("patfast: error: ") and needle in err and len(err.strip().splitlines()) == 1, err
+    # the reference path is never compiled: 1 is enough for it alone; so is 1 for anything uncompiled
+    bench_train.check_warmup(1, True, ["reference"])
+    bench_train.check_warmup(1, False, ["fast", "reference", "floor"])
+    with pytest.raises(UserError):
+        bench_train.check_warmup(1, True, ["floor"])
