@@ -331,7 +331,7 @@ def new_row(args, device, paths: list[str]) -> dict:
     missing = [p for p in PATHS if p not in paths]
     return {"pair": f"{args.teacher} -> {args.student}", "batch": args.batch_size, "img_size": args.img_size,
             "device": str(device), "fast_img_s": None, "reference_img_s": None, "floor_img_s": None,
-            "fast_peak_gb": None, "reference_peak_gb": None, "split": {},
+            "fast_peak_gb": None, "reference_peak_gb": None, "split": {}, "compile": args.compile,
             "paths": {p: {"note": NOT_REACHED} for p in paths},
             "note": f"not measured: {', '.join(missing)} (not in --paths)" if missing else None}
 
@@ -355,7 +355,9 @@ def run_pair(args, device, save=lambda row: None) -> dict:
     y = torch.randint(0, args.classes, (args.batch_size,), device=device, generator=g)
     row = new_row(args, device, paths)
     save(row)
+    width = max(9, *(len(path_label(p, args.compile)) for p in paths))
     for path in paths:
+        label = f"{path_label(path, args.compile):>{width}}"
         step = distiller = None
         try:
             step, distiller = _build(args, device, path)
@@ -363,7 +365,7 @@ def run_pair(args, device, save=lambda row: None) -> dict:
         except Exception as e:  # noqa: BLE001 (recorded as FAILED; the next path still runs)
             text = mark_failed(row["paths"][path], e)
             save(row)
-            print(f"{path:>9}: {FAILED}: {text}", flush=True)
+            print(f"{label}: {FAILED}: {text}", flush=True)
             del step, distiller
             _free(device)
             continue
@@ -376,7 +378,7 @@ def run_pair(args, device, save=lambda row: None) -> dict:
         if path == "fast":
             row["paths"][path]["ops"] = args.fast_ops
         save(row)
-        print(f"{path:>9}: {num(row[f'{path}_img_s'])} img/s ({ms:.1f} ms/step, warm-up {warm_s:.1f} s"
+        print(f"{label}: {num(row[f'{path}_img_s'])} img/s ({ms:.1f} ms/step, warm-up {warm_s:.1f} s"
               + (f", peak {peak:.2f} GiB" if peak is not None else "") + ")", flush=True)
         if args.split and distiller is not None and args.dry_run and path == "fast":
             row["split"][path] = {"note": "not measured: dry run (the split's code runs on the reference path; "
@@ -386,7 +388,7 @@ def run_pair(args, device, save=lambda row: None) -> dict:
                 row["split"][path] = time_split(step, distiller, x, y, device, steps=1 if args.dry_run else 3)
             except Exception as e:  # noqa: BLE001
                 row["split"][path] = {"error": error_text(e)}
-                print(f"{path:>9}: split {FAILED}: {error_text(e)}", flush=True)
+                print(f"{label}: split {FAILED}: {error_text(e)}", flush=True)
             save(row)
         del step, distiller
         _free(device)
@@ -431,9 +433,30 @@ def _img_s(r: dict, path: str) -> str:
     return FAILED if (r.get("paths") or {}).get(path, {}).get("error") else "not measured"
 
 
+NO_COMPILE = "no torch.compile"
+
+
+def path_label(path: str, compile: bool) -> str:
+    """A path's name as printed: the fast path and the floor say when they ran without torch.compile."""
+    return f"{path} ({NO_COMPILE})" if not compile and path in ("fast", "floor") else path
+
+
+def compiled(r: dict) -> bool:
+    """Whether the row's fast path and floor were compiled: its "compile" (--compile / --no-compile; --dry-run
+    compiles nothing), else, in rows written before it existed, the fast path's "how"."""
+    if r.get("compile") is not None:
+        return bool(r["compile"])
+    return not str(((r.get("paths") or {}).get("fast") or {}).get("how") or "").startswith("eager")
+
+
 def render(rows: list[dict]) -> str:
-    lines = ["| pair | batch | size | fast img/s | reference img/s | fast / reference | floor img/s | fast / floor | "
-             "peak GiB fast / ref |", "|---|---|---|---|---|---|---|---|---|"]
+    """The markdown table of `bench train` rows, with the notes: a path not measured (why), the splits, and, for
+    rows run with --no-compile, that their fast path and floor are not the compiled ones."""
+    uncompiled = [r for r in rows if not compiled(r)]
+    every = bool(rows) and len(uncompiled) == len(rows)  # else the note names the pairs
+    fast, floor = (path_label(p, not every) for p in ("fast", "floor"))
+    lines = [f"| pair | batch | size | {fast} img/s | reference img/s | fast / reference | {floor} img/s | "
+             "fast / floor | peak GiB fast / ref |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs_ref = f"{r['fast_img_s'] / r['reference_img_s']:.2f}x" if r["fast_img_s"] and r["reference_img_s"] \
             else "not measured"
@@ -442,6 +465,13 @@ def render(rows: list[dict]) -> str:
         peaks = f"{num(r['fast_peak_gb'])} / {num(r['reference_peak_gb'])}"
         lines.append(f"| {r['pair']} | {r['batch']} | {r['img_size']} | {_img_s(r, 'fast')} | "
                      f"{_img_s(r, 'reference')} | {vs_ref} | {_img_s(r, 'floor')} | {vs_floor} | {peaks} |")
+    for r in uncompiled:
+        fast_how = ((r.get("paths") or {}).get("fast") or {}).get("how")
+        ops = ((r.get("paths") or {}).get("fast") or {}).get("ops")
+        what = f" (here {fast_how}" + (f", ops {ops}" if ops else "") + ")" if fast_how else ""
+        lines.append(f"\n{f'fast ({NO_COMPILE})' if every else r['pair'] + ': fast'} is the fast path without "
+                     f"torch.compile{what}, not the compiled fast path `patfast train` runs on CUDA (bench train "
+                     "times that without --no-compile); the floor likewise without torch.compile.")
     for r in rows:
         for path, p in (r.get("paths") or {}).items():
             if r.get(f"{path}_img_s") is None and p.get("note"):

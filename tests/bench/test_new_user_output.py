@@ -78,3 +78,13 @@ def test_no_compile_takes_a_warmup_of_1_and_compiling_still_needs_2(tmp_path, ca
     bench_train.check_warmup(1, False, ["fast", "reference", "floor"])
     with pytest.raises(UserError):
         bench_train.check_warmup(1, True, ["floor"])
+
+
+def test_no_compile_labels_the_fast_column_as_not_compiled(tmp_path, capsys):
+    md = tmp_path / "e2e.md"
+    assert main([*TINY_TRAIN, "--no-compile", "--warmup", "2", "--paths", "fast", "--no-split", "--md", str(md)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^fast \(no torch\.compile\): [\d.]+ img/s", out, re.MULTILINE), out
+    for text in (out, md.read_text()):
+        assert "| fast (no torch.compile) img/s |" in text and "| fast img/s |" not in text, text
+        assert "is the fast path without torch.compile" in text, text
