@@ -132,13 +132,26 @@ def render(rows: list[dict], step: dict | None) -> str:
         lines.append(f"| {r['backend']} | {r['data']} | {r['split']} | {r['img_size']} | {r['batch']} | "
                      f"{r['workers']} | {setup} | {rate} | {ratio} | {r['note'] or ''} |")
     if step:
-        amp = step.get("amp") or "n/a"
-        what = (f"PAT step {step['pair']} at batch {step['batch']}, {step['img_size']} px, {amp}: "
-                f"{FAILED if step.get('error') else num(step.get('img_s'))} img/s"
-                + (f" ({step['step_ms']:.1f} ms/step, {step['timer']})"
-                                                     if step.get("step_ms") else ""))
-        lines += ["", what + (f" — {step['note']}" if step.get("note") else "")]
+        what = f"PAT step {step['pair']} at batch {step['batch']}, {step['img_size']} px"
+        if step.get("img_s") is not None:
+            what += (f", {step.get('amp') or 'fp32'}: {num(step['img_s'])} img/s"
+                     + (f" ({step['step_ms']:.1f} ms/step, {step['timer']})" if step.get("step_ms") else "")
+                     + (f" — {step['note']}" if step.get("note") else ""))
+        else:
+            what += f": {figure(step, None, 'img/s')}"
+        lines += ["", what]
     return "\n".join(lines)
+
+
+def figure(row: dict, value: float | None, unit: str) -> str:
+    """"<value> <unit>" when measured; else "FAILED (<exception>)" or "not measured (<why>)", without the unit
+    (the row's note holds the why: "not measured: <why>" / "FAILED: <exception>")."""
+    if value is not None:
+        return f"{num(value)} {unit}"
+    if row.get("error"):
+        return f"{FAILED} ({row['error']})"
+    why = (row.get("note") or "").removeprefix("not measured").lstrip(": ")
+    return "not measured" + (f" ({why})" if why else "")
 
 
 def main(args) -> int:
@@ -180,8 +193,9 @@ def main(args) -> int:
             row = rows[i]
             mark_failed(row, e)
         save()
-        print(f"{row['backend']:>6}: {FAILED if row.get('error') else num(row['img_s']) + ' img/s'}"
-              + (f"  ({row['note']})" if row["note"] else ""), flush=True)
+        measured = row["img_s"] is not None
+        print(f"{row['backend']:>6}: {figure(row, row['img_s'], 'img/s')}"
+              + (f"  ({row['note']})" if measured and row["note"] else ""), flush=True)
     if device.type == "cuda" or args.dry_run:
         from patfast.bench import train as bench_train
 

@@ -88,3 +88,18 @@ def test_no_compile_labels_the_fast_column_as_not_compiled(tmp_path, capsys):
     for text in (out, md.read_text()):
         assert "| fast (no torch.compile) img/s |" in text and "| fast img/s |" not in text, text
         assert "is the fast path without torch.compile" in text, text
+
+
+@cpu_only
+def test_bench_data_writes_no_unit_after_a_figure_that_is_missing(capsys, monkeypatch):
+    import patfast.data.dali as dali
+
+    monkeypatch.setattr(dali, "dali_available", lambda: False)  # the backend that cannot run here
+    code = main(["bench", "data", "--data-backend", "dali", "--img-size", "32", "--batch-size", "8", "--batches",
+                 "1", "--workers", "0", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "not measured img/s" not in out and "FAILED img/s" not in out, out
+    assert re.search(r"^ +dali: not measured \(NVIDIA DALI is not installed here", out, re.MULTILINE), out
+    assert "PAT step swin_tiny_patch4_window7_224 -> resnet18 at batch 8, 32 px: not measured (no CUDA GPU here)" \
+        in out, out
