@@ -9,7 +9,7 @@ Cases
     kd_loss_pair     PAT's two KL terms (s vs t at T, prompted teacher pt vs t at 1), logits (B, K), T = 1;
                      gradients to s and pt (t is the no-grad clean teacher).
     kd_loss          plain KD, logits (B, K), T = 1; gradient to s.
-    raa_block        region-aware attention, the whole block (issue #4): LayerNorm -> q / kv Linear -> +pos on q, k
+    raa_block        region-aware attention, the whole block: LayerNorm -> q / kv Linear -> +pos on q, k
                      -> 8-head softmax attention; tokens (B, 64, 512), pos (1, 64, 512) (paper variant); gradients
                      to tokens, every parameter and pos. All tensors in the input dtype (bf16 on CUDA, params too).
     raa_core         the attention core alone: q, k, v (B, 8, 64, 64) -> softmax(q k^T / 8) v; gradients to q, k, v.
@@ -562,9 +562,9 @@ class Bench:
     def run(self) -> dict:
         self.save()
         _raise_compile_limits()
-        # Phase 1: eager and Triton everywhere (cheap), the issue's target cases first, and the target HCL case's
-        # compiled reference right after it (its ratio is a target). Phase 2: the other compiled shapes (each one
-        # compiles: the expensive part), most useful first, while the time budget lasts.
+        # Phase 1: eager and Triton everywhere (cheap), the target cases (benchmarks/targets.json) first, and the
+        # target HCL case's compiled reference right after it (its ratio is a target). Phase 2: the other compiled
+        # shapes (each one compiles: the expensive part), most useful first, while the time budget lasts.
         for case in target_first(self.cases):
             for mode in MODES:
                 self.measure(case, mode, "eager")
@@ -657,7 +657,7 @@ def main(args) -> int:
     from patfast.bench.ceilings import describe
     from patfast.bench.ceilings import measure as measure_ceilings
     from patfast.bench.measure import environment
-    from patfast.bench.tables import render
+    from patfast.bench.tables import render, render_text
 
     env = environment()
     print(f"patfast bench kernels | {env.get('gpu') or 'CPU (no CUDA GPU)'} | torch {env['torch']} | "
@@ -693,7 +693,8 @@ def main(args) -> int:
                   json_path=args.json, md_path=args.md, log=lambda line: print(line, flush=True))
     doc = bench.run()
     print()
-    print(render(doc["kernels"]), flush=True)
+    # --md: the markdown tables (also written to the file); else a compact plain-text table
+    print(render(doc["kernels"]) if args.md else render_text(doc["kernels"]), flush=True)
     failed = [(r, f) for r in doc["kernels"] for f in row_failures(r)]
     for r, f in failed:
         print(f"bench kernels: {FAILED}: {r['op']} {r['case']} B={r['batch']} {r['mode']} {r['provider']}: {f}",

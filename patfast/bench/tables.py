@@ -3,7 +3,9 @@ Kernels section of benchmarks/render_results.py's results.md.
 
     derive(rows, ceilings)  add vs_<baseline> (baseline ms / this ms, same op, shape, mode, dtype, device, same run)
                             and frac_copy (GB/s over the copy bandwidth measured in the same run) to each row
-    render(rows)            the "## Kernels" section: one table per op, reasons as numbered notes
+    render(rows)            the "## Kernels" section: one table per op, reasons as numbered notes (--md)
+    render_text(rows)       plain text, what `patfast bench kernels` prints without --md: one aligned line per
+                            (op, case, B, mode) with each provider's time, and a short summary
 A row whose code raised is "FAILED" with its exception (a note), never "not measured" (record.py).
 """
 
@@ -236,3 +238,60 @@ def _first_shapes(rows: list[dict]) -> dict:
     for r in rows:
         seen.setdefault(r["case"], r["shape"])
     return seen
+
+
+TEXT_PROVIDERS = ("eager", "compiled", "sdpa_flash", "sdpa_cudnn", "triton")
+
+
+def render_text(rows: list[dict]) -> str:
+    """Plain text of the kernel rows (derived: see derive): one aligned line per (op, case, B, mode) with each
+    provider's median time per call ("-": not measured, "FAILED": raised; providers never measured anywhere are
+    left out) and Triton's speed-ups, then a summary: what was measured, what was not and why, where the full
+    tables are (--md, --json)."""
+    if not rows:
+        return "nothing measured (no kernel cases)"
+    lines_of: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        lines_of.setdefault((r["op"], str(r["case"]), r["batch"], r["mode"]), {})[r["provider"]] = r
+    shown = [p for p in TEXT_PROVIDERS if any(r["provider"] == p and (r.get("ms") is not None or r.get("error"))
+                                              for r in rows)]
+    speedups = [(f"triton vs {base}", f"vs_{base}") for base in ("eager", "compiled", "sdpa")
+                if "triton" in shown and (base in shown or base == "sdpa" and set(SDPA_BASES) & set(shown))]
+    head = ["op", "case", "B", "mode", *shown, *(title for title, _ in speedups)]
+    table = [head]
+    for (op, case, batch, mode), by_provider in lines_of.items():
+        cells = [op, case, str(batch), mode]
+        for p in shown:
+            r = by_provider.get(p)
+            cells.append("" if r is None else fmt_ms(r["ms"]) if r.get("ms") is not None
+                         else FAILED if r.get("error") else "-")
+        tri = by_provider.get("triton") or {}
+        cells += ["-" if tri.get(key) is None else f"{tri[key]:.2f}x" for _, key in speedups]
+        table.append(cells)
+    widths = [max(len(line[i]) for line in table) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) if i in (0, 1, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+           .rstrip() for line in table]
+
+    measured = [r for r in rows if r.get("ms") is not None]
+    timers = sorted({r["timer"] for r in measured if r.get("timer")})
+    out += ["", f"{len(measured)} of {len(rows)} rows (case x mode x provider) measured; time = median per call"
+            + (f"; timer: {'; '.join(timers)}" if timers else "") + "."]
+    reasons: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("ms") is None and not r.get("error"):
+            why = str(r.get("note") or "no reason recorded").removeprefix("not measured: ")
+            if r["provider"] not in reasons.setdefault(why, []):
+                reasons[why].append(r["provider"])
+    if reasons:
+        out.append("Not measured ('-', or no column):")
+        out += [f"  {', '.join(providers)}: {why}" for why, providers in reasons.items()]
+    failed = sum(1 for r in rows if r.get("error"))
+    if failed:
+        out.append(f"{failed} row{'s' * (failed != 1)} {FAILED} (listed below, with the exception)")
+    checked = [r["interpreter_rel_err"] for r in rows if r.get("interpreter_rel_err") is not None]
+    if checked:
+        out.append(f"Triton through the interpreter (untimed, a check of the harness): {len(checked)} (case, mode) "
+                   f"pairs ran, largest rel. error vs the reference {max(checked):.1e}")
+    out.append("GB/s, % of the copy bandwidth, launch counts and every note: --md PATH (markdown tables); every "
+               "figure: --json PATH")
+    return "\n".join(out)

@@ -103,3 +103,26 @@ def test_bench_data_writes_no_unit_after_a_figure_that_is_missing(capsys, monkey
     assert re.search(r"^ +dali: not measured \(NVIDIA DALI is not installed here", out, re.MULTILINE), out
     assert "PAT step swin_tiny_patch4_window7_224 -> resnet18 at batch 8, 32 px: not measured (no CUDA GPU here)" \
         in out, out
+
+
+@cpu_only
+def test_bench_kernels_prints_a_compact_table_and_markdown_only_with_md(tmp_path, capsys):
+    code = main(["bench", "kernels", "--op", "kd", "--classes", "41"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "## Kernels" not in out and not [line for line in out.splitlines() if line.startswith("|")], out
+    for op in ("kd_loss_pair", "kd_loss"):
+        for mode in ("fwd", "fwd+bwd"):  # one aligned line per kernel and shape, the time in the eager column
+            assert re.search(rf"^{re.escape(op)} +K=41 +1  {re.escape(mode)} +[\d.]+ (us|ms)$", out, re.MULTILINE), out
+    assert "triton: no CUDA" in out and "--md PATH" in out  # the summary: what was not measured, why; where the rest is
+    assert len(out.splitlines()) <= 25, out
+    assert not re.search(r"issue\s*#?\s*\d", out, re.IGNORECASE), out
+    md = tmp_path / "k.md"
+    assert main(["bench", "kernels", "--op", "kd", "--classes", "41", "--md", str(md)]) == 0
+    out = capsys.readouterr().out
+    for text in (out, md.read_text()):
+        assert "## Kernels" in text and "| K | B | mode | provider |" in text, text
+        assert not re.search(r"issue\s*#?\s*\d", text, re.IGNORECASE), text
+    with pytest.raises(SystemExit):
+        main(["bench", "kernels", "--help"])
+    assert not re.search(r"issue\s*#?\s*\d", capsys.readouterr().out, re.IGNORECASE)
