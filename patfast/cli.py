@@ -26,7 +26,24 @@ COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2, no usage block
+        if message.startswith("unrecognized arguments:"):
+            message += _did_you_mean(self, message.split(":", 1)[1].split())
         raise UserError(f"{self.prog.removeprefix('patfast ')}: {message}" if " " in self.prog else message)
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
+    """' (did you mean --batch-size?)' for misspelt flags, from every command's flags."""
+    import difflib
+
+    known = set(parser._option_string_actions)
+    for sub in getattr(parser, "commands", {}).values():
+        known |= set(sub._option_string_actions)
+    hints = []
+    for arg in (a.split("=", 1)[0] for a in unknown if a.startswith("--")):
+        close = difflib.get_close_matches(arg, sorted(known), n=1, cutoff=0.7)
+        if close:
+            hints.append(f"{arg} -> {close[0]}")
+    return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -256,10 +256,10 @@ CASES = [
      "image size 16 is too small for swin_tiny_patch4_window7_224"),
     # ---- config files
     ("config-missing", lambda p: ["train", *ALONE, "--config", p.path("no.yaml")], "config file not found"),
-    ("config-invalid-yaml", lambda p: ["train", *ALONE, "--config", _config(p, "epochs: [1, 2\n")],
-     "cannot read config file"),
+    ("config-invalid-yaml", lambda p: ["train", *ALONE, "--config", _config(p, "epochs: [1, 2\nlr: 3\n")],
+     "line 2, column 3: expected ',' or ']'"),
     ("config-unknown-key", lambda p: ["train", *ALONE, "--config", _config(p, "epoch: 3\n")],
-     "unknown key 'epoch'"),
+     "unknown key 'epoch' in config file"),
     ("config-wrong-type", lambda p: ["train", "--no-progress", "--config", _config(p, "batch_size: many\n")],
      "'batch_size' in"),
     ("config-unreadable", lambda p: ["train", *ALONE, "--config", _unreadable_file(p, "config.yaml")],
@@ -293,6 +293,13 @@ CASES = [
     ("unknown-data-backend", lambda p: ["train", *ALONE, "--data-backend", "ffcv"], "--data-backend must be one of"),
     ("unknown-amp", lambda p: ["train", *ALONE, "--amp", "fp8"], "--amp must be one of"),
     ("unknown-flag", lambda p: ["train", *ALONE, "--epoch", "3", "--bogus"], "unrecognized arguments: --bogus"),
+    ("misspelt-flag", lambda p: ["train", *ALONE, "--batchsize", "3"], "did you mean --batchsize -> --batch-size?"),
+    ("auto-augment-bogus", lambda p: ["train", *ALONE, "--auto-augment", "rand-bogus"],
+     "bad auto-augment 'rand-bogus'"),
+    ("resume-auto-without-out", lambda p: ["train", *ALONE, "--resume", "auto"], "--resume auto continues"),
+    ("resume-a-teacher-run-with-train", lambda p: ["train", *ALONE, "--resume", _teacher_run(p)],
+     "that run is a `patfast teacher` run (continue it with `patfast teacher --resume"),
+    ("data-bare-directory", lambda p: ["train", *ALONE, "--data", str(p.tmp)], "is a bare directory, not a spec"),
     ("no-command", lambda p: [], "choose a command"),
     ("unknown-command", lambda p: ["fit"], "invalid choice: 'fit'"),
     # ---- the output directory
@@ -319,6 +326,14 @@ CASES = [
     ("bench-train-bogus-path", lambda p: ["bench", "train", "--paths", "bogus"], "--paths takes a comma list"),
     ("bench-unknown-what", lambda p: ["bench", "everything"], "invalid choice: 'everything'"),
 ]
+
+
+def _teacher_run(p) -> str:
+    """A run directory as `patfast teacher` leaves it (its last.pth records the command)."""
+    d = p.tmp / "teacher-run"
+    d.mkdir()
+    torch.save({"version": 1, "distiller": {}, "config": {"command": "teacher", "epochs": 1}}, d / "last.pth")
+    return str(d)
 
 
 def _snapshot(root) -> dict[str, bytes]:
@@ -365,7 +380,7 @@ STARTS_THE_RUN = {
 @pytest.mark.parametrize("case, build, needle", CASES, ids=[c[0] for c in CASES])
 def test_user_mistake(case, build, needle, place, capsys):
     argv = build(place)
-    if argv[:1] in (["train"], ["teacher"]) and "--out" not in argv:
+    if argv[:1] in (["train"], ["teacher"]) and "--out" not in argv and "--resume" not in argv:
         argv += ["--out", str(place.run)]
     before = _snapshot(place.tmp)
     listed = sorted(os.listdir(place.run))

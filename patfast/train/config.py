@@ -238,8 +238,13 @@ def read_yaml(path: str, command: str) -> dict:
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(str(x) for x in (getattr(e, "problem", None), getattr(e, "context", None)) if x)
+        raise UserError(f"cannot read config file {path}: {where}{what or str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -250,7 +255,11 @@ def read_yaml(path: str, command: str) -> dict:
         if run_record and name in RUN_RECORD_KEYS:
             continue
         if name not in BY_NAME or name == "config":
-            raise UserError(f"unknown key '{key}' in config file {path}")
+            import difflib
+
+            close = difflib.get_close_matches(name, [n for n in BY_NAME if n != "config"], n=1, cutoff=0.7)
+            raise UserError(f"unknown key '{key}' in config file {path}"
+                            + (f" (did you mean '{close[0]}'?)" if close else ""))
         if command not in BY_NAME[name].commands:
             continue  # a config shared between commands may hold keys of the other one
         if value is None and BY_NAME[name].default is None:
@@ -318,6 +327,10 @@ def _validate(cfg: dict) -> None:
         raise UserError(f"--model-ema-decay must be < 1, got {cfg['model_ema_decay']}")
     if cfg.get("seed") is not None and not 0 <= cfg["seed"] < 2**32:
         raise UserError(f"--seed must be in [0, 2**32 - 1], got {cfg['seed']}")
+    if cfg.get("auto_augment"):
+        from patfast.data.transforms import check_auto_augment
+
+        cfg["auto_augment"] = check_auto_augment(cfg["auto_augment"]) or ""
     if "crop_pct" in cfg and not 0 < cfg["crop_pct"] <= 1:
         raise UserError(f"--crop-pct must be in (0, 1], got {cfg['crop_pct']}")
     if "crop_scale" in cfg:

@@ -19,7 +19,7 @@ from patfast.data import load_data, make_loader
 from patfast.distill.base import Vanilla
 from patfast.distill.build import DistillSettings, build_distiller
 from patfast.errors import UserError
-from patfast.models.create import create_model
+from patfast.models.create import create_model, random_init_note
 from patfast.models.weights import load_weights, save_weights
 from patfast.train import checkpoint as ckpt
 from patfast.train import distributed as dist_
@@ -249,6 +249,8 @@ def _build(cfg, command, device, dtype, out, log, world: World) -> tuple[Built, 
     """The data, the models and the distiller of a run (the teacher trained first when it has to be); the teacher's
     test accuracy when there is one."""
     dataset = load_data(cfg["data"])
+    for note in dataset.notes:  # e.g. the files an ImageFolder skipped
+        log(note)
     loader_args = {"batch_size": cfg["batch_size"], "img_size": cfg["img_size"], "device": device,
                    "backend": cfg["data_backend"], "seed": cfg["seed"], "workers": cfg["workers"],
                    "crop_pct": cfg["crop_pct"], "progress": cfg["progress"], "rank": world.rank,
@@ -265,10 +267,14 @@ def _build(cfg, command, device, dtype, out, log, world: World) -> tuple[Built, 
         model = create_model(name, k, cfg["img_size"])
         if cfg.get("init_checkpoint"):
             load_weights(model, cfg["init_checkpoint"], what="initial")
+        elif note := random_init_note(name, "pass --init-checkpoint FILE to start from weights"):
+            log(note)
         distiller = Vanilla(model, smoothing=cfg["smoothing"])
     else:
         role, name, distiller_name = "student", cfg["student"], cfg["distiller"]
         student = create_model(name, k, cfg["img_size"])
+        if note := random_init_note(name):
+            log(note)
         teacher_model, meta = None, {}
         if distiller_name != "none":
             from patfast.models.legacy_checkpoint import teacher_from_config
