@@ -399,6 +399,8 @@ def test_user_mistake(case, build, needle, place, capsys):
     assert {p: after.get(p) for p in before} == before, "a file that was there before was changed or removed"
     if case not in STARTS_THE_RUN:
         assert sorted(os.listdir(place.run)) == listed, "the run directory gained files though no run started"
+    elif (place.run / "log.txt").exists():  # the run had begun its log: the log says how it ended
+        assert (place.run / "log.txt").read_text().strip().splitlines()[-1] == lines[0]
 
 
 def test_the_table_is_large_enough():

@@ -18,7 +18,7 @@ import yaml
 from patfast.data import load_data, make_loader
 from patfast.distill.base import Vanilla
 from patfast.distill.build import DistillSettings, build_distiller
-from patfast.errors import UserError
+from patfast.errors import TrainingStopped, UserError
 from patfast.models.create import create_model, random_init_note
 from patfast.models.weights import load_weights, save_weights
 from patfast.train import checkpoint as ckpt
@@ -212,12 +212,26 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
                 "again from its args.yaml")
         try:
             return _run(cfg, command, device, dtype, out, log, state, world)
+        except BaseException as e:
+            log.record(_ending(e))  # log.txt says how the run ended, as the terminal did
+            raise
         finally:
             if own_log:
                 log.close()
     finally:
         if world.distributed:
             dist_.teardown()
+
+
+def _ending(e: BaseException) -> str:
+    """The line that ends the log of a run that did not finish (the CLI prints the same on stderr)."""
+    if isinstance(e, UserError):
+        return f"patfast: error: {e}"
+    if isinstance(e, TrainingStopped):
+        return f"patfast: {e}"
+    if isinstance(e, KeyboardInterrupt):
+        return "patfast: interrupted (Ctrl-C twice): the last checkpoint written is kept"
+    return f"patfast: crashed: {type(e).__name__}: {e} (traceback on stderr)"
 
 
 def _run(cfg, command, device, dtype, out, log, state=None, world: World | None = None) -> dict:

@@ -24,6 +24,11 @@ class Log:
         if self.file:
             self.file.write(line + "\n")
 
+    def record(self, line: str) -> None:
+        """Into log.txt alone (a line the CLI prints itself: a run's error or stop)."""
+        if self.file:
+            self.file.write(line + "\n")
+
     def close(self) -> None:
         if self.file:
             self.file.close()

@@ -81,6 +81,7 @@ def test_sigterm_checkpoints_and_exits_143(tmp_path, teacher):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err and "--resume" in err
+    assert (out / "log.txt").read_text().strip().splitlines()[-1] == err.strip().splitlines()[-1]  # the log says it
     state = torch.load(out / "last.pth", weights_only=True)
     assert state["step"] >= 1
 
