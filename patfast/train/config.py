@@ -46,6 +46,29 @@ DATA_DEFAULTS = {
                "model_ema_decay": 0.99, "auto_augment": "", "reprob": 0.0, "mixup": 0.0, "cutmix": 0.0},
 }
 
+EMA_DECAY = 0.9998  # timm's and the paper's, for runs of 50k steps or more
+SHORT_RUN_WARMUP = 0.2  # a recipe's warm-up is at most this fraction of the run
+
+
+def ema_decay(cfg: dict, total_steps: int) -> float:
+    """--model-ema-decay, or auto: EMA_DECAY, lowered for a short run so that its EMA spans a tenth of it."""
+    if cfg.get("model_ema_decay") is not None:
+        return cfg["model_ema_decay"]
+    return min(EMA_DECAY, 1 - 10 / max(total_steps, 20))
+
+
+def warmup_note(cfg: dict) -> str:
+    """' (...)' when the recipe's or data set's warm-up was shortened to fit the run, else ''."""
+    kind = data_kind(cfg.get("data", ""))
+    source = DATA_DEFAULTS.get(kind, {}).get("warmup_epochs", RECIPES.get(cfg.get("recipe"), {}).get("warmup_epochs"))
+    if source is None or cfg["warmup_epochs"] >= source or cfg["warmup_epochs"] != round(SHORT_RUN_WARMUP *
+                                                                                          cfg["epochs"], 4):
+        return ""
+    whose = f"{kind} defaults'" if "warmup_epochs" in DATA_DEFAULTS.get(kind, {}) else f"{cfg['recipe']} recipe's"
+    return (f" (the {whose} {source:g} warm-up epoch(s), shortened to a fifth of this {cfg['epochs']}-epoch run; "
+            "--warmup-epochs sets it)")
+
+
 OPTIONS = [
     Option("config", str, None, "YAML file of defaults (snake_case keys), or a packaged recipe's name (`patfast "
            "recipes`); the command line overrides it"),
@@ -101,7 +124,7 @@ OPTIONS = [
     Option("opt", str, None, "sgd | adamw (default: from the recipe)", choices=("sgd", "adamw")),
     Option("lr", float, None, "peak learning rate"),
     Option("min_lr", float, None, "final learning rate of the cosine schedule"),
-    Option("warmup_epochs", float, None, "linear warm-up epochs"),
+    Option("warmup_epochs", float, None, "linear warm-up epochs (the recipe's, at most a fifth of the run)"),
     Option("weight_decay", float, None, "weight decay (not on 1-D parameters)"),
     Option("momentum", float, 0.9, "SGD momentum"),
     Option("clip_grad", float, None, "clip the gradient norm at this value (0: off)"),
@@ -115,7 +138,8 @@ OPTIONS = [
     Option("crop_pct", float, 0.875, "eval: resize to img_size/crop_pct, then centre crop",
            ("train", "teacher", "eval")),
     Option("model_ema", bool, True, "keep and evaluate an EMA of the student"),
-    Option("model_ema_decay", float, 0.9998, "EMA decay per step"),
+    Option("model_ema_decay", float, None, f"EMA decay per step (auto: {EMA_DECAY}, or 1 - 10 / the run's steps when "
+           "that is smaller: a short run's EMA then averages over its last tenth)"),
     Option("compile", bool, None, "torch.compile the training step (auto: on CUDA, off on the CPU; the first "
            "steps compile)"),
     Option("compile_mode", str, "default", "torch.compile mode; reduce-overhead adds CUDA graphs",
@@ -303,6 +327,9 @@ def resolve(args: argparse.Namespace, command: str, *, student_is_tokens=None, s
         cfg.update({k: RECIPES[other][k] for k in ("lr", "weight_decay", "min_lr") if k in cfg})
     cfg.update(data_defaults)
     cfg.update(user)
+    if "warmup_epochs" not in user and cfg.get("warmup_epochs") and cfg.get("epochs"):
+        # a recipe's warm-up (20 epochs of 300) would fill a short run: shortened to a fifth of it at most
+        cfg["warmup_epochs"] = min(cfg["warmup_epochs"], round(SHORT_RUN_WARMUP * cfg["epochs"], 4))
     cfg["recipe"] = recipe
     _validate(cfg)
     return cfg
@@ -323,7 +350,7 @@ def _validate(cfg: dict) -> None:
     for name in ("hflip", "reprob", "smoothing"):
         if name in cfg and cfg[name] > 1:
             raise UserError(f"{flag(name)} must be a probability in [0, 1], got {cfg[name]}")
-    if "model_ema_decay" in cfg and cfg["model_ema_decay"] >= 1:
+    if cfg.get("model_ema_decay") is not None and cfg["model_ema_decay"] >= 1:
         raise UserError(f"--model-ema-decay must be < 1, got {cfg['model_ema_decay']}")
     if cfg.get("seed") is not None and not 0 <= cfg["seed"] < 2**32:
         raise UserError(f"--seed must be in [0, 2**32 - 1], got {cfg['seed']}")

@@ -17,6 +17,7 @@ from patfast.errors import TrainingStopped
 from patfast.train import checkpoint as ckpt
 from patfast.train import distributed as dist_
 from patfast.train import faults
+from patfast.train.config import EMA_DECAY, ema_decay, warmup_note
 from patfast.train.distributed import World
 from patfast.train.evaluate import evaluate
 from patfast.train.nonfinite import READ_EVERY, NonFiniteTally
@@ -80,16 +81,24 @@ class Training:
         self.optimizer = make_optimizer(self.params, cfg["opt"], cfg["lr"], cfg["weight_decay"], cfg["momentum"],
                                         fused=True)
         self.steps_per_epoch = len(b.train_loader)
+        total = cfg["epochs"] * self.steps_per_epoch
         self.schedule = WarmupCosine(self.optimizer, cfg["lr"], cfg["min_lr"],
-                                     round(cfg["warmup_epochs"] * self.steps_per_epoch),
-                                     cfg["epochs"] * self.steps_per_epoch)
+                                     round(cfg["warmup_epochs"] * self.steps_per_epoch), total)
+        log(f"schedule: lr {cfg['lr']:g}, warm-up {cfg['warmup_epochs']:g} epoch(s) "
+            f"({self.schedule.warmup} steps), then cosine to {cfg['min_lr']:g} at step {total} (epoch {cfg['epochs']})"
+            + warmup_note(cfg))
         self.step_fn = TrainStep(b.distiller, self.optimizer, self.params, self.speed, b.device, clip=cfg["clip_grad"],
                                  world=b.world, accum=cfg.get("grad_accum", 1))
         self.ema = None
         if cfg["model_ema"]:  # after TrainStep: the copy takes the student's memory format
             from timm.utils import ModelEmaV3
 
-            self.ema = self.step_fn.ema = ModelEmaV3(self.model, decay=cfg["model_ema_decay"])
+            decay = ema_decay(cfg, total)
+            self.ema = self.step_fn.ema = ModelEmaV3(self.model, decay=decay)
+            log(f"EMA of the student: decay {decay:.6g} per step (it averages over ~{1 / (1 - decay):.0f} steps)"
+                + ("" if cfg.get("model_ema_decay") is not None else
+                   f"; auto: {EMA_DECAY} for long runs, lowered to a tenth of this run's {total} steps"
+                   if decay < EMA_DECAY else ""))
             b.distiller.without_hooks(self.ema.module)  # the copy must not write into the distiller's stage taps
         log(f"step: {self.speed.describe()}"
             + (f" | ops backend: {cfg['backend']}" if b.distiller_name != "none" else ""))

@@ -116,3 +116,28 @@ def test_an_args_yaml_feeds_config_back(tmp_path, assert_config_reusable):
         assert_config_reusable(path)
     cfg = parse("train", "--config", str(tmp_path / "train.yaml"))
     assert cfg["out"] is None and cfg["distiller"] == "kd" and cfg["teacher_mean"] is None  # a new run's own out
+
+
+def test_short_runs_get_a_warm_up_and_an_ema_that_fit_them():
+    # issue 16 item 7: the ViT recipe's 20 warm-up epochs were clamped to the run (3 epochs: peak lr at the end,
+    # no decay), and the EMA's 0.9998 averages over 5,000 steps (a 3-epoch run's EMA stayed near initialisation)
+    from patfast.train.config import ema_decay, warmup_note
+    from patfast.train.optim import WarmupCosine
+
+    vit = lambda n: n.startswith("deit")  # noqa: E731
+    cfg = parse("train", "--data", "cifar100:/x", "--student", "deit_tiny_patch16_224", "--epochs", "3", tokens=vit)
+    assert cfg["warmup_epochs"] == 0.6 and "vit recipe's 20 warm-up" in warmup_note(cfg)
+    steps = 3 * 391
+    lrs = [WarmupCosine(_Opt(), cfg["lr"], cfg["min_lr"], round(0.6 * 391), steps).value(s) for s in range(steps)]
+    assert max(lrs) == cfg["lr"] and lrs[-1] < 1.01 * cfg["min_lr"]  # it warms up, then decays to the end
+    assert ema_decay(cfg, steps) == pytest.approx(1 - 10 / steps)  # averages over a tenth of the run
+    long = parse("train", "--data", "cifar100:/x", "--student", "deit_tiny_patch16_224", tokens=vit)
+    assert long["warmup_epochs"] == 20 and warmup_note(long) == ""
+    assert ema_decay(long, 300 * 391) == 0.9998
+    given = parse("train", "--data", "cifar100:/x", "--student", "deit_tiny_patch16_224", "--epochs", "3",
+                  "--warmup-epochs", "2", "--model-ema-decay", "0.999", tokens=vit)
+    assert given["warmup_epochs"] == 2 and ema_decay(given, steps) == 0.999  # what the user gives is kept
+
+
+class _Opt:
+    param_groups: list = []
