@@ -16,7 +16,7 @@ from patfast.errors import TrainingStopped, UserError
 COMMANDS = {
     "train": "distil a student from a teacher (PAT, KD) or train it alone; no arguments: the bundled digits demo",
     "teacher": "train or fine-tune a teacher on the same data",
-    "eval": "evaluate a checkpoint (student.safetensors, teacher.safetensors or last.pth) on a test split",
+    "eval": "evaluate a checkpoint (student.safetensors, teacher.safetensors or last.pth) on the test (val) split",
     "bench": "benchmarks: kernels against their references (bench kernels), data loaders (bench data)",
     "recipes": "list the packaged recipes (the paper's protocols) that --config NAME takes",
     "report": "tables and curves over seeds from run directories (mean ± std per config)",
@@ -112,6 +112,7 @@ def cmd_train(args, command: str) -> int:
 
 def cmd_eval(args) -> int:
     from patfast.data import load_data, make_loader
+    from patfast.data.datasets import eval_split_name
     from patfast.models.create import create_model
     from patfast.models.weights import load_state, read_state_dict, torch_load
     from patfast.train.config import resolve
@@ -152,7 +153,7 @@ def cmd_eval(args) -> int:
                          backend=cfg["data_backend"], progress=cfg["progress"])
     model.to(device)
     top1, top5 = evaluate(model, loader, device, amp_dtype("auto", device), cfg["progress"])
-    print(f"{name} on {cfg['data']} test split ({len(loader.dataset)} images, {img_size}px): "
+    print(f"{name} on {cfg['data']} {eval_split_name(cfg['data'])} split ({len(loader.dataset)} images, {img_size}px): "
           f"top-1 {top1:.2f}%  top-5 {top5:.2f}%")
     return 0
 

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from patfast.data import load_data, make_loader
+from patfast.data.datasets import eval_split_name
 from patfast.distill.base import Vanilla
 from patfast.distill.build import DistillSettings, build_distiller
 from patfast.errors import TrainingStopped, UserError
@@ -323,7 +324,7 @@ def _build(cfg, command, device, dtype, out, log, world: World) -> tuple[Built, 
         teacher_top = evaluate(frozen.model, test_loader, device, dtype, show_bars, "teacher eval", world)
         log(f"teacher test accuracy: top-1 {teacher_top[0]:.2f}%  top-5 {teacher_top[1]:.2f}%")
     built = Built(cfg, command, distiller, train_loader, test_loader, k, device, dtype, out, log, world,
-                  distiller_name, what, role, name, show_bars)
+                  distiller_name, what, role, name, show_bars, teacher_top[0] if teacher_top else None)
     return built, dataset, teacher_top
 
 
@@ -346,17 +347,25 @@ def _finish(b: Built, training: Training, dataset, teacher_top: tuple | None) ->
 
 
 def final_table(log: Log, cfg: dict, r: dict, n_test: int | None) -> None:
-    last = r["last"]
-    log("")
-    log(f"== result on the {cfg['data']} test split" + (f" ({n_test} images)" if n_test else "") + " ==")
-    log(f"{'model':<60} {'top-1':>7} {'top-5':>7}")
-    if r["teacher_top1"] is not None:
-        log(f"{'teacher ' + cfg['teacher']:<60} {r['teacher_top1']:>7.2f} {r['teacher_top5']:>7.2f}")
+    last, b = r["last"], r["best"]
     label = f"{r['role']} {r['model']}" + (f" [{r['distiller']}]" if r["role"] == "student" else "")
-    log(f"{label + ', last epoch':<60} {last['eval_top1']:>7.2f} {last['eval_top5']:>7.2f}")
+    rows = []
+    if r["teacher_top1"] is not None:
+        rows.append((f"teacher {cfg['teacher']}", f"{r['teacher_top1']:>7.2f} {r['teacher_top5']:>7.2f}"))
+    rows.append((f"{label}, last epoch", f"{last['eval_top1']:>7.2f} {last['eval_top5']:>7.2f}"))
     if last.get("ema_top1") is not None:
-        log(f"{label + ', EMA, last epoch':<60} {last['ema_top1']:>7.2f} {last['ema_top5']:>7.2f}")
-    b = r["best"]
-    log(f"{'best over epochs of max(raw, EMA): the paper metric':<60} {b['top1']:>7.2f}   "
-        f"(epoch {b['epoch']}, {b['which']})")
-    log(f"outputs in {r['out']}: summary.csv, curves.png, log.txt, args.yaml, last.pth, {r['role']}.safetensors")
+        rows.append((f"{label}, EMA, last epoch", f"{last['ema_top1']:>7.2f} {last['ema_top5']:>7.2f}"))
+    rows.append(("best over epochs of max(raw, EMA): the paper metric",
+                 f"{b['top1']:>7.2f}   (epoch {b['epoch']}, {b['which']})"))
+    width = max(len(name) for name, _ in rows)
+    log("")
+    log(f"== result on the {cfg['data']} {eval_split_name(cfg['data'])} split"
+        + (f" ({n_test} images)" if n_test else "") + " ==")
+    log(f"{'model':<{width}} {'top-1':>7} {'top-5':>7}")
+    for name, figures in rows:
+        log(f"{name:<{width}} {figures}")
+    weights = [f"{r['role']}.safetensors"] + ([f"{r['role']}_ema.safetensors"] if last.get("ema_top1") is not None
+                                              else [])
+    best = ["best.pth"] if os.path.isfile(os.path.join(r["out"], "best.pth")) else []
+    log(f"outputs in {r['out']}: {', '.join(weights)} (weights), last.pth{', best.pth' if best else ''} (training "
+        "states), summary.csv, curves.png, log.txt, args.yaml")

@@ -78,10 +78,15 @@ class EpochTable:
 
     def row(self, r: dict) -> None:
         vals = [str(r["epoch"]), f"{r['lr']:.2e}", f"{r['train_loss']:.4f}"] + \
-            [f"{r[t]:.4f}" for t in self.terms] + \
+            [_loss(r[t]) for t in self.terms] + \
             [f"{r['eval_top1']:.2f}", f"{r['eval_top5']:.2f}", _pct(r.get("ema_top1")), f"{r['img_per_s']:.0f}",
              f"{r['epoch_s']:.1f}s"]
         self.log(" ".join(v.rjust(w) for v, w in zip(vals, self.widths)))
+
+
+def _loss(v: float) -> str:
+    """Four decimals, or three significant digits for a small term (1e-5 is not 0.0000)."""
+    return f"{v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.2e}"
 
 
 def _pct(v) -> str:
@@ -118,12 +123,15 @@ def _fmt(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def plot_curves(rows: list[dict], terms: list[str], path: str, title: str) -> None:
-    """Loss terms (log scale) and accuracies against epochs, one PNG."""
+def plot_curves(rows: list[dict], terms: list[str], path: str, title: str, role: str = "student",
+                teacher_top1: float | None = None) -> None:
+    """Loss terms (log scale) and accuracies against epochs, one PNG; the teacher's accuracy as a line when the
+    model trained is a student of one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -135,10 +143,16 @@ def plot_curves(rows: list[dict], terms: list[str], path: str, title: str) -> No
     ax1.set_xlabel("epoch")
     ax1.set_title("training loss (per term)")
     ax1.legend(fontsize=8)
-    for key, label in (("eval_top1", "student top-1"), ("ema_top1", "EMA student top-1"), ("eval_top5", "top-5")):
+    for key, label in (("eval_top1", f"{role} top-1"), ("ema_top1", f"EMA {role} top-1"), ("eval_top5",
+                                                                                         f"{role} top-5")):
         ys = [r.get(key) for r in rows]
         if all(y is not None for y in ys):
             ax2.plot(epochs, ys, marker=".", label=label)
+    if teacher_top1 is not None:
+        ax2.axhline(teacher_top1, color="black", linestyle="--", linewidth=1,
+                    label=f"teacher top-1 ({teacher_top1:.2f})")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("accuracy (%)")
     ax2.set_title("test accuracy")

@@ -49,6 +49,7 @@ class Built:
     role: str  # "student" | "teacher"
     name: str  # the timm model trained
     show_bars: bool
+    teacher_top1: float | None = None  # the frozen teacher's test accuracy (the plots' reference line)
 
 
 def projection(epoch_s: float, remaining: int, compiled: bool, now: float | None = None) -> str:
@@ -148,7 +149,7 @@ class Training:
         if b.world.main:
             self.summary.append(row)  # after the checkpoint: a resume rewrites summary.csv from the checkpoint's rows
             plot_curves(self.rows, self.terms, os.path.join(b.out, "curves.png"),
-                        f"{b.role} {b.name} | {b.what} | {b.cfg['data']}")
+                        f"{b.role} {b.name} | {b.what} | {b.cfg['data']}", b.role, b.teacher_top1)
         if b.world.distributed:  # a signal during the evaluation: every process stops here, or none does
             self.stop.signum = dist_.any_signal(self.stop.signum, b.device, b.world)
         if self.stop.signum:
