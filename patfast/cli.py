@@ -104,6 +104,10 @@ def cmd_train(args, command: str) -> int:
     from patfast.train.loop import run, saved_config
 
     saved = saved_config({"resume": args.resume, "out": args.out}, command)  # --resume: that run's config
+    if command == "train" and saved is None and args.teacher is None and args.teacher_checkpoint:
+        from patfast.models.weights import checkpoint_meta
+
+        args.teacher = checkpoint_meta(args.teacher_checkpoint).get("model")  # the model the file was saved for
     cfg = resolve(args, command, student_is_tokens=_token_student, saved=saved)
     check_inputs(cfg, command)
     run(cfg, command)
@@ -114,7 +118,13 @@ def cmd_eval(args) -> int:
     from patfast.data import load_data, make_loader
     from patfast.data.datasets import eval_split_name
     from patfast.models.create import create_model
-    from patfast.models.weights import load_state, read_state_dict, torch_load
+    from patfast.models.weights import (
+        is_training_state,
+        load_state,
+        read_state_dict,
+        torch_load,
+        training_state_weights,
+    )
     from patfast.train.config import resolve
     from patfast.train.evaluate import evaluate
     from patfast.train.loop import resolve_device
@@ -124,17 +134,15 @@ def cmd_eval(args) -> int:
     if not cfg.get("checkpoint"):
         raise UserError("eval: --checkpoint is required")
     path = cfg["checkpoint"]
-    if path.endswith(".pth"):  # last.pth of a run: the student part of the distiller
+    if path.endswith(".pth"):  # last.pth of a run: the model it trained
         state = torch_load(path)
-        if not isinstance(state, dict) or not isinstance(state.get("distiller"), dict):
+        if not is_training_state(state):
             raise UserError(f"{path} is not a patfast training state (last.pth)")
-        run_cfg = state.get("config") if isinstance(state.get("config"), dict) else {}
-        weights = {k.removeprefix("student."): v for k, v in state["distiller"].items() if k.startswith("student.")}
-        if not weights:
-            raise UserError(f"{path} holds no student weights (not a last.pth of `patfast train` or `teacher`)")
-        meta = {"model": run_cfg.get("student") or run_cfg.get("teacher"), "img_size": run_cfg.get("img_size")}
+        weights, meta = training_state_weights(state, path)
     else:
         weights, meta = read_state_dict(path)
+    if args.data is None and meta.get("data"):  # the data it was trained on, unless told otherwise
+        cfg["data"] = meta["data"]
     name = cfg.get("model") or meta.get("model")
     if not name:
         raise UserError(f"{path} does not say which model it holds: pass --model")

@@ -150,3 +150,43 @@ def test_console_script_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("patfast: error: unknown data spec 'nope'")
+
+
+@pytest.mark.slow
+def test_what_a_checkpoint_says_about_itself_is_used(tmp_path, cache, capsys):
+    # issue 16 item 12: a last.pth is a teacher checkpoint; its model needs no --teacher; a ViT teacher trained at
+    # 64px used at 32px says which --img-size to use; eval without --data evaluates on the data the model was trained on
+    torch.manual_seed(0)
+    atto = create_model("convnext_atto", 10, 32).state_dict()
+    last = tmp_path / "teacher-run" / "last.pth"
+    last.parent.mkdir()
+    torch.save({"version": 1, "distiller": {f"student.{k}": v for k, v in atto.items()}, "ema": None,
+                "config": {"command": "teacher", "teacher": "convnext_atto", "img_size": 32, "data": "digits"}}, last)
+    code, stdout, err = run_cli(capsys, "train", "--teacher-checkpoint", str(last), "--student", "resnet10t",
+                                "--distiller", "kd", "--epochs", "1", "--img-size", "32", "--batch-size", "128",
+                                "--no-progress", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert f"teacher: convnext_atto from {last}" in stdout
+
+    vit = tmp_path / "vit64.safetensors"
+    save_weights(create_model("deit_tiny_patch16_224", 10, 64), str(vit), {"model": "deit_tiny_patch16_224",
+                                                                          "img_size": 64, "num_classes": 10})
+    code, _, err = run_cli(capsys, "train", "--teacher-checkpoint", str(vit), "--student", "resnet10t", "--distiller",
+                           "kd", "--epochs", "1", "--img-size", "32", "--no-progress", "--out", str(tmp_path / "r2"))
+    assert_user_error(code, err, "was trained at 64px and does not fit a deit_tiny_patch16_224 built for 32px: use "
+                                 "--img-size 64")
+
+    from PIL import Image
+
+    root = tmp_path / "icons"
+    for split in ("train", "val"):
+        for c, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (12, 12), colour).save(root / split / c / f"{i}.png")
+    model = tmp_path / "icons.safetensors"
+    save_weights(create_model("resnet10t", 2, 32), str(model), {"model": "resnet10t", "img_size": 32,
+                                                                "num_classes": 2, "data": f"imagefolder:{root}"})
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(model), "--no-progress")
+    assert code == 0, err
+    assert f"resnet10t on imagefolder:{root} val split (4 images, 32px)" in stdout

@@ -25,7 +25,15 @@ from torch import nn
 
 from patfast.errors import UserError
 from patfast.models.create import check_model_name, create_model
-from patfast.models.weights import check_file, load_state, read_state_dict, torch_load, unwrap_state
+from patfast.models.weights import (
+    check_file,
+    is_training_state,
+    load_state,
+    read_state_dict,
+    torch_load,
+    training_state_weights,
+    unwrap_state,
+)
 
 # buffers timm 0.6.5 stored that timm 1.x computes when it builds the model (Swin); timm's filters drop them
 DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
@@ -91,6 +99,9 @@ def read_teacher_state(path: str, use_ema: bool = False) -> tuple[dict[str, torc
         state, meta = read_state_dict(path)
         return state, meta, False
     obj = torch_load(path, allow=(argparse.Namespace,))
+    if is_training_state(obj):  # a patfast run's last.pth: the model it trained
+        state, meta = training_state_weights(obj, path, use_ema)
+        return state, meta, False
     outer = obj
     if use_ema:
         key = next((k for k in EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
@@ -125,8 +136,15 @@ def timm_filter(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[
 def _load_teacher(name, checkpoint, num_classes, img_size, use_ema, model_kwargs) -> tuple[nn.Module, dict]:
     model = create_model(name, num_classes, img_size, **model_kwargs)
     state, meta, torch_file = read_teacher_state(checkpoint, use_ema)
-    if not torch_file:  # patfast's own .safetensors: exactly load_weights
-        load_state(model, state, source=checkpoint, what="teacher", meta=meta)
+    if not torch_file:  # patfast's own .safetensors or last.pth: exactly load_weights
+        try:
+            load_state(model, state, source=checkpoint, what="teacher", meta=meta)
+        except UserError as e:
+            trained_at = meta.get("img_size")
+            if trained_at and str(trained_at) != str(img_size):
+                raise UserError(f"teacher checkpoint {checkpoint} was trained at {trained_at}px and does not fit a "
+                                f"{name} built for {img_size}px: use --img-size {trained_at}") from None
+            raise e from None
         return model, meta
     filtered, resized = timm_filter(state, model)
     load_state(model, filtered, source=checkpoint, what="teacher", meta=meta)

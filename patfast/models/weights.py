@@ -34,6 +34,44 @@ def read_state_dict(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return unwrap_state(torch_load(path), path)
 
 
+def is_training_state(obj) -> bool:
+    """Whether a torch file held a patfast training state (last.pth / best.pth of `patfast train` or `teacher`)."""
+    return isinstance(obj, dict) and isinstance(obj.get("distiller"), dict) and isinstance(obj.get("config"), dict)
+
+
+def training_state_weights(state: dict, path: str, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights, metadata) of the model a training state trained (a `train` run's student, a `teacher` run's
+    teacher; with use_ema its EMA copy): metadata as a .safetensors file of it would hold (model, img_size, data)."""
+    cfg = state["config"]
+    if use_ema:
+        if not isinstance(state.get("ema"), dict):
+            raise UserError(f"{path} holds no EMA weights (the run had --no-model-ema)")
+        weights = dict(state["ema"])
+    else:
+        weights = {k.removeprefix("student."): v for k, v in state["distiller"].items() if k.startswith("student.")}
+    if not weights:
+        raise UserError(f"{path} holds no model weights (not a last.pth of `patfast train` or `teacher`)")
+    model = cfg.get("teacher") if cfg.get("command") == "teacher" else cfg.get("student")
+    meta = {k: str(v) for k, v in (("model", model), ("img_size", cfg.get("img_size")), ("data", cfg.get("data")))
+            if v is not None}
+    return weights, meta
+
+
+def checkpoint_meta(path: str) -> dict[str, str]:
+    """What a weights file says about itself (model, img_size, data...) without reading its weights: a .safetensors
+    header, a training state's config; {} for other files or when unreadable (loading them reports why)."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return dict(f.metadata() or {})
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return training_state_weights(obj, path)[1] if is_training_state(obj) else {}
+    except Exception:
+        return {}
+
+
 def unwrap_state(obj, path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state_dict, metadata) out of what a torch file held: the weights directly or under "state_dict", "model",
     "student" or "model_ema" (the first of these present), metadata under "meta"; a "module." prefix is removed."""
