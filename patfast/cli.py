@@ -17,7 +17,8 @@ COMMANDS = {
     "train": "distil a student from a teacher (PAT, KD) or train it alone; no arguments: the bundled digits demo",
     "teacher": "train or fine-tune a teacher on the same data",
     "eval": "evaluate a checkpoint (student.safetensors, teacher.safetensors or last.pth) on the test (val) split",
-    "bench": "benchmarks: kernels against their references (bench kernels), data loaders (bench data)",
+    "bench": "benchmarks: kernels against their references (bench kernels), data loaders (bench data), the training "
+             "step's paths (bench train)",
     "recipes": "list the packaged recipes (the paper's protocols) that --config NAME takes",
     "report": "tables and curves over seeds from run directories (mean ± std per config)",
     "info": "versions, device and the available backends",
@@ -47,13 +48,16 @@ def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from patfast import __version__
     from patfast.train.config import add_options
 
     parser = _Parser(prog="patfast", description="Fast heterogeneous knowledge distillation with PAT.")
+    parser.add_argument("--version", action="version", version=f"patfast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     parser.commands = {}  # name -> its parser (a --config file sets the defaults of one)
     for name, help_text in COMMANDS.items():
-        p = parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        usage = f"patfast {name} [options]" if name in ("train", "teacher", "eval") else None
+        p = parser.commands[name] = sub.add_parser(name, help=help_text, description=help_text, usage=usage)
         if name == "bench":
             from patfast.bench import add_options as add_bench_options
 

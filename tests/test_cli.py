@@ -190,3 +190,31 @@ def test_what_a_checkpoint_says_about_itself_is_used(tmp_path, cache, capsys):
     code, stdout, err = run_cli(capsys, "eval", "--checkpoint", str(model), "--no-progress")
     assert code == 0, err
     assert f"resnet10t on imagefolder:{root} val split (4 images, 32px)" in stdout
+
+
+def test_help_groups_the_flags_and_shows_the_defaults_that_apply(capsys):
+    # issue 16 item 8: one flat list of 60 flags, defaults the demo does not use, "(default: None)", doubled texts
+    import re
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    headings = re.findall(r"^(\w[\w ()]*):$", text, flags=re.M)
+    assert headings[:1] == ["options"] and headings[1:] == ["data", "models", "distiller", "optimisation", "speed",
+                                                            "output and resuming", "distributed (torchrun)"]
+    flat = " ".join(text.split())
+    assert "default: None" not in flat and "(default: True)" not in flat
+    assert "--epochs EPOCHS training epochs (default on the bundled digits: 10; other data: 300)" in flat
+    assert "--student STUDENT student timm model name (default on the bundled digits: deit_tiny_patch16_224" in flat
+    assert "--lr LR peak learning rate (default: CNN students 0.05, ViT/MLP students 0.0005)" in flat
+    for option in re.split(r"\n  (?=--)", text):  # one default text per flag
+        assert option.count("default:") + option.count("(default on") <= 1, option
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "(.safetensors or last.pth) (required)" in flat
+    assert "--img-size SIZE input size (default: the checkpoint's, else 224)" in flat
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip().startswith("patfast 0.")

@@ -151,8 +151,9 @@ OPTIONS = [
            "data, else torch) | torch | gpu | dali", ("train", "teacher", "eval"),
            choices=("auto", "torch", "gpu", "dali")),
     Option("workers", int, 0, "data loader worker processes (torch) or threads (dali)", ("train", "teacher", "eval")),
-    Option("resume", str, None, "continue the run in DIR (its last.pth), or 'auto': continue --out if it holds "
-           "one, else start it", ("train", "teacher")),
+    Option("resume", str, None, "continue the run in DIR with its own config, the command line overriding only "
+           "what it gives (--epochs N extends a finished run); 'auto': continue --out if it holds a run, else start "
+           "it", ("train", "teacher"), extra={"metavar": "DIR"}),
     Option("checkpoint_every", int, 0, "also write last.pth every N steps (0: only at the end of each epoch)",
            ("train", "teacher")),
     Option("allow_config_change", bool, False, "resume even though the config differs from the checkpoint's",
@@ -172,18 +173,69 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# --help shows the flags in these groups, in this order (an option not listed goes under "other")
+GROUPS = {
+    "data": ("config", "data", "img_size", "batch_size", "crop_scale", "hflip", "auto_augment", "reprob", "mixup",
+             "cutmix", "crop_pct", "data_backend", "workers"),
+    "models": ("teacher", "student", "model", "checkpoint", "teacher_checkpoint", "init_checkpoint", "teacher_ema",
+               "teacher_pretrained", "teacher_mean", "teacher_std", "teacher_epochs"),
+    "distiller": ("distiller", "pat_variant", "pat_afp_stage", "pat_feedback", "pat_aligner_order", "pat_dim",
+                  "pat_heads", "student_stages", "teacher_stages", "teacher_prompt_points", "gt_weight", "kd_weight",
+                  "fd_weight", "reg_weight", "kd_temperature", "backend"),
+    "optimisation": ("recipe", "epochs", "opt", "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum",
+                     "clip_grad", "smoothing", "grad_accum", "model_ema", "model_ema_decay", "seed", "deterministic",
+                     "nonfinite_patience"),
+    "speed": ("compile", "compile_mode", "channels_last", "amp", "device"),
+    "output and resuming": ("out", "resume", "checkpoint_every", "allow_config_change", "progress"),
+    "distributed (torchrun)": ("sync_bn",),
+}
+GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
+
+
+def _default_text(o: Option, command: str) -> str:
+    """The defaults that apply, as --help shows them: the bundled data's (the no-argument demo), the recipes',
+    the built-in one; '' where the help text says it already."""
+    if command == "eval" and o.name in ("img_size", "data"):
+        return f"(default: the checkpoint's, else {o.default})"
+    if command == "eval" and o.name == "checkpoint":
+        return "(required)"
+    if "default:" in o.help or "(auto" in o.help:
+        return ""
+    def show(v):
+        if isinstance(v, bool):
+            return "on" if v else "off"
+        return _show(v) if v not in ("", None) else "off" if v == "" else "auto"
+
+    parts, role = [], "student" if command == "train" else "model"
+    if o.name in RECIPES["cnn"] or o.name in RECIPES["vit"]:
+        by_recipe = {r: RECIPES[r].get(o.name, o.default) for r in ("cnn", "vit")}
+        parts.append(f"CNN {role}s {show(by_recipe['cnn'])}, ViT/MLP {role}s {show(by_recipe['vit'])}")
+    elif o.default is not None or o.type is bool:
+        parts.append(show(o.default))
+    digits = DATA_DEFAULTS["digits"]
+    on_digits = digits.get("teacher_epochs" if command == "teacher" and o.name == "epochs" else o.name)
+    if on_digits is not None and command in ("train", "teacher"):
+        others = f"; other data: {parts[0]}" if parts and o.name != "teacher_epochs" else ""
+        return f"(default on the bundled digits: {show(on_digits)}{others})"
+    return f"(default: {parts[0]})" if parts else ""
+
+
 def add_options(parser: argparse.ArgumentParser, command: str) -> None:
-    """Add the command's flags, each typed by its option's converter; every default is None so that we can tell
-    what the user set (a --config file's values become defaults: `parse_args`)."""
-    for o in OPTIONS:
-        if command not in o.commands:
-            continue
+    """Add the command's flags in their groups, each typed by its option's converter; every default is None so that
+    we can tell what the user set (a --config file's values become defaults: `parse_args`)."""
+    mine = [o for o in OPTIONS if command in o.commands]
+    present = {GROUP_OF.get(o.name, "other") for o in mine}
+    groups = {g: parser.add_argument_group(g) for g in [*GROUPS, "other"] if g in present}
+    for o in mine:
+        group = groups[GROUP_OF.get(o.name, "other")]
+        text = " ".join(t for t in (o.help, _default_text(o, command)) if t)
         if o.type is bool:
-            parser.add_argument(flag(o.name), dest=o.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"{o.help} (default: {'auto' if o.default is None else o.default})")
+            group.add_argument(flag(o.name), dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
         else:
-            parser.add_argument(flag(o.name), dest=o.name, default=None, metavar=o.name.split("_")[-1].upper(),
-                                type=_command_line_type(o), help=f"{o.help} (default: {_show(o.default)})")
+            group.add_argument(flag(o.name), dest=o.name, default=None,
+                               metavar=o.extra.get("metavar", o.name.split("_")[-1].upper()),
+                               type=_command_line_type(o), help=text)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str], command_parsers: dict | None = None,
