@@ -18,6 +18,9 @@ import sys
 from patfast.errors import UserError
 from patfast.train import runs_report
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import made_by  # noqa: E402
+
 
 def run(out: str, distiller: str, seed: int, teacher_ckpt: str | None, extra: list[str]) -> str:
     folder = os.path.join(out, f"{distiller}-seed{seed}")
@@ -59,7 +62,8 @@ def table(out: str, folders: list[str], seeds: list[int]) -> str:
         teacher = f"{mean:.2f} ± {std:.2f} % (seeds {', '.join(sorted(by_seed))}: {each})"
     else:
         teacher = f"{tops[0]:.2f} %" if tops else "n/a"
-    note = f"Seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds). Teacher test top-1: {teacher}."
+    note = (f"Seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds). Teacher test top-1: {teacher}. "
+            f"{made_by()[0].upper()}{made_by()[1:]}.")
     title = "Bundled digits: student alone, KD, PAT"
     text = runs_report.markdown(report, title, note)
     runs_report.write_markdown(os.path.join(out, "table.md"), text)
