@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
-    """' (did you mean --batch-size?)' for misspelt flags, from every command's flags."""
+    """' (did you mean --batchsize -> --batch-size?)' for misspelt flags, from every command's flags."""
     import difflib
 
     known = set(parser._option_string_actions)
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _say(line: str) -> None:
     """The one line of a failed or stopped run, on stderr; under torchrun from rank 0 alone (every process hits the
-    same mistake or the same stop). The others wait a moment first: torchrun stops rank 0 once one process exits."""
+    same mistake or the same stop). The others stay quiet a moment longer: torchrun stops every process once one
+    has exited, and rank 0 must have printed by then."""
     if os.environ.get("RANK", "0") == "0":
         print(line, file=sys.stderr)
     else:

@@ -199,22 +199,24 @@ def _default_text(o: Option, command: str) -> str:
         return f"(default: the checkpoint's, else {o.default})"
     if command == "eval" and o.name == "checkpoint":
         return "(required)"
-    if "default:" in o.help or "(auto" in o.help:
-        return ""
     def show(v):
         if isinstance(v, bool):
             return "on" if v else "off"
         return _show(v) if v not in ("", None) else "off" if v == "" else "auto"
 
+    digits = DATA_DEFAULTS["digits"]
+    on_digits = digits.get("teacher_epochs" if command == "teacher" and o.name == "epochs" else o.name)
+    if command not in ("train", "teacher"):
+        on_digits = None
+    if "default:" in o.help or "(auto" in o.help:  # the help says the default; the demo's own, if it has one
+        return f"(on the bundled digits: {show(on_digits)})" if on_digits is not None else ""
     parts, role = [], "student" if command == "train" else "model"
     if o.name in RECIPES["cnn"] or o.name in RECIPES["vit"]:
         by_recipe = {r: RECIPES[r].get(o.name, o.default) for r in ("cnn", "vit")}
         parts.append(f"CNN {role}s {show(by_recipe['cnn'])}, ViT/MLP {role}s {show(by_recipe['vit'])}")
     elif o.default is not None or o.type is bool:
         parts.append(show(o.default))
-    digits = DATA_DEFAULTS["digits"]
-    on_digits = digits.get("teacher_epochs" if command == "teacher" and o.name == "epochs" else o.name)
-    if on_digits is not None and command in ("train", "teacher"):
+    if on_digits is not None:
         others = f"; other data: {parts[0]}" if parts and o.name != "teacher_epochs" else ""
         return f"(default on the bundled digits: {show(on_digits)}{others})"
     return f"(default: {parts[0]})" if parts else ""

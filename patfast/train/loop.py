@@ -196,7 +196,8 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
         state = ckpt.read_state(os.path.join(resume, "last.pth"))
         saved = state["config"]
         if saved.get("command", command) != command:
-            raise UserError(f"--resume {resume}: that run is a `patfast {saved.get('command')}` run")
+            raise UserError(f"--resume {resume}: that run is a `patfast {saved.get('command')}` run (continue it with "
+                            f"`patfast {saved.get('command')} --resume {resume}`)")
         ckpt.check_compatible({k: v for k, v in saved.items() if k != "command"}, cfg,
                               os.path.join(resume, "last.pth"), cfg.get("allow_config_change", False))
         _check_epochs(state, cfg, resume)
@@ -231,7 +232,7 @@ def _ending(e: BaseException) -> str:
     if isinstance(e, TrainingStopped):
         return f"patfast: {e}"
     if isinstance(e, KeyboardInterrupt):
-        return "patfast: interrupted (Ctrl-C twice): the last checkpoint written is kept"
+        return "patfast: interrupted: the last checkpoint written, if any, is kept"
     return f"patfast: crashed: {type(e).__name__}: {e} (traceback on stderr)"
 
 
@@ -366,6 +367,6 @@ def final_table(log: Log, cfg: dict, r: dict, n_test: int | None) -> None:
         log(f"{name:<{width}} {figures}")
     weights = [f"{r['role']}.safetensors"] + ([f"{r['role']}_ema.safetensors"] if last.get("ema_top1") is not None
                                               else [])
-    best = ["best.pth"] if os.path.isfile(os.path.join(r["out"], "best.pth")) else []
-    log(f"outputs in {r['out']}: {', '.join(weights)} (weights), last.pth{', best.pth' if best else ''} (training "
-        "states), summary.csv, curves.png, log.txt, args.yaml")
+    states = "last.pth, best.pth" if os.path.isfile(os.path.join(r["out"], "best.pth")) else "last.pth"
+    log(f"outputs in {r['out']}: {', '.join(weights)} (weights), {states} (training states), summary.csv, "
+        "curves.png, log.txt, args.yaml")
