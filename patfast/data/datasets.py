@@ -29,11 +29,6 @@ from patfast.errors import UserError
 SPEC_FORMS = "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR"
 KINDS = ("digits", "cifar10", "cifar100", "imagefolder")
 SPLITS = ("train", "test")
-
-
-def eval_split_name(spec: str) -> str:
-    """What the user calls the split a run evaluates on: an ImageFolder's val/, the others' test split."""
-    return "val" if str(spec).split(":", 1)[0] == "imagefolder" else "test"
 SPLIT_ALIASES = {"train": "train", "test": "test", "val": "test"}
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -43,6 +38,11 @@ BACKGROUND = (255, 255, 255)  # what transparent pixels of ImageFolder images be
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 Stats = tuple[float, float, float]
+
+
+def eval_split_name(spec: str) -> str:
+    """What the user calls the split a run evaluates on: an ImageFolder's val/, the others' test split."""
+    return "val" if str(spec).split(":", 1)[0] == "imagefolder" else "test"
 
 
 @dataclass(frozen=True)
