@@ -2,7 +2,8 @@
 `--resume D` alone, extended with `--epochs`, its args.yaml reused, Ctrl-C during the demo's teacher phase, and two
 demos started together on one teacher cache. Prints what each command printed (its last lines) and its exit status.
 
-    python benchmarks/new_user_walk.py OUT     (short runs: --teacher-epochs 2 --epochs 2; about 8 minutes on 2 cores)
+    python benchmarks/new_user_walk.py OUT [1,2,3]   (the parts to walk; short runs: --teacher-epochs 2 --epochs 2;
+                                                      about 8 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -43,34 +44,49 @@ def ctrl_c_when(proc, path, text, timeout=900):
     os.killpg(proc.pid, signal.SIGINT)
 
 
-def main(out: str) -> None:
+def _partial(teachers: str) -> str | None:
+    """The teacher being trained in the cache (its .partial folder), if there is one yet."""
+    names = os.listdir(teachers) if os.path.isdir(teachers) else []
+    return next((os.path.join(teachers, n) for n in names if n.endswith(".partial")), None)
+
+
+def main(out: str, steps: set[int]) -> None:
     os.makedirs(out, exist_ok=True)
     out = os.path.abspath(out)
     cache = os.path.join(out, "cache")
     d = os.path.join(out, "D")
-    # 1. the demo, stopped in its student phase; --resume D alone; --epochs extends it
+    if 1 in steps:  # the demo, stopped in its student phase; --resume D alone; --epochs extends it; its args.yaml
+        _resume_walk(out, cache, d)
+    if 2 in steps:
+        _teacher_phase_walk(out)
+    if 3 in steps:
+        _two_demos_walk(out)
+
+
+def _resume_walk(out, cache, d):
     p = start(["train", "--epochs", "2", "--out", d, *SHORT], out, cache)
     ctrl_c_when(p, os.path.join(d, "log.txt"), "step: ")
     finish(p, 3)
     finish(start(["train", "--resume", d], out, cache))
     finish(start(["train", "--resume", d, "--epochs", "3"], out, cache), 12)
-    # 2. its args.yaml as a config
     finish(start(["train", "--config", os.path.join(d, "args.yaml"), "--out", os.path.join(out, "D2"), "--epochs",
                   "1"], out, cache), 3)
-    # 3. Ctrl-C while the demo trains its teacher (a new cache: no teacher yet); then --resume
+
+
+def _teacher_phase_walk(out):
+    """Ctrl-C while the demo trains its teacher (a new cache: no teacher yet); then --resume."""
     cache2, e = os.path.join(out, "cache2"), os.path.join(out, "E")
     p = start(["train", "--epochs", "1", "--out", e, *SHORT], out, cache2)
     deadline = time.time() + 300
-    while time.time() < deadline and not any(n.endswith(".partial") for n in os.listdir(os.path.join(cache2,
-                                                                                                      "teachers"))
-                                             if os.path.isdir(os.path.join(cache2, "teachers"))):
+    while not (partial := _partial(os.path.join(cache2, "teachers"))) and time.time() < deadline:
         time.sleep(0.5)
-    partial = next(os.path.join(cache2, "teachers", n) for n in os.listdir(os.path.join(cache2, "teachers"))
-                   if n.endswith(".partial"))
     ctrl_c_when(p, os.path.join(partial, "log.txt"), "step: ")
     finish(p, 3)
     finish(start(["train", "--resume", e], out, cache2), 4)
-    # 4. two demos started together on one (empty) teacher cache
+
+
+def _two_demos_walk(out):
+    """Two demos started together on one (empty) teacher cache."""
     cache3 = os.path.join(out, "cache3")
     a = start(["train", "--epochs", "1", "--out", os.path.join(out, "A"), *SHORT], out, cache3)
     time.sleep(3)
@@ -83,4 +99,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], {int(n) for n in (sys.argv[2] if len(sys.argv) > 2 else "1,2,3").split(",")})

@@ -93,7 +93,7 @@ def _is_run_dir(path: str) -> bool:
 
 def expand_paths(paths: list[str]) -> list[str]:
     """The run directories named by `paths`: a run directory stands for itself, a folder that is no run but holds
-    runs one level down (e.g. benchmarks/results/digits_cpu) for those; duplicates dropped, order kept."""
+    runs one level down (e.g. benchmarks/results/demo_cpu) for those; duplicates dropped, order kept."""
     if not paths:
         raise UserError("report: give one or more run directories (each holding args.yaml and summary.csv)")
     found, seen = [], set()

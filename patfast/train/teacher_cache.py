@@ -13,6 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 from patfast.errors import TrainingStopped, UserError
+from patfast.train import checkpoint as ckpt
 from patfast.train.config import data_kind, resolve
 from patfast.train.report import Log
 
@@ -57,6 +58,7 @@ def teacher_checkpoint(cfg: dict, log: Log, train: Callable[[dict, str], dict], 
             tcfg["resume"] = partial
         else:
             shutil.rmtree(partial, ignore_errors=True)
+        rng = ckpt.rng_state()  # the student run goes on as if the teacher had been cached: same figures either way
         try:
             train(tcfg, "teacher")
         except TrainingStopped as e:
@@ -66,6 +68,8 @@ def teacher_checkpoint(cfg: dict, log: Log, train: Callable[[dict, str], dict], 
             raise TrainingStopped(f"stopped by {signal.Signals(e.status - 128).name} while training the teacher: its "
                                   f"checkpoint is {os.path.join(partial, 'last.pth')}; {again} and the teacher "
                                   "continues from it", e.status) from None
+        finally:
+            ckpt.set_rng_state(rng)
         os.replace(partial, folder)  # only a finished teacher is ever found in the cache
     log(f"teacher: trained and cached at {path}")
     log("")
@@ -74,8 +78,6 @@ def teacher_checkpoint(cfg: dict, log: Log, train: Callable[[dict, str], dict], 
 
 def _can_continue(partial: str, tcfg: dict, log: Log) -> bool:
     """Whether a teacher stopped part-way in `partial` can be continued with `tcfg` (the same settings)."""
-    from patfast.train import checkpoint as ckpt
-
     last = os.path.join(partial, "last.pth")
     if not os.path.isfile(last):
         return False

@@ -62,3 +62,27 @@ def test_a_lock_held_by_another_process_is_waited_for_and_a_dead_holders_is_not(
     with _only_writer(str(lock), lines.append):  # the kernel released the dead holder's lock
         pass
     assert lines == []
+
+
+@pytest.mark.slow
+def test_a_run_that_trains_the_teacher_gives_what_a_run_with_it_cached_gives(tmp_path):
+    # the teacher's training used to move the global RNG before PAT's modules were built: the first demo run (teacher
+    # trained in-process) and every later one (teacher cached) gave different students for the same seed
+    from safetensors.torch import load_file
+
+    # a student other than the teacher: models of different sizes draw different amounts of random numbers
+    argv = ["train", "--student", "resnet14t", "--teacher", "resnet10t", "--teacher-epochs", "1", "--epochs", "1",
+            "--batch-size", "128", "--pat-dim", "64", "--pat-heads", "4", "--deterministic", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATFAST_CACHE=str(tmp_path / "cache"))
+    for run in ("first", "cached"):
+        proc = subprocess.run([sys.executable, "-m", "patfast", *argv, "--out", str(tmp_path / run)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "using the cached resnet10t" in (tmp_path / "cached" / "log.txt").read_text()
+    rows = []
+    for run in ("first", "cached"):
+        with open(tmp_path / run / "summary.csv") as f:
+            rows.append([{k: v for k, v in r.items() if k not in ("img_per_s", "epoch_s")} for r in csv.DictReader(f)])
+    assert rows[0] == rows[1]
+    a, b = (load_file(tmp_path / run / "student.safetensors") for run in ("first", "cached"))
+    assert all((a[k] == b[k]).all() for k in a)
