@@ -96,7 +96,7 @@ class Training:
 
             decay = ema_decay(cfg, total)
             self.ema = self.step_fn.ema = ModelEmaV3(self.model, decay=decay)
-            log(f"EMA of the student: decay {decay:.6g} per step (it averages over ~{1 / (1 - decay):.0f} steps)"
+            log(f"EMA of the {b.role}: decay {decay:.6g} per step (it averages over ~{1 / (1 - decay):.0f} steps)"
                 + ("" if cfg.get("model_ema_decay") is not None else
                    f"; auto: {EMA_DECAY} for long runs, lowered to a tenth of this run's {total} steps"
                    if decay < EMA_DECAY else ""))
