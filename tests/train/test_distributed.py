@@ -22,7 +22,8 @@ def run(out, teacher, batch, nproc, *extra, kill=None, timeout=900):
                 "29533", "-m", "patfast"] if nproc > 1 else [sys.executable, "-m", "patfast"]
     argv = [*launcher, "train", "--data", "digits", "--teacher", "convnext_atto", "--student", "resnet10t",
             "--teacher-checkpoint", teacher, "--img-size", "32", "--batch-size", str(batch), "--epochs", "2",
-            "--pat-dim", "64", "--pat-heads", "4", "--no-progress", "--out", str(out), "--device", "cpu", *extra]
+            "--pat-dim", "64", "--pat-heads", "4", "--no-progress", "--out", str(out), "--device", "cpu",
+            "--warmup-epochs", "1", *extra]  # the schedule the tolerances below were measured with
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PATFAST_TEST_KILL", None)
     if kill:
