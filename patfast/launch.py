@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"patfast.launch: error: give torchrun's options, then a patfast command ({', '.join(COMMANDS)}) and "
               "its options", file=sys.stderr)
         return 2
-    # a stopping run finishes its step and writes its checkpoint before torchrun kills it (torch >= 2.12 reads this)
+    # a stopping run finishes its step and writes its checkpoint before torchrun kills it (read by torch 2.14's
+    # LaunchConfig; torch 2.11 keeps its 30 s)
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -111,11 +111,15 @@ def saved_config(cfg: dict, command: str) -> dict | None:
         saved["out"] = resume
     else:
         return None
-    where = where or resume
+    _check_command(saved, command, where or resume)
+    return {k: v for k, v in saved.items() if k != "command"}
+
+
+def _check_command(saved: dict, command: str, where: str) -> None:
+    """A UserError unless the run in `where` (its saved config) was made by `command` (train or teacher)."""
     if saved.get("command", command) != command:
         raise UserError(f"--resume {where}: that run is a `patfast {saved['command']}` run (continue it with "
                         f"`patfast {saved['command']} --resume {where}`)")
-    return {k: v for k, v in saved.items() if k != "command"}
 
 
 def _check_epochs(state: dict, cfg: dict, resume: str) -> None:
@@ -195,9 +199,7 @@ def run(cfg: dict, command: str, log: Log | None = None) -> dict:
     if resume:
         state = ckpt.read_state(os.path.join(resume, "last.pth"))
         saved = state["config"]
-        if saved.get("command", command) != command:
-            raise UserError(f"--resume {resume}: that run is a `patfast {saved.get('command')}` run (continue it with "
-                            f"`patfast {saved.get('command')} --resume {resume}`)")
+        _check_command(saved, command, resume)
         ckpt.check_compatible({k: v for k, v in saved.items() if k != "command"}, cfg,
                               os.path.join(resume, "last.pth"), cfg.get("allow_config_change", False))
         _check_epochs(state, cfg, resume)
