@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["hcl_loss_ref", "kd_loss_ref", "raa_attention_ref", "tokens_to_map", "to_common_dtype", "HCL_LEVELS",
-           "LAYER_NORM_EPS"]
+           "LAYER_NORM_EPS", "dkd_loss_ref", "dist_loss_ref", "ofa_loss_ref", "fitnet_loss_ref", "hard_targets",
+           "DKD_MASK"]
 
 HCL_LEVELS = (4, 2, 1)  # pooled pyramid levels of HCL, each used only when level < map height
 LAYER_NORM_EPS = 1e-5
@@ -152,3 +153,74 @@ def kd_loss_pair_ref(logits_s: torch.Tensor, logits_pt: torch.Tensor, logits_t: 
     """PAT's (loss_kd, loss_reg) = (kd_loss_ref(s, t, T), kd_loss_ref(pt, t, 1)); (B, K) logits each."""
     return (kd_loss_ref(logits_s, logits_t, temperature, upcast=upcast),
             kd_loss_ref(logits_pt, logits_t, 1.0, upcast=upcast))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The baselines' losses (issue 14): each the formula of its authors' code, with log-space where they take log(softmax)
+# ---------------------------------------------------------------------------------------------------------------
+
+DKD_MASK = 1000.0  # mdistiller subtracts this from the target logit (at T) before NCKD's softmaxes
+
+
+def hard_targets(target: torch.Tensor) -> torch.Tensor:
+    """(B,) class indices from (B,) indices or (B, K) soft labels (their argmax, as DKD's and OFA's code take)."""
+    return target.argmax(dim=-1) if target.dim() == 2 else target
+
+
+def dkd_loss_ref(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, alpha: float = 1.0,
+                 beta: float = 8.0, temperature: float = 4.0, *, upcast: bool = False) -> torch.Tensor:
+    """Decoupled KD (mdistiller ``dkd_loss``) -> scalar: alpha * TCKD + beta * NCKD.
+
+    logits (B, K), target (B,) indices or (B, K) soft labels (argmax). p = softmax(z / T).
+    TCKD = T^2 * batchmean KL([q_y, 1 - q_y] || [p_y, 1 - p_y]) (y the target; student log of the binary sums);
+    NCKD = T^2 * batchmean KL(softmax(z_t / T - 1000 [c = y]) || softmax(z_s / T - 1000 [c = y])).
+    """
+    s, t = to_common_dtype((logits_s, logits_t), upcast)
+    y = hard_targets(target)
+    gt = F.one_hot(y, s.shape[-1]).to(torch.bool)
+    p_s, p_t = F.softmax(s / temperature, dim=-1), F.softmax(t / temperature, dim=-1)
+    pairs_s = torch.stack([(p_s * gt).sum(-1), (p_s * ~gt).sum(-1)], dim=-1)
+    pairs_t = torch.stack([(p_t * gt).sum(-1), (p_t * ~gt).sum(-1)], dim=-1)
+    tckd = F.kl_div(torch.log(pairs_s), pairs_t, reduction="batchmean") * temperature**2
+    mask = DKD_MASK * gt.to(s.dtype)
+    # log-space target (as kd_loss_ref): the same value; the teacher's gradient stays finite where its masked
+    # probability underflows to 0 (mdistiller's probability-space form gives NaN there)
+    nckd = F.kl_div(F.log_softmax(s / temperature - mask, dim=-1), F.log_softmax(t / temperature - mask, dim=-1),
+                    reduction="batchmean", log_target=True) * temperature**2
+    return alpha * tckd + beta * nckd
+
+
+def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(B,) Pearson correlation of each row of a with the same row of b (OFA-KD's, with its eps in the divisor)."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def dist_loss_ref(logits_s: torch.Tensor, logits_t: torch.Tensor, beta: float = 1.0, gamma: float = 1.0,
+                  temperature: float = 1.0, *, upcast: bool = False) -> torch.Tensor:
+    """DIST (OFA-KD ``dist_loss``) -> scalar: beta T^2 (1 - mean_b pearson over classes of the softmaxes at T)
+    + gamma T^2 (1 - mean_c pearson over the batch). logits (B, K)."""
+    s, t = to_common_dtype((logits_s, logits_t), upcast)
+    y_s, y_t = F.softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1)
+    inter = 1 - _pearson_rows(y_s, y_t).mean()
+    intra = 1 - _pearson_rows(y_s.transpose(0, 1), y_t.transpose(0, 1)).mean()
+    return beta * temperature**2 * inter + gamma * temperature**2 * intra
+
+
+def ofa_loss_ref(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, eps: float = 1.0,
+                 temperature: float = 1.0, *, upcast: bool = False) -> torch.Tensor:
+    """OFA's branch loss (OFA-KD ``ofa_loss``) -> scalar: mean_b sum_c -((q_c + [c = y])^eps - [c = y]) log p_c.
+
+    p = softmax(z_s / T), q = softmax(z_t / T); target (B,) indices or (B, K) soft labels (argmax); no T^2. log p by
+    log_softmax (OFA-KD takes log(softmax), which gives -inf and then NaN where p underflows: the same value, finite).
+    """
+    s, t = to_common_dtype((logits_s, logits_t), upcast)
+    mask = F.one_hot(hard_targets(target), s.shape[-1]).to(s.dtype)
+    weight = (F.softmax(t / temperature, dim=1) + mask) ** eps - mask
+    return torch.sum(-weight * F.log_softmax(s / temperature, dim=1), dim=-1).mean()
+
+
+def fitnet_loss_ref(feat_s: torch.Tensor, feat_t: torch.Tensor, *, upcast: bool = False) -> torch.Tensor:
+    """FitNet's hint loss of one stage: MSE over every element of same-shape features -> scalar."""
+    fs, ft = to_common_dtype((feat_s, feat_t), upcast)
+    return F.mse_loss(fs, ft)

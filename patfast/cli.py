@@ -47,7 +47,17 @@ def _did_you_mean(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     return f" (did you mean {', '.join(hints)}?)" if hints else ""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _distiller_in(argv: list[str]) -> str | None:
+    """The value of --distiller on a command line (for --help to show that distiller's flags), else None."""
+    for i, arg in enumerate(argv):
+        if arg == "--distiller" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--distiller="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from patfast import __version__
     from patfast.train.config import add_options
 
@@ -67,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
             add_report_options(p)
         elif name not in ("info", "recipes"):
-            add_options(p, name)
+            add_options(p, name, distiller=_distiller_in(argv or []) if name == "train" else None)
     return parser
 
 
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from patfast.train.config import parse_args
 
-        parser = build_parser()
+        parser = build_parser(argv)
         args = parse_args(parser, argv, parser.commands)
         if args.command is None:
             parser.print_help()

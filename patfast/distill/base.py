@@ -24,8 +24,11 @@ class Distiller(nn.Module):
     What the training loop needs from a distiller, so that it knows none by name: the modules that learn (all but
     the frozen `teacher`, if any), the state a checkpoint carries beside them (`shared_state`: the same on every
     process, e.g. the teacher's buffers; `process_state`: each process's own, e.g. PAT's feedback), whether the
-    first batch of an epoch is special, and when the forward has reached the graph worth compiling.
+    first batch of an epoch is special, and when the forward has reached the graph worth compiling; `terms`: the
+    names of the loss terms forward returns, in the order the log shows them.
     """
+
+    terms: tuple[str, ...] = ("loss_gt",)
 
     def __init__(self, student: nn.Module, *, smoothing: float = 0.1, w_gt: float = 1.0):
         super().__init__()
@@ -79,6 +82,10 @@ class Distiller(nn.Module):
     def load_process_state(self, state: dict[str, torch.Tensor | None]) -> None:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no per-process state, got {sorted(state)}")
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before the training steps of epoch `epoch` (counted from 1; on resume, the resumed epoch): a
+        distiller whose loss changes with the epoch (DKD's warm-up) sets it here."""
 
     @property
     def first_batch_special(self) -> bool:

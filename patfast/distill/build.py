@@ -1,4 +1,4 @@
-"""Building a distiller (pat | kd | none) around a student and, where needed, a teacher."""
+"""Building a distiller (pat | kd | ofa | dkd | dist | fitnet | none) around a student and, where needed, a teacher."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ from dataclasses import dataclass, fields
 
 from torch import nn
 
+from patfast.distill import DISTILLERS
 from patfast.distill.base import Distiller, Vanilla
+from patfast.distill.dist import DIST
+from patfast.distill.dkd import DKD
+from patfast.distill.fitnet import FitNet
 from patfast.distill.kd import KD
+from patfast.distill.ofa import OFA
 from patfast.distill.pat import PAT
 from patfast.distill.variant import PatVariant
 from patfast.errors import UserError
 from patfast.models.stages import StageTaps
 from patfast.models.teacher import Teacher
-
-DISTILLERS = ("pat", "kd", "none")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,19 @@ class DistillSettings:
     fd_weight: float = 1.0
     reg_weight: float = 1.0
     kd_temperature: float = 1.0
+    ofa_stages: Sequence[int] = (1, 2, 3, 4)  # student stages with an exit branch
+    ofa_eps: Sequence[float] = (1.0,)  # one per stage + one for the logits, or one for all
+    ofa_weight: float | None = None  # None: 1.0 (the run configuration resolves the recipe's value)
+    ofa_temperature: float = 1.0
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_temperature: float = 4.0
+    dkd_warmup_epochs: float = 20.0
+    dist_beta: float = 1.0
+    dist_gamma: float = 1.0
+    dist_temperature: float = 1.0
+    fitnet_weight: float = 1.0
+    fitnet_stages: Sequence[int] = (1, 2, 3, 4)
     backend: str = "auto"  # the ops' implementation (reference | triton | auto); never the algorithm
 
     @classmethod
@@ -78,9 +94,40 @@ def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | No
                       data_mean=data_mean, data_std=data_std)
     if name == "kd":
         return KD(student, teacher, temperature=o.kd_temperature, w_kd=o.kd_weight, backend=o.backend, **common)
+    if name == "dkd":
+        return DKD(student, teacher, alpha=o.dkd_alpha, beta=o.dkd_beta, temperature=o.dkd_temperature,
+                   warmup_epochs=o.dkd_warmup_epochs, w_kd=o.kd_weight, backend=o.backend, **common)
+    if name == "dist":
+        return DIST(student, teacher, beta=o.dist_beta, gamma=o.dist_gamma, temperature=o.dist_temperature,
+                    w_kd=o.kd_weight, backend=o.backend, **common)
     student_taps = StageTaps(student, img_size, stage_modules=o.student_stages, class_token=pv.class_token_rule,
                              flag="--student-stages")
+    if name == "ofa":
+        stages = _stages(o.ofa_stages, "--ofa-stages")
+        if len(o.ofa_eps) not in (1, len(stages) + 1):
+            raise UserError(f"--ofa-eps takes one value, or one per stage of --ofa-stages plus one for the logits "
+                            f"({len(stages) + 1}), got {len(o.ofa_eps)}")
+        return OFA(student, student_taps, teacher, num_classes=_num_classes(student), stages=stages,
+                   eps=o.ofa_eps, temperature=o.ofa_temperature, w_kd=o.kd_weight,
+                   w_ofa=1.0 if o.ofa_weight is None else o.ofa_weight, **common)
+    if name == "fitnet":
+        return FitNet(student, student_taps, teacher, stages=_stages(o.fitnet_stages, "--fitnet-stages"),
+                      w_fit=o.fitnet_weight, **common)
     return PAT(student, student_taps, teacher, variant=pv, afp_stages=o.pat_afp_stage, dim=o.pat_dim,
                num_heads=o.pat_heads, queries_per_stage=o.pat_queries_per_stage, temperature=o.kd_temperature,
                w_kd=o.kd_weight, w_fd=o.fd_weight, w_reg=o.reg_weight, backend=o.backend, feedback=o.pat_feedback,
                upsample_last=o.pat_aligner_order == "upsample-last", **common)
+
+
+def _stages(stages: Sequence[int], flag: str) -> tuple[int, ...]:
+    if not stages or any(s not in (1, 2, 3, 4) for s in stages) or len(set(stages)) != len(stages):
+        raise UserError(f"{flag} takes distinct stages among 1,2,3,4, got {','.join(map(str, stages)) or 'none'}")
+    return tuple(stages)
+
+
+def _num_classes(model: nn.Module) -> int:
+    k = getattr(model, "num_classes", None)
+    if not isinstance(k, int) or k <= 0:
+        raise UserError(f"{type(model).__name__} has no classifier (num_classes {k!r}): OFA's branches need the "
+                        "number of classes")
+    return k

@@ -8,6 +8,8 @@ from patfast.models.teacher import Teacher
 
 
 class KD(Distiller):
+    terms = ("loss_gt", "loss_kd")
+
     def __init__(self, student, teacher: Teacher, *, temperature: float = 1.0, w_kd: float = 1.0,
                  backend: str = "auto", **kw):
         super().__init__(student, **kw)

@@ -24,6 +24,8 @@ from patfast.models.teacher import Teacher
 
 
 class PAT(Distiller):
+    terms = ("loss_gt", "loss_kd", "loss_fd", "loss_reg")
+
     def __init__(self, student: nn.Module, student_taps: StageTaps, teacher: Teacher, *,
                  variant: PatVariant | None = None, afp_stages: Sequence[int] = (1, 2, 3, 4), dim: int = 512,
                  num_heads: int = 8, queries_per_stage: int = 16, temperature: float = 1.0, w_kd: float = 1.0,

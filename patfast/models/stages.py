@@ -235,11 +235,19 @@ class StageTaps:
     def features(self) -> list[torch.Tensor]:
         """The 4 stage features of the last forward, canonical (maps or prefix-free tokens); the taps let go of
         them (the caller holds them as long as it needs them, the taps not beyond)."""
+        return [f for f, _ in self.features_with_prefix()]
+
+    def features_with_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """features(), each with the prefix (class) tokens (B, P, C) its stage output carried, or None."""
         if any(r is None for r in self._raw):
             raise RuntimeError("no forward has run through the tapped model yet")
-        feats = [self.canonical(r) for r in self._raw]
+        feats = [(self.canonical(r), self.prefix_of(r)) for r in self._raw]
         self.clear()
         return feats
+
+    def prefix_of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The prefix tokens (B, P, C) of a raw token stage output (by this taps' class-token rule); None for maps."""
+        return tk.split_prefix(x, self.num_prefix, self.class_token)[1] if x.dim() == 3 else None
 
     def clear(self) -> None:
         """Forget the captured features (after a forward whose features are not wanted, e.g. the clean teacher)."""

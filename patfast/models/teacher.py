@@ -51,6 +51,13 @@ class Teacher(nn.Module):
         self.taps.clear()  # its stage features are not used: let them go now
         return logits
 
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits (B, K) and the 4 canonical stage features of the clean forward (no prompts); builds no graph."""
+        self.taps.prompting = False
+        logits = self.model(self._input(x))
+        return logits, self.taps.features()
+
     def prompted(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits (B, K) and the 4 canonical stage features of the forward with the prompts inserted.
 

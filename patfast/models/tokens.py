@@ -54,3 +54,11 @@ def map_to_tokens(x: torch.Tensor, rule: str = "transpose") -> torch.Tensor:
     if rule == "reshape":
         return x.reshape(b, h * w, c)
     raise ValueError(f"unknown map-to-tokens rule {rule!r}")
+
+
+def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, height * width, C) -> (B, C, height, width): token r * width + c at pixel (r, c), on any grid."""
+    b, n, c = tokens.shape
+    if n != height * width:
+        raise ValueError(f"{n} tokens do not fill a {height} x {width} grid")
+    return tokens.transpose(1, 2).reshape(b, c, height, width)

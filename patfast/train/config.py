@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from patfast.distill import DISTILLERS
 from patfast.errors import UserError
 from patfast.train.recipes import config_path
 
@@ -88,7 +89,8 @@ OPTIONS = [
     Option("teacher_mean", float, None, "mean the teacher was trained with (3 values; default: its checkpoint's or "
            "the data's)", ("train",), list_of=float),
     Option("teacher_std", float, None, "std the teacher was trained with (3 values)", ("train",), list_of=float),
-    Option("distiller", str, "pat", "pat | kd | none", ("train",), choices=("pat", "kd", "none")),
+    Option("distiller", str, "pat", " | ".join(DISTILLERS) + " (README: Distillers; `patfast train --distiller X "
+           "--help` shows X's own flags)", ("train",), choices=DISTILLERS),
     Option("pat_variant", str, "paper", "paper | official (SPEC section 6)", ("train",), choices=("paper", "official")),
     Option("pat_afp_stage", int, [1, 2, 3, 4], "teacher stages that get a feedback prompt ('none': no AFP)",
            ("train",), list_of=int),
@@ -106,10 +108,28 @@ OPTIONS = [
     Option("teacher_prompt_points", str, None, "4 teacher module names whose inputs get the prompts",
            ("train",), list_of=str),
     Option("gt_weight", float, 1.0, "weight of the ground-truth CE (w_gt)", ("train",)),
-    Option("kd_weight", float, 1.0, "weight of the logit KD term (alpha)", ("train",)),
+    Option("kd_weight", float, 1.0, "weight of the logit term loss_kd (PAT's alpha; kd, dkd, dist and ofa's "
+           "logit loss)", ("train",)),
     Option("fd_weight", float, 1.0, "weight of the feature (HCL) term (beta)", ("train",)),
     Option("reg_weight", float, 1.0, "weight of the prompt regularisation KL (gamma)", ("train",)),
-    Option("kd_temperature", float, 1.0, "KD temperature", ("train",)),
+    Option("kd_temperature", float, 1.0, "KD temperature (kd and pat)", ("train",)),
+    Option("ofa_stages", int, [1, 2, 3, 4], "student stages that get an exit branch", ("train",), list_of=int),
+    Option("ofa_eps", float, [1.0], "target-enhancement exponents: one per stage and one for the logits, or one "
+           "for all", ("train",), list_of=float),
+    Option("ofa_weight", float, None, "weight of the branch losses (default: 0.1 for CNN students on CIFAR, 1.0 "
+           "otherwise, as OFA-KD's recipes)", ("train",)),
+    Option("ofa_temperature", float, 1.0, "OFA temperature", ("train",)),
+    Option("dkd_alpha", float, 1.0, "weight of the target-class term (TCKD)", ("train",)),
+    Option("dkd_beta", float, 8.0, "weight of the non-target term (NCKD)", ("train",)),
+    Option("dkd_temperature", float, 4.0, "DKD temperature", ("train",)),
+    Option("dkd_warmup_epochs", float, 20.0, "epochs over which the DKD term's weight grows linearly to 1 "
+           "(mdistiller's 20 on CIFAR; at most a fifth of the run unless given)", ("train",)),
+    Option("dist_beta", float, 1.0, "weight of the inter-class term (correlation per sample)", ("train",)),
+    Option("dist_gamma", float, 1.0, "weight of the intra-class term (correlation per class over the batch)",
+           ("train",)),
+    Option("dist_temperature", float, 1.0, "DIST temperature", ("train",)),
+    Option("fitnet_weight", float, 1.0, "weight of the hint (feature MSE) term", ("train",)),
+    Option("fitnet_stages", int, [1, 2, 3, 4], "stages whose features are matched", ("train",), list_of=int),
     Option("backend", str, "auto", "op backend: auto | reference | triton", ("train",),
            choices=("auto", "reference", "triton")),
     Option("recipe", str, "auto", "hyper-parameter recipe: auto (by student type) | cnn | vit",
@@ -179,9 +199,14 @@ GROUPS = {
              "cutmix", "crop_pct", "data_backend", "workers"),
     "models": ("teacher", "student", "model", "checkpoint", "teacher_checkpoint", "init_checkpoint", "teacher_ema",
                "teacher_pretrained", "teacher_mean", "teacher_std", "teacher_epochs"),
-    "distiller": ("distiller", "pat_variant", "pat_afp_stage", "pat_feedback", "pat_aligner_order", "pat_dim",
-                  "pat_heads", "student_stages", "teacher_stages", "teacher_prompt_points", "gt_weight", "kd_weight",
-                  "fd_weight", "reg_weight", "kd_temperature", "backend"),
+    "distiller": ("distiller", "student_stages", "teacher_stages", "gt_weight", "kd_weight", "kd_temperature",
+                  "backend"),
+    "pat (--distiller pat)": ("pat_variant", "pat_afp_stage", "pat_feedback", "pat_aligner_order", "pat_dim",
+                              "pat_heads", "teacher_prompt_points", "fd_weight", "reg_weight"),
+    "ofa (--distiller ofa: OFA-KD)": ("ofa_stages", "ofa_eps", "ofa_weight", "ofa_temperature"),
+    "dkd (--distiller dkd: decoupled KD)": ("dkd_alpha", "dkd_beta", "dkd_temperature", "dkd_warmup_epochs"),
+    "dist (--distiller dist: DIST)": ("dist_beta", "dist_gamma", "dist_temperature"),
+    "fitnet (--distiller fitnet: FitNet hints)": ("fitnet_weight", "fitnet_stages"),
     "optimisation": ("recipe", "epochs", "opt", "lr", "min_lr", "warmup_epochs", "weight_decay", "momentum",
                      "clip_grad", "smoothing", "grad_accum", "model_ema", "model_ema_decay", "seed", "deterministic",
                      "nonfinite_patience"),
@@ -190,6 +215,7 @@ GROUPS = {
     "distributed (torchrun)": ("sync_bn",),
 }
 GROUP_OF = {name: group for group, names in GROUPS.items() for name in names}
+DISTILLER_OF_GROUP = {g: g.split(" ", 1)[0] for g in GROUPS if g.split(" ", 1)[0] in DISTILLERS}
 
 
 def _default_text(o: Option, command: str) -> str:
@@ -222,10 +248,16 @@ def _default_text(o: Option, command: str) -> str:
     return f"(default: {parts[0]})" if parts else ""
 
 
-def add_options(parser: argparse.ArgumentParser, command: str) -> None:
+def add_options(parser: argparse.ArgumentParser, command: str, distiller: str | None = None) -> None:
     """Add the command's flags in their groups, each typed by its option's converter; every default is None so that
-    we can tell what the user set (a --config file's values become defaults: `parse_args`)."""
+    we can tell what the user set (a --config file's values become defaults: `parse_args`). `distiller`: --help
+    then shows only that distiller's own group among the distillers' groups (the others still parse)."""
     mine = [o for o in OPTIONS if command in o.commands]
+    if distiller in DISTILLERS:
+        mine = [o for o in mine if DISTILLER_OF_GROUP.get(GROUP_OF.get(o.name), distiller) == distiller]
+        hidden = [o for o in OPTIONS if command in o.commands and o not in mine]
+    else:
+        hidden = []
     present = {GROUP_OF.get(o.name, "other") for o in mine}
     groups = {g: parser.add_argument_group(g) for g in [*GROUPS, "other"] if g in present}
     for o in mine:
@@ -238,6 +270,13 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             group.add_argument(flag(o.name), dest=o.name, default=None,
                                metavar=o.extra.get("metavar", o.name.split("_")[-1].upper()),
                                type=_command_line_type(o), help=text)
+    for o in hidden:  # the other distillers' flags: accepted, not shown
+        if o.type is bool:
+            parser.add_argument(flag(o.name), dest=o.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag(o.name), dest=o.name, default=None, type=_command_line_type(o),
+                                help=argparse.SUPPRESS)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str], command_parsers: dict | None = None,
@@ -381,6 +420,11 @@ def resolve(args: argparse.Namespace, command: str, *, student_is_tokens=None, s
         cfg.update({k: RECIPES[other][k] for k in ("lr", "weight_decay", "min_lr") if k in cfg})
     cfg.update(data_defaults)
     cfg.update(user)
+    if "dkd_warmup_epochs" not in user and cfg.get("dkd_warmup_epochs") and cfg.get("epochs"):
+        cfg["dkd_warmup_epochs"] = min(cfg["dkd_warmup_epochs"], round(SHORT_RUN_WARMUP * cfg["epochs"], 4))
+    if command == "train" and cfg.get("ofa_weight") is None:
+        cifar_cnn = recipe == "cnn" and kind in ("cifar10", "cifar100")
+        cfg["ofa_weight"] = 0.1 if cifar_cnn else 1.0  # OFA-KD's CIFAR CNN recipe; 1.0 elsewhere
     if "warmup_epochs" not in user and cfg.get("warmup_epochs") and cfg.get("epochs"):
         # a recipe's warm-up (20 epochs of 300) would fill a short run: shortened to a fifth of it at most
         cfg["warmup_epochs"] = min(cfg["warmup_epochs"], round(SHORT_RUN_WARMUP * cfg["epochs"], 4))
@@ -395,11 +439,13 @@ def _validate(cfg: dict) -> None:
             raise UserError(f"{flag(name)} must be {'>= 0' if allow_zero else '> 0'}, got {cfg[name]}")
 
     for name in ("epochs", "batch_size", "img_size", "lr", "teacher_epochs", "pat_dim", "pat_heads",
-                 "kd_temperature", "model_ema_decay", "nonfinite_patience", "grad_accum"):
+                 "kd_temperature", "model_ema_decay", "nonfinite_patience", "grad_accum", "ofa_temperature",
+                 "dkd_temperature", "dist_temperature"):
         positive(name)
     for name in ("min_lr", "warmup_epochs", "weight_decay", "momentum", "clip_grad", "smoothing", "mixup", "cutmix",
                  "reprob", "hflip", "workers", "gt_weight", "kd_weight", "fd_weight", "reg_weight",
-                 "checkpoint_every"):
+                 "checkpoint_every", "ofa_weight", "dkd_alpha", "dkd_beta", "dkd_warmup_epochs", "dist_beta",
+                 "dist_gamma", "fitnet_weight"):
         positive(name, allow_zero=True)
     for name in ("hflip", "reprob", "smoothing"):
         if name in cfg and cfg[name] > 1:
@@ -422,6 +468,14 @@ def _validate(cfg: dict) -> None:
         bad = [s for s in cfg["pat_afp_stage"] if s not in (1, 2, 3, 4)]
         if bad or len(set(cfg["pat_afp_stage"])) != len(cfg["pat_afp_stage"]):
             raise UserError(f"--pat-afp-stage takes distinct stages among 1,2,3,4, got {_show(cfg['pat_afp_stage'])}")
+    for name in ("ofa_stages", "fitnet_stages"):
+        stages = cfg.get(name)
+        if stages is not None and (not stages or any(s not in (1, 2, 3, 4) for s in stages)
+                                   or len(set(stages)) != len(stages)):
+            raise UserError(f"{flag(name)} takes distinct stages among 1,2,3,4, got {_show(stages)}")
+    if cfg.get("ofa_eps") is not None and len(cfg["ofa_eps"]) not in (1, len(cfg.get("ofa_stages") or []) + 1):
+        raise UserError(f"--ofa-eps takes one value, or one per --ofa-stages stage plus one for the logits "
+                        f"({len(cfg['ofa_stages']) + 1}), got {_show(cfg['ofa_eps'])}")
     if "pat_dim" in cfg and cfg["pat_dim"] % cfg["pat_heads"]:
         raise UserError(f"--pat-dim {cfg['pat_dim']} is not divisible by --pat-heads {cfg['pat_heads']}")
     for name in ("teacher_mean", "teacher_std"):

@@ -26,8 +26,6 @@ from patfast.train.report import EpochTable, Log, SummaryCsv, plot_curves
 from patfast.train.signals import StopSignals
 from patfast.train.step import TrainStep, resolve_speed
 
-TERMS = {"none": ["loss_gt"], "kd": ["loss_gt", "loss_kd"], "pat": ["loss_gt", "loss_kd", "loss_fd", "loss_reg"]}
-
 
 @dataclass
 class Built:
@@ -104,7 +102,7 @@ class Training:
         log(f"step: {self.speed.describe()}"
             + (f" | ops backend: {cfg['backend']}" if b.distiller_name != "none" else ""))
         self.mixup = make_mixup(cfg["mixup"], cfg["cutmix"], cfg["smoothing"], b.num_classes, seed=cfg["seed"])
-        self.terms = TERMS[b.distiller_name]
+        self.terms = list(b.distiller.terms)
         # best_top1: the paper's metric so far, the best over epochs of max(raw, EMA) top-1
         columns = ["epoch", "lr", "train_loss", *self.terms, "eval_top1", "eval_top5", "ema_top1", "ema_top5",
                    "best_top1", "img_per_s", "epoch_s"]
@@ -160,6 +158,7 @@ class Training:
         """The epoch's training steps from batch `first`; the figures and the last learning rate."""
         b, cfg, device = self.b, self.b.cfg, self.b.device
         b.train_loader.set_epoch(epoch, skip_batches=first)
+        b.distiller.start_epoch(epoch)
         fig = EpochSums({t: torch.zeros((), device=device) for t in self.terms})
         self.tally.reset_epoch()
         if first and self.partial is not None:
