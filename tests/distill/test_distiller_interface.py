@@ -1,4 +1,4 @@
-"""What the training loop asks of a distiller (Distiller's methods), for PAT, KD and the student alone: the
+"""What the training loop asks of a distiller (Distiller's methods), for every distiller and the student alone: the
 learning modules and their state without the teacher, the per-process and shared state, the first-batch and compile
 switches, stage taps that let go of features, and an EMA copy without the stage hooks."""
 
@@ -9,7 +9,6 @@ import torch
 from timm.utils import ModelEmaV3
 
 from patfast.distill.build import DistillSettings, build_distiller
-from patfast.distill.pat import PAT
 from patfast.models.create import create_model
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -28,7 +27,11 @@ def batch():
     return torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
 
 
-@pytest.mark.parametrize("name", ["pat", "kd", "none"])
+ALL = ("pat", "kd", "ofa", "dkd", "dist", "fitnet", "none")
+TAPPED = ("pat", "ofa", "fitnet")  # distillers that read the student's stage features
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_learning_modules_state_and_roundtrip(name):
     d = make(name)
     assert "teacher" not in d.learning_modules()
@@ -66,9 +69,11 @@ def test_pat_process_state_is_the_feedback_and_shared_state_the_teacher_buffers(
         make("kd").load_process_state({"1": None})
 
 
-def test_taps_let_go_of_features_after_the_forward():
-    d = make("pat").train()
-    d(*batch())
+@pytest.mark.parametrize("name", TAPPED)
+def test_taps_let_go_of_features_after_the_forward(name):
+    d = make(name).train()
+    _, losses = d(*batch())
+    assert list(losses) == list(d.terms)
     assert all(r is None for r in d.student_taps._raw)
     assert all(r is None for r in d.teacher.taps._raw)
     kd = make("kd").train()
@@ -76,16 +81,41 @@ def test_taps_let_go_of_features_after_the_forward():
     assert all(r is None for r in kd.teacher.taps._raw)  # the clean teacher's features were never used
 
 
-def test_the_ema_copy_does_not_write_into_the_stage_taps():
-    d = make("pat").train()
+@pytest.mark.parametrize("name", TAPPED)
+def test_the_ema_copy_does_not_write_into_the_stage_taps(name):
+    d = make(name).train()
     x, _ = batch()
     leaky = copy.deepcopy(d.student)  # what ModelEmaV3 makes: the hooks come along
     leaky.eval()(x)
     assert all(r is not None for r in d.student_taps._raw)  # the copy wrote into the distiller's taps
     d.student_taps.clear()
     ema = ModelEmaV3(d.student, decay=0.9)
-    assert isinstance(d, PAT) and d.without_hooks(ema.module) is ema.module
+    assert d.without_hooks(ema.module) is ema.module
     ema.module(x)
     assert all(r is None for r in d.student_taps._raw)
     d.student(x)  # the student's own hooks are still there
     assert all(r is not None for r in d.student_taps._raw)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_the_terms_are_what_forward_returns_and_the_teacher_gets_no_gradient(name):
+    d = make(name).train()
+    d.start_epoch(1)
+    logits, losses = d(*batch())
+    assert tuple(losses) == d.terms and logits.shape == (4, 10)
+    sum(losses.values()).backward()
+    teacher = d.frozen_teacher()
+    assert teacher is None or all(p.grad is None for p in teacher.parameters())
+    learning = [p for p in d.trainable_parameters() if p.grad is not None]
+    assert learning, "nothing learns"
+
+
+def test_dkd_warm_up_scales_its_term_by_epoch():
+    d = make("dkd", dkd_warmup_epochs=4.0).train()
+    x, y = batch()
+    full = None
+    for epoch, scale in ((1, 0.25), (2, 0.5), (4, 1.0), (9, 1.0)):
+        d.start_epoch(epoch)
+        term = d(x, y)[1]["loss_kd"].detach()
+        full = term / scale if full is None else full
+        torch.testing.assert_close(term, full * scale)
