@@ -38,7 +38,8 @@ if torch.cuda.is_available():
 
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-KERNEL_MODULES = ("patfast.kernels.hcl", "patfast.kernels.kd", "patfast.kernels.raa")
+KERNEL_MODULES = ("patfast.kernels.hcl", "patfast.kernels.kd", "patfast.kernels.raa", "patfast.kernels.dkd",
+                  "patfast.kernels.dist")
 
 
 class FakeCtx:
