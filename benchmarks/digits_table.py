@@ -1,6 +1,7 @@
-"""The bundled-digits comparison: teacher, student alone (none), logit KD and PAT, over several seeds.
+"""The bundled-digits comparison: teacher, student alone (none), KD, the baselines (DKD, DIST, FitNet, OFA) and PAT,
+over several seeds.
 
-Usage: python benchmarks/digits_table.py OUT_DIR [--seeds 0 1 2] [--distillers none kd pat]
+Usage: python benchmarks/digits_table.py OUT_DIR [--seeds 0 1 2] [--distillers none kd dkd dist fitnet ofa pat]
                                          [--teacher-checkpoint PATH] [other `patfast train` options]
 Runs `patfast train` for each (distiller, seed) into OUT_DIR/<distiller>-seed<seed> with one shared teacher (a run
 whose student.safetensors exists is not run again), then writes the table of `patfast report` over those runs:
@@ -64,7 +65,7 @@ def table(out: str, folders: list[str], seeds: list[int]) -> str:
         teacher = f"{tops[0]:.2f} %" if tops else "n/a"
     note = (f"Seeds: {', '.join(map(str, seeds))} (mean ± sample std over seeds). Teacher test top-1: {teacher}. "
             f"{made_by()[0].upper()}{made_by()[1:]}.")
-    title = "Bundled digits: student alone, KD, PAT"
+    title = "Bundled digits: student alone, KD, the baselines, PAT"
     text = runs_report.markdown(report, title, note)
     runs_report.write_markdown(os.path.join(out, "table.md"), text)
     runs_report.write_csv(os.path.join(out, "table.csv"), report)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--distillers", nargs="+", default=["none", "kd", "pat"])
+    ap.add_argument("--distillers", nargs="+", default=["none", "kd", "dkd", "dist", "fitnet", "ofa", "pat"])
     ap.add_argument("--teacher-checkpoint", default=None)
     args, extra = ap.parse_known_args(argv)
     folders = [run(args.out, d, s, args.teacher_checkpoint, extra) for d in args.distillers for s in args.seeds]
