@@ -62,8 +62,8 @@ def test_none_distiller(make_batch):
 def test_build_errors():
     s = create_model("resnet18", 10, IMG)
     with pytest.raises(UserError):
-        build_distiller("fitnet", s, None, img_size=IMG, **NORM)
-    for name in ("kd", "pat"):
+        build_distiller("crd", s, None, img_size=IMG, **NORM)
+    for name in ("kd", "pat", "ofa", "dkd", "dist", "fitnet"):  # each needs a teacher
         with pytest.raises(UserError):
             build_distiller(name, s, None, img_size=IMG, **NORM)
 

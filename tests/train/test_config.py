@@ -62,7 +62,7 @@ def test_lists_parse_from_both_sources(tmp_path):
     (["--hflip", "1.5"], "--hflip"),
     (["--crop-scale", "0.9,0.1"], "--crop-scale"),
     (["--pat-variant", "buggy"], "--pat-variant"),
-    (["--distiller", "fitnet"], "--distiller"),
+    (["--distiller", "crd"], "--distiller"),
     (["--pat-dim", "100", "--pat-heads", "8"], "divisible"),
     (["--teacher-stages", "a,b,c"], "--teacher-stages"),
     (["--model-ema-decay", "1.0"], "--model-ema-decay"),
