@@ -44,7 +44,7 @@ CASES = {  # name: (teacher, teacher kwargs, student, variant)
 }
 
 
-def build(case: str, backend: str):
+def build(case: str, backend: str, distiller: str = "pat"):
     teacher, kwargs, student, variant = CASES[case]
     torch.manual_seed(0)
     t = create_model(teacher, CLASSES, IMG, **kwargs)
@@ -54,9 +54,9 @@ def build(case: str, backend: str):
             if name.startswith("head") and p.dim() == 2 and not p.any():
                 torch.nn.init.trunc_normal_(p, std=0.02)
     settings = DistillSettings(pat_variant=variant, pat_dim=64, pat_heads=4, backend=backend)
-    d = build_distiller("pat", s, t, settings, img_size=IMG, data_mean=MEAN, data_std=STD)
+    d = build_distiller(distiller, s, t, settings, img_size=IMG, data_mean=MEAN, data_std=STD)
     with torch.no_grad():
-        for p in d.prompts.values():
+        for p in getattr(d, "prompts", {}).values():
             p.beta.fill_(0.1)
     return d.to(memory_format=torch.channels_last).train()
 
@@ -80,6 +80,16 @@ class Float64Ops:
         with torch.autocast("cpu", enabled=False):
             kd, reg = reference.kd_loss_pair_ref(s.double(), pt.double(), t.double(), temperature)
         return kd.float(), reg.float()
+
+    @staticmethod
+    def dkd_loss(s, t, target, alpha, beta, temperature, *, backend):
+        with torch.autocast("cpu", enabled=False):
+            return reference.dkd_loss_ref(s.double(), t.double(), target, alpha, beta, temperature).float()
+
+    @staticmethod
+    def dist_loss(s, t, beta, gamma, temperature, *, backend):
+        with torch.autocast("cpu", enabled=False):
+            return reference.dist_loss_ref(s.double(), t.double(), beta, gamma, temperature).float()
 
     @staticmethod
     def raa_attention(tokens, *params, backend):
@@ -149,6 +159,27 @@ def test_fp16_step_with_triton_kernels_is_as_close_to_float64_as_torch(one_threa
     for step, ((lk, gk), (lt, gt), (lo, go)) in enumerate(zip(kernels, torch_, oracle)):
         assert lk.keys() == lo.keys() and gk.keys() == go.keys() == gt.keys() and len(go) > 50
         assert lo["loss_reg"] > 0 and all(torch.isfinite(v) for v in lo.values())
+        for k in lo:
+            ok, why = twice_torch(lk[k], lt[k], lo[k], 2 * FP16_STEP * lo[k].abs().item())
+            assert ok, f"step {step} {k}: {why}"
+        assert_gradients(step, gk, gt, go)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("distiller,case", [("dkd", "vit-cnn"), ("dist", "resnet-vit")])
+def test_fp16_baseline_step_with_triton_kernels_is_as_close_to_float64_as_torch(one_thread_seeded, monkeypatch,
+                                                                                distiller, case):
+    """DKD's and DIST's kernels in a real fp16 step, judged as PAT's are (module docstring)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(BATCH, 3, IMG, IMG, generator=g).contiguous(memory_format=torch.channels_last),
+                torch.randint(0, CLASSES, (BATCH,), generator=g)) for _ in range(2)]
+    kernels = run(build(case, "triton", distiller), batches)
+    torch_ = run(build(case, "reference", distiller), batches)
+    monkeypatch.setattr(ops, f"{distiller}_loss", getattr(Float64Ops, f"{distiller}_loss"))
+    oracle = run(build(case, "reference", distiller), batches)
+    for step, ((lk, gk), (lt, gt), (lo, go)) in enumerate(zip(kernels, torch_, oracle)):
+        assert lk.keys() == lo.keys() == {"loss_gt", "loss_kd"} and gk.keys() == go.keys() == gt.keys()
+        assert lo["loss_kd"] > 0 and all(torch.isfinite(v) for v in lo.values())
         for k in lo:
             ok, why = twice_torch(lk[k], lt[k], lo[k], 2 * FP16_STEP * lo[k].abs().item())
             assert ok, f"step {step} {k}: {why}"
