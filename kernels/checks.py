@@ -78,3 +78,50 @@ def check_raa_inputs(tokens: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
             f"raa_attention: pos must be broadcastable to (B, N, D) = {(b, n, d)} with a full last dimension, "
             f"e.g. (1, {n}, {d}) (paper) or ({b}, 1, {d}) (official); got {tuple(pos.shape)}"
         )
+
+
+def check_dkd_inputs(op: str, logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, *,
+                     soft_labels: bool = True) -> None:
+    """ValueError unless target is (B,) int64 class indices in [0, K) (or, with soft_labels, (B, K) floating soft
+    labels) on the logits' device and K >= 2 (DKD needs a non-target class). Call after the logits' own checks.
+
+    The range is checked for CPU tensors only, and not while torch.compile traces: on a GPU it would cost a host
+    sync (the kernel makes the loss NaN for a target outside [0, K) instead of reading out of bounds)."""
+    b, k = logits_s.shape
+    if not isinstance(target, torch.Tensor):
+        raise ValueError(f"{op}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != logits_s.device:
+        raise ValueError(f"{op}: target must be on the logits' device, got target on {target.device} and logits on "
+                         f"{logits_s.device}")
+    labels = "(B,) class indices or (B, K) soft labels" if soft_labels else "(B,) class indices"
+    if target.dim() == 2 and soft_labels:
+        if tuple(target.shape) != (b, k):
+            raise ValueError(f"{op}: soft labels must have the logits' shape {(b, k)}, got {tuple(target.shape)}")
+        if not target.is_floating_point():
+            raise ValueError(f"{op}: (B, K) soft labels must be floating point, got {target.dtype}")
+    elif target.dim() == 1:
+        if target.shape[0] != b:
+            raise ValueError(f"{op}: target must have one class index per row ({b}), got shape "
+                             f"{tuple(target.shape)}")
+        if target.dtype != torch.int64:
+            raise ValueError(f"{op}: class indices must be int64 (torch.long), got {target.dtype}")
+    else:
+        raise ValueError(f"{op}: target must be {labels}, got shape {tuple(target.shape)}"
+                         + ("" if soft_labels or target.dim() != 2 else
+                            " (soft labels: use patfast.ops.dkd_loss, which takes their argmax)"))
+    if k < 2:
+        raise ValueError(f"{op}: needs at least 2 classes, got logits of shape {(b, k)} (with one class there is no "
+                         "non-target class: TCKD's log(1 - p_y) is log 0)")
+    if target.dim() == 1 and target.device.type == "cpu" and not torch.compiler.is_compiling():
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"{op}: class indices must be in [0, {k}), got values in [{lo}, {hi}]")
+
+
+def check_finite_number(op: str, name: str, value) -> float:
+    """float(value), or a ValueError unless value is a finite Python number (a loss weight: alpha, beta, gamma)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{op}: {name} must be a Python number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{op}: {name} must be finite, got {value}")
+    return float(value)
