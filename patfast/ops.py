@@ -8,6 +8,16 @@
 ``kd_loss(logits_s, logits_t, temperature=1.0)`` -> scalar
     T^2 * KL(softmax(logits_t / T) || softmax(logits_s / T)), summed over classes and averaged over the batch
     (``kl_div(..., reduction="batchmean")``). logits: (B, K).
+``dkd_loss(logits_s, logits_t, target, alpha=1.0, beta=8.0, temperature=4.0)`` -> scalar
+    Decoupled KD (mdistiller's ``dkd_loss``): alpha * TCKD + beta * NCKD, each T^2 * batchmean. TCKD is the KL of
+    the binary [p_y, 1 - p_y] (y the target class), NCKD the KL of the softmaxes at T with the target's logit
+    lowered by 1000. target: (B,) int64 class indices in [0, K), or (B, K) soft labels (their argmax is taken
+    before dispatch); K >= 2. Out-of-range indices are a ValueError for CPU tensors; on a GPU (no host sync) the
+    Triton kernel returns NaN instead.
+``dist_loss(logits_s, logits_t, beta=1.0, gamma=1.0, temperature=1.0)`` -> scalar
+    DIST (OFA-KD's ``dist_loss``): beta T^2 (1 - mean over rows of the Pearson correlation across classes of
+    softmax(logits_s / T) and softmax(logits_t / T)) + gamma T^2 (1 - mean over classes of their correlation across
+    the batch); eps 1e-8 in each correlation's divisor. logits: (B, K).
 ``raa_attention(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)`` -> (B, N, D)
     The region-aware attention core (SPEC section 3): LayerNorm (eps 1e-5) -> q = Linear(q_weight (D, D), q_bias),
     [k | v] = Linear(kv_weight (2D, D), kv_bias (2D,)); q += pos, k += pos with pos broadcastable to (B, N, D)
@@ -36,9 +46,16 @@ from collections.abc import Callable, Sequence
 import torch
 
 from patfast.kernels import reference
-from patfast.kernels.checks import KERNEL_DTYPES, check_feature_pair, check_kd_inputs, check_raa_inputs
+from patfast.kernels.checks import (
+    KERNEL_DTYPES,
+    check_dkd_inputs,
+    check_feature_pair,
+    check_kd_inputs,
+    check_raa_inputs,
+)
 
-__all__ = ["hcl_loss", "hcl_loss_stages", "kd_loss", "kd_loss_pair", "raa_attention", "BACKENDS"]
+__all__ = ["hcl_loss", "hcl_loss_stages", "kd_loss", "kd_loss_pair", "dkd_loss", "dist_loss", "raa_attention",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -48,6 +65,8 @@ _REFERENCE_IMPLS: dict[str, Callable] = {
     "raa_attention": reference.raa_attention_ref,
     "hcl_loss_stages": reference.hcl_loss_stages_ref,
     "kd_loss_pair": reference.kd_loss_pair_ref,
+    "dkd_loss": reference.dkd_loss_ref,
+    "dist_loss": reference.dist_loss_ref,
 }
 
 # The ops that have a Triton kernel, as "module:function". Adding a kernel is one line here.
@@ -57,6 +76,8 @@ _TRITON_TARGETS: dict[str, str] = {
     "hcl_loss_stages": "patfast.kernels.hcl:hcl_loss_stages",
     "kd_loss_pair": "patfast.kernels.kd:pat_kl_pair",
     "raa_attention": "patfast.kernels.raa:raa_attention",
+    "dkd_loss": "patfast.kernels.dkd:dkd_loss",
+    "dist_loss": "patfast.kernels.dist:dist_loss",
 }
 
 
@@ -165,6 +186,32 @@ def kd_loss_pair(
     check_kd_inputs("kd_loss_pair", logits_pt, logits_t, 1.0)
     fn = _select("kd_loss_pair", backend, logits_s.device, logits_s.dtype, logits_pt.dtype, logits_t.dtype)
     return fn(logits_s, logits_pt, logits_t, temperature)
+
+
+def dkd_loss(
+    logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, alpha: float = 1.0, beta: float = 8.0,
+    temperature: float = 4.0, *, backend: str = "auto",
+) -> torch.Tensor:
+    """Decoupled KD: alpha * TCKD + beta * NCKD -> scalar. logits (B, K), K >= 2; target (B,) int64 indices or
+    (B, K) soft labels (argmax). See the module docstring."""
+    _check_backend_arg("dkd_loss", backend)
+    check_kd_inputs("dkd_loss", logits_s, logits_t, temperature)
+    check_dkd_inputs("dkd_loss", logits_s, logits_t, target)
+    target = reference.hard_targets(target)
+    fn = _select("dkd_loss", backend, logits_s.device, logits_s.dtype, logits_t.dtype)
+    return fn(logits_s, logits_t, target, alpha, beta, temperature)
+
+
+def dist_loss(
+    logits_s: torch.Tensor, logits_t: torch.Tensor, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0,
+    *, backend: str = "auto",
+) -> torch.Tensor:
+    """DIST: beta T^2 (1 - mean row correlation) + gamma T^2 (1 - mean class correlation) of the softmaxes at T
+    -> scalar. logits (B, K), same shape. See the module docstring."""
+    _check_backend_arg("dist_loss", backend)
+    check_kd_inputs("dist_loss", logits_s, logits_t, temperature)
+    fn = _select("dist_loss", backend, logits_s.device, logits_s.dtype, logits_t.dtype)
+    return fn(logits_s, logits_t, beta, gamma, temperature)
 
 
 def raa_attention(
