@@ -9,6 +9,10 @@ Cases
     kd_loss_pair     PAT's two KL terms (s vs t at T, prompted teacher pt vs t at 1), logits (B, K), T = 1;
                      gradients to s and pt (t is the no-grad clean teacher).
     kd_loss          plain KD, logits (B, K), T = 1; gradient to s.
+    dkd_loss         Decoupled KD, logits (B, K) and (B,) int64 targets, mdistiller's alpha = 1, beta = 8, T = 4;
+                     gradient to s.
+    dist_loss        DIST, logits (B, K), OFA-KD's beta = gamma = 1, T = 1; gradient to s.
+                     (dkd_loss and dist_loss: with --op all, the default; --op kd is PAT's two KL ops.)
     raa_block        region-aware attention, the whole block: LayerNorm -> q / kv Linear -> +pos on q, k
                      -> 8-head softmax attention; tokens (B, 64, 512), pos (1, 64, 512) (paper variant); gradients
                      to tokens, every parameter and pos. All tensors in the input dtype (bf16 on CUDA, params too).
@@ -31,6 +35,8 @@ Traffic model (the bytes each figure's GB/s counts; the floor a perfect kernel m
     HCL  fwd: read fs + ft = 2 tensor passes; fwd+bwd: 6 passes (fwd reads 2, bwd reads 2 and writes 2 grads)
     KD   the logits read and the gradients written: kd_loss fwd 2 passes, fwd+bwd 5 (2 + read 2, write 1);
          kd_loss_pair fwd 3 passes, fwd+bwd 8 (3 + read 3, write 2); a pass = B * K elements.
+         dkd_loss and dist_loss as kd_loss: fwd 2, fwd+bwd 5 (the floor: DKD's targets and per-row statistics
+         are O(B); DIST's kernels read the logits again (docs/kernels.md#dist), which the floor does not count).
     RAA core  T = B*H*N*hd elements (one of q, k, v, O), L = B*H*N fp32 LSE values: fwd reads q, k, v and writes O and
               LSE = 4T + L; bwd reads q, k, v, dO, LSE and writes dQ, dK, dV = 7T + L; fwd+bwd = 11T + 2L.
     RAA block X = B*N*D (tokens, output), P = parameters + pos = 3D^2 + 5D + N*D: fwd reads tokens and P and writes
@@ -66,12 +72,14 @@ TEACHERS: dict[str, tuple[tuple[int, ...], ...]] = {  # per-sample stage shapes 
     "resnet50": ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)),
 }
 KD_CLASSES = (100, 1000)
-KD_OPS = ("kd_loss_pair", "kd_loss")
+KD_OPS = ("kd_loss_pair", "kd_loss")  # --op kd: PAT's KL terms
+BASELINE_OPS = ("dkd_loss", "dist_loss")  # the baselines' logit losses: --op all only (see build_cases)
+LOGIT_OPS = (*KD_OPS, *BASELINE_OPS)  # every (B, K) logits case: the same inputs, providers, CUDA-graph timing
 RAA_OPS = ("raa_block", "raa_core")
-OPS = ("hcl_loss_stages", *KD_OPS, *RAA_OPS)
+OPS = ("hcl_loss_stages", *LOGIT_OPS, *RAA_OPS)
 PROVIDERS = ("eager", "compiled", "triton")
 SDPA_PROVIDERS = ("sdpa_flash", "sdpa_cudnn")
-PROVIDERS_OF = {op: PROVIDERS for op in ("hcl_loss_stages", *KD_OPS)} | {
+PROVIDERS_OF = {op: PROVIDERS for op in ("hcl_loss_stages", *LOGIT_OPS)} | {
     "raa_block": ("eager", "compiled", *SDPA_PROVIDERS, "triton"),
     "raa_core": ("eager", *SDPA_PROVIDERS, "triton"),
 }
@@ -80,12 +88,16 @@ RAA_HEAD_DIM = RAA_DIM // RAA_HEADS
 MODES = ("fwd", "fwd+bwd")
 CUDA_BATCHES = (64, 128, 256)
 TEMPERATURE = 1.0  # PAT's default
+DKD_ARGS = (1.0, 8.0, 4.0)  # alpha, beta, T: mdistiller's DKD defaults
+DIST_ARGS = (1.0, 1.0, 1.0)  # beta, gamma, T: OFA-KD's DIST defaults
 INTERPRET_TOLERANCE = 1e-3  # largest rel. error of an interpreter run (fp32, CPU) vs the reference; else FAILED
 
 PASSES = {  # (fwd, fwd+bwd) tensor passes of the traffic model
     "hcl_loss_stages": (2, 6),
     "kd_loss_pair": (3, 8),
     "kd_loss": (2, 5),
+    "dkd_loss": (2, 5),
+    "dist_loss": (2, 5),
 }
 
 NO_CUDA = ("no CUDA: Triton kernels run only through the interpreter here, timings would be meaningless; "
@@ -165,6 +177,8 @@ def build_cases(op: str, teachers, classes, batches) -> list[Case]:
         cases += [hcl_case(t, b) for t in teachers for b in batches]
     if op in ("kd", "all"):
         cases += [kd_case(o, k, b) for o in KD_OPS for k in classes for b in batches]
+    if op == "all":  # not in --op kd, whose cases and output gpu_check.sh's kd step and its tests count
+        cases += [kd_case(o, k, b) for o in BASELINE_OPS for k in classes for b in batches]
     if op in ("raa", "all"):
         cases += [raa_case(o, b) for o in RAA_OPS for b in batches]
     return cases
@@ -202,6 +216,11 @@ def make_inputs(case: Case, mode: str, device: torch.device, dtype: torch.dtype)
     s, t = rand(shape, grad, 3.0), rand(shape, False, 3.0)
     if case.op == "kd_loss":
         return (s, t, TEMPERATURE), [s]
+    if case.op == "dkd_loss":
+        target = torch.randint(0, shape[1], (shape[0],), generator=gen, device=device)
+        return (s, t, target, *DKD_ARGS), [s]
+    if case.op == "dist_loss":
+        return (s, t, *DIST_ARGS), [s]
     pt = rand(shape, grad, 3.0)
     return (s, pt, t, TEMPERATURE), [s, pt]
 
@@ -471,7 +490,7 @@ class Bench:
                 self._backward_alone(row, runner, warmup, rep)
             if mode == "fwd+bwd":
                 self._launches(row, runner)
-            if self.cuda and case.op in KD_OPS and provider != "compiled":
+            if self.cuda and case.op in LOGIT_OPS and provider != "compiled":
                 try:
                     row["ms_graph"], row["ms_graph_p20"], row["ms_graph_p80"] = graph_ms(runner)
                 except Exception as e:  # noqa: BLE001 (recorded as FAILED, never fatal)
@@ -703,5 +722,6 @@ def main(args) -> int:
 
 
 __all__ = ["Case", "Bench", "Runner", "TEACHERS", "KD_CLASSES", "PROVIDERS", "PROVIDERS_OF", "RAA_OPS", "MODES",
+           "KD_OPS", "BASELINE_OPS", "LOGIT_OPS", "DKD_ARGS", "DIST_ARGS",
            "NO_CUDA", "NO_CUDA_SDPA", "build_cases", "hcl_case", "kd_case", "raa_case", "sdpa_in_code",
            "inspect_compiled", "make_inputs", "op_function", "count_launches", "is_target", "target_first", "main"]
