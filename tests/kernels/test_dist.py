@@ -400,7 +400,7 @@ def _check_compiled(step, dtype, k=1000):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("b", "k"), [(512, 1000), (300, 1537), (4096, 100)])
+@pytest.mark.parametrize(("b", "k"), [(512, 1000), (300, 1537)])
 def test_gpu_large_batches_match_float64(b, k):
     # On hardware: the class walk after the barrier (K = 1537) and many row tiles, against the float64 truth
     s, t = _logits(b, k, seed=140), _logits(b, k, seed=141, scale=3.0)
@@ -409,7 +409,7 @@ def test_gpu_large_batches_match_float64(b, k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32])  # one compile: the GPU test step's budget is shared
 def test_gpu_torch_compile_fullgraph_kernels(dtype):
     _check_compiled(lambda s, t: 2.0 * dist.dist_loss(s, t, 1.0, 2.0, 4.0) + dist.dist_loss(s, t), dtype)
 
@@ -478,7 +478,7 @@ def test_gpu_one_launch_forward_one_launch_backward(k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k", [1000, 1537])
+@pytest.mark.parametrize("k", [1537])  # the two walks with the barrier between them
 def test_gpu_forward_is_bitwise_deterministic(k):
     s, t = _logits(4096, k, seed=130), _logits(4096, k, seed=131)
     first = dist.dist_loss(s, t, 1.0, 2.0, 4.0)
