@@ -3,12 +3,12 @@
 ``dist_loss(logits_s, logits_t, beta, gamma, T)`` -> fp32 scalar (patfast.kernels.reference.dist_loss_ref):
 beta T^2 (1 - mean over rows of the Pearson correlation across classes of softmax(s/T), softmax(t/T)) +
 gamma T^2 (1 - mean over classes of their correlation across the batch); eps 1e-8 in each divisor.
-Grid: forward ONE program (deterministic, one launch): a walk over row tiles gives each row's softmax statistics
-and class-wise moments, and the batch-wise moments of every class (in registers when K fits one chunk of
-BLOCK_K classes; for larger K a second walk, class chunk by class chunk, after a barrier). Backward a 1-D grid over
-row tiles, each walking its rows' classes (once when K fits one chunk, else twice: the softmax backward needs a
-sum over the row). Each input fp32/fp16/bf16 in its own dtype, any row/class strides; fp32 arithmetic.
-Traffic: forward reads each logit tensor once (K <= MAX_BLOCK_K; else 3 times), backward once (else twice) and
+Grid: forward ONE program (deterministic, one launch): walk 1 over row tiles gives each row's softmax statistics and
+correlation (and, when K fits one chunk of BLOCK_K classes, the class sums); after a barrier, walk 2 per chunk of
+classes gives the batch-centred class moments and the rounding residual of the centring. Backward a 1-D grid over
+row tiles, each owning whole rows (the softmax backward needs a sum over the row): one pass when K fits one chunk,
+else two. Each input fp32/fp16/bf16 in its own dtype, any row/class strides; fp32 arithmetic.
+Traffic: forward reads each logit tensor twice (K <= MAX_BLOCK_K; else 4 times), backward once (else twice) and
 writes the gradients (B x K each). Derivation and numerics: docs/kernels.md#dist.
 """
 
