@@ -251,6 +251,30 @@ def test_extreme_logits_give_finite_exact_gradients(temperature):
     _check_fp32(s, t, y, temperature=temperature)
 
 
+def test_nckd_where_the_target_logit_leads_by_the_mask_value():
+    # The masked target keeps a share of NCKD's softmaxes only when its logit leads by ~DKD_MASK at T: the branch
+    # f < 1, q'_y > 0 of the kernel. TCKD's 1 - p_y then underflows in float64 too (the reference's log gives -inf),
+    # so NCKD alone (alpha = 0) against its own float64 formula: the reference's NCKD line.
+    b, k, temperature = 4, 41, 1.0
+    s, t = _logits(b, k, seed=35, scale=1.0), _logits(b, k, seed=36, scale=1.0)
+    y = torch.tensor([0, 3, 7, 40], device=DEV)
+    s[torch.arange(b), y] += torch.tensor([1004.0, 1001.0, 998.0, 0.0], device=DEV)
+    t[torch.arange(b), y] += torch.tensor([1002.0, 1006.0, 990.0, 2.0], device=DEV)
+
+    def nckd64(a, c):
+        mask = reference.DKD_MASK * torch.nn.functional.one_hot(y, k).double()
+        return torch.nn.functional.kl_div(torch.log_softmax(a / temperature - mask, -1),
+                                          torch.log_softmax(c / temperature - mask, -1), reduction="batchmean",
+                                          log_target=True) * temperature**2
+
+    (loss,), (gs, gt) = _grad_run(lambda a, c: dkd.dkd_loss(a, c, y, 0.0, 1.0, temperature), (s, t), [GRAD_OUT])
+    (ref,), (rs, rt) = _grad_run(nckd64, (s.double(), t.double()), [GRAD_OUT])
+    rtol = 1e-4  # fp32 differences of logits near 1000 carry ulp(1000) = 6e-5 absolute: not the kernel's doing
+    _assert_close_rel(loss, ref, rtol, "loss")
+    _assert_close_rel(gs, rs, rtol, "grad logits_s")
+    _assert_close_rel(gt, rt, rtol, "grad logits_t")
+
+
 def test_out_of_range_target_on_the_gpu_path_is_nan_not_a_wild_read():
     # On a GPU the range is not checked on the host (no sync): the kernel makes the loss NaN. Here the launcher is
     # called directly (the public function checks CPU tensors first).
