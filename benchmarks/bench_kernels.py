@@ -36,7 +36,7 @@ CUDA = torch.cuda.is_available()
 GPU_CASES = [hcl_case(t, 128) for t in TEACHERS] + [kd_case(op, k, 256) for op in LOGIT_OPS for k in KD_CLASSES] + \
     [raa_case(op, 128) for op in RAA_OPS]
 CPU_CASES = [hcl_case("swin_t", 1), kd_case("kd_loss_pair", 100, 8), kd_case("kd_loss", 100, 8),
-             kd_case("dkd_loss", 100, 8), kd_case("dist_loss", 100, 8),
+             kd_case("dkd_loss", 100, 8), kd_case("dist_loss", 100, 8), kd_case("ofa_loss", 100, 8),
              raa_case("raa_block", 1), raa_case("raa_core", 1)]
 GPU_PAIRS = [(case, provider) for case in GPU_CASES for provider in PROVIDERS_OF[case.op]]
 

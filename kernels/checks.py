@@ -81,9 +81,10 @@ def check_raa_inputs(tokens: torch.Tensor, norm_weight: torch.Tensor, norm_bias:
 
 
 def check_dkd_inputs(op: str, logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, *,
-                     soft_labels: bool = True) -> None:
+                     soft_labels: bool = True, min_classes: int = 2) -> None:
     """ValueError unless target is (B,) int64 class indices in [0, K) (or, with soft_labels, (B, K) floating soft
-    labels) on the logits' device and K >= 2 (DKD needs a non-target class). Call after the logits' own checks.
+    labels) on the logits' device and K >= min_classes (DKD needs a non-target class: 2; OFA's loss 1). Call after
+    the logits' own checks.
 
     The range is checked for CPU tensors only, and not while torch.compile traces: on a GPU it would cost a host
     sync (the kernel makes the loss NaN for a target outside [0, K) instead of reading out of bounds)."""
@@ -109,7 +110,7 @@ def check_dkd_inputs(op: str, logits_s: torch.Tensor, logits_t: torch.Tensor, ta
         raise ValueError(f"{op}: target must be {labels}, got shape {tuple(target.shape)}"
                          + ("" if soft_labels or target.dim() != 2 else
                             " (soft labels: use patfast.ops.dkd_loss, which takes their argmax)"))
-    if k < 2:
+    if k < min_classes:
         raise ValueError(f"{op}: needs at least 2 classes, got logits of shape {(b, k)} (with one class there is no "
                          "non-target class: TCKD's log(1 - p_y) is log 0)")
     if target.dim() == 1 and target.device.type == "cpu" and not torch.compiler.is_compiling():

@@ -18,6 +18,10 @@
     DIST (OFA-KD's ``dist_loss``): beta T^2 (1 - mean over rows of the Pearson correlation across classes of
     softmax(logits_s / T) and softmax(logits_t / T)) + gamma T^2 (1 - mean over classes of their correlation across
     the batch); eps 1e-8 in each correlation's divisor. logits: (B, K).
+``ofa_loss(logits_s, logits_t, target, eps=1.0, temperature=1.0)`` -> scalar
+    OFA's loss (OFA-KD's ``ofa_loss``): mean over rows of sum_c -w_c log softmax(logits_s / T)_c with
+    w_c = q_c^eps off the target and (q_y + 1)^eps - 1 on it, q = softmax(logits_t / T); no T^2. target as for
+    dkd_loss (indices, or soft labels: their argmax); K >= 1; eps >= 0.
 ``raa_attention(tokens, norm_weight, norm_bias, q_weight, q_bias, kv_weight, kv_bias, pos, num_heads)`` -> (B, N, D)
     The region-aware attention core (SPEC section 3): LayerNorm (eps 1e-5) -> q = Linear(q_weight (D, D), q_bias),
     [k | v] = Linear(kv_weight (2D, D), kv_bias (2D,)); q += pos, k += pos with pos broadcastable to (B, N, D)
@@ -54,8 +58,8 @@ from patfast.kernels.checks import (
     check_raa_inputs,
 )
 
-__all__ = ["hcl_loss", "hcl_loss_stages", "kd_loss", "kd_loss_pair", "dkd_loss", "dist_loss", "raa_attention",
-           "BACKENDS"]
+__all__ = ["hcl_loss", "hcl_loss_stages", "kd_loss", "kd_loss_pair", "dkd_loss", "dist_loss", "ofa_loss",
+           "raa_attention", "BACKENDS"]
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -67,6 +71,7 @@ _REFERENCE_IMPLS: dict[str, Callable] = {
     "kd_loss_pair": reference.kd_loss_pair_ref,
     "dkd_loss": reference.dkd_loss_ref,
     "dist_loss": reference.dist_loss_ref,
+    "ofa_loss": reference.ofa_loss_ref,
 }
 
 # The ops that have a Triton kernel, as "module:function". Adding a kernel is one line here.
@@ -78,6 +83,7 @@ _TRITON_TARGETS: dict[str, str] = {
     "raa_attention": "patfast.kernels.raa:raa_attention",
     "dkd_loss": "patfast.kernels.dkd:dkd_loss",
     "dist_loss": "patfast.kernels.dist:dist_loss",
+    "ofa_loss": "patfast.kernels.ofa:ofa_loss",
 }
 
 
@@ -212,6 +218,22 @@ def dist_loss(
     check_kd_inputs("dist_loss", logits_s, logits_t, temperature)
     fn = _select("dist_loss", backend, logits_s.device, logits_s.dtype, logits_t.dtype)
     return fn(logits_s, logits_t, beta, gamma, temperature)
+
+
+def ofa_loss(
+    logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tensor, eps: float = 1.0, temperature: float = 1.0,
+    *, backend: str = "auto",
+) -> torch.Tensor:
+    """OFA's loss: mean_b sum_c -((q_c + [c = y])^eps - [c = y]) log softmax(logits_s / T)_c -> scalar. logits
+    (B, K); target (B,) int64 indices or (B, K) soft labels (argmax). See the module docstring."""
+    _check_backend_arg("ofa_loss", backend)
+    check_kd_inputs("ofa_loss", logits_s, logits_t, temperature)
+    check_dkd_inputs("ofa_loss", logits_s, logits_t, target, min_classes=1)
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and 0 <= eps < float("inf")):
+        raise ValueError(f"ofa_loss: eps must be a finite number >= 0, got {eps!r}")
+    target = reference.hard_targets(target)
+    fn = _select("ofa_loss", backend, logits_s.device, logits_s.dtype, logits_t.dtype)
+    return fn(logits_s, logits_t, target, eps, temperature)
 
 
 def raa_attention(

@@ -12,7 +12,8 @@ Cases
     dkd_loss         Decoupled KD, logits (B, K) and (B,) int64 targets, mdistiller's alpha = 1, beta = 8, T = 4;
                      gradient to s.
     dist_loss        DIST, logits (B, K), OFA-KD's beta = gamma = 1, T = 1; gradient to s.
-                     (dkd_loss and dist_loss: with --op all, the default; --op kd is PAT's two KL ops.)
+    ofa_loss         OFA's branch loss, logits (B, K) and (B,) int64 targets, OFA-KD's eps = 1, T = 1; gradient to s.
+                     (dkd_loss, dist_loss and ofa_loss: with --op all, the default; --op kd is PAT's two KL ops.)
     raa_block        region-aware attention, the whole block: LayerNorm -> q / kv Linear -> +pos on q, k
                      -> 8-head softmax attention; tokens (B, 64, 512), pos (1, 64, 512) (paper variant); gradients
                      to tokens, every parameter and pos. All tensors in the input dtype (bf16 on CUDA, params too).
@@ -35,7 +36,7 @@ Traffic model (the bytes each figure's GB/s counts; the floor a perfect kernel m
     HCL  fwd: read fs + ft = 2 tensor passes; fwd+bwd: 6 passes (fwd reads 2, bwd reads 2 and writes 2 grads)
     KD   the logits read and the gradients written: kd_loss fwd 2 passes, fwd+bwd 5 (2 + read 2, write 1);
          kd_loss_pair fwd 3 passes, fwd+bwd 8 (3 + read 3, write 2); a pass = B * K elements.
-         dkd_loss and dist_loss as kd_loss: fwd 2, fwd+bwd 5 (the floor: DKD's targets and per-row statistics
+         dkd_loss, dist_loss, ofa_loss as kd_loss: fwd 2, fwd+bwd 5 (the floor: targets and per-row statistics
          are O(B); DIST's kernels read the logits again (docs/kernels.md#dist), which the floor does not count).
     RAA core  T = B*H*N*hd elements (one of q, k, v, O), L = B*H*N fp32 LSE values: fwd reads q, k, v and writes O and
               LSE = 4T + L; bwd reads q, k, v, dO, LSE and writes dQ, dK, dV = 7T + L; fwd+bwd = 11T + 2L.
@@ -73,7 +74,7 @@ TEACHERS: dict[str, tuple[tuple[int, ...], ...]] = {  # per-sample stage shapes 
 }
 KD_CLASSES = (100, 1000)
 KD_OPS = ("kd_loss_pair", "kd_loss")  # --op kd: PAT's KL terms
-BASELINE_OPS = ("dkd_loss", "dist_loss")  # the baselines' logit losses: --op all only (see build_cases)
+BASELINE_OPS = ("dkd_loss", "dist_loss", "ofa_loss")  # the baselines' logit losses: --op all only (see build_cases)
 LOGIT_OPS = (*KD_OPS, *BASELINE_OPS)  # every (B, K) logits case: the same inputs, providers, CUDA-graph timing
 RAA_OPS = ("raa_block", "raa_core")
 OPS = ("hcl_loss_stages", *LOGIT_OPS, *RAA_OPS)
@@ -90,6 +91,7 @@ CUDA_BATCHES = (64, 128, 256)
 TEMPERATURE = 1.0  # PAT's default
 DKD_ARGS = (1.0, 8.0, 4.0)  # alpha, beta, T: mdistiller's DKD defaults
 DIST_ARGS = (1.0, 1.0, 1.0)  # beta, gamma, T: OFA-KD's DIST defaults
+OFA_ARGS = (1.0, 1.0)  # eps, T: OFA-KD's defaults
 INTERPRET_TOLERANCE = 1e-3  # largest rel. error of an interpreter run (fp32, CPU) vs the reference; else FAILED
 
 PASSES = {  # (fwd, fwd+bwd) tensor passes of the traffic model
@@ -98,6 +100,7 @@ PASSES = {  # (fwd, fwd+bwd) tensor passes of the traffic model
     "kd_loss": (2, 5),
     "dkd_loss": (2, 5),
     "dist_loss": (2, 5),
+    "ofa_loss": (2, 5),
 }
 
 NO_CUDA = ("no CUDA: Triton kernels run only through the interpreter here, timings would be meaningless; "
@@ -221,6 +224,9 @@ def make_inputs(case: Case, mode: str, device: torch.device, dtype: torch.dtype)
         return (s, t, target, *DKD_ARGS), [s]
     if case.op == "dist_loss":
         return (s, t, *DIST_ARGS), [s]
+    if case.op == "ofa_loss":
+        target = torch.randint(0, shape[1], (shape[0],), generator=gen, device=device)
+        return (s, t, target, *OFA_ARGS), [s]
     pt = rand(shape, grad, 3.0)
     return (s, pt, t, TEMPERATURE), [s, pt]
 
@@ -722,6 +728,6 @@ def main(args) -> int:
 
 
 __all__ = ["Case", "Bench", "Runner", "TEACHERS", "KD_CLASSES", "PROVIDERS", "PROVIDERS_OF", "RAA_OPS", "MODES",
-           "KD_OPS", "BASELINE_OPS", "LOGIT_OPS", "DKD_ARGS", "DIST_ARGS",
+           "KD_OPS", "BASELINE_OPS", "LOGIT_OPS", "DKD_ARGS", "DIST_ARGS", "OFA_ARGS",
            "NO_CUDA", "NO_CUDA_SDPA", "build_cases", "hcl_case", "kd_case", "raa_case", "sdpa_in_code",
            "inspect_compiled", "make_inputs", "op_function", "count_launches", "is_target", "target_first", "main"]

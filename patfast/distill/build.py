@@ -109,7 +109,7 @@ def build_distiller(name: str, student: nn.Module, teacher_model: nn.Module | No
                             f"({len(stages) + 1}), got {len(o.ofa_eps)}")
         return OFA(student, student_taps, teacher, num_classes=_num_classes(student), stages=stages,
                    eps=o.ofa_eps, temperature=o.ofa_temperature, w_kd=o.kd_weight,
-                   w_ofa=1.0 if o.ofa_weight is None else o.ofa_weight, **common)
+                   w_ofa=1.0 if o.ofa_weight is None else o.ofa_weight, backend=o.backend, **common)
     if name == "fitnet":
         return FitNet(student, student_taps, teacher, stages=_stages(o.fitnet_stages, "--fitnet-stages"),
                       w_fit=o.fitnet_weight, **common)

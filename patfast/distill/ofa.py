@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from patfast import ops
 from patfast.distill.base import Distiller
 from patfast.distill.ofa_branches import ofa_branch
-from patfast.kernels.reference import hard_targets, ofa_loss_ref
+from patfast.kernels.reference import hard_targets
 from patfast.models.stages import StageTaps
 from patfast.models.teacher import Teacher
 
@@ -24,7 +25,7 @@ class OFA(Distiller):
 
     def __init__(self, student, student_taps: StageTaps, teacher: Teacher, *, num_classes: int,
                  stages: Sequence[int] = (1, 2, 3, 4), eps: Sequence[float] = (1.0,), temperature: float = 1.0,
-                 w_kd: float = 1.0, w_ofa: float = 1.0, **kw):
+                 w_kd: float = 1.0, w_ofa: float = 1.0, backend: str = "auto", **kw):
         super().__init__(student, **kw)
         self.student_taps = student_taps
         self.teacher = teacher
@@ -37,6 +38,7 @@ class OFA(Distiller):
                              f"single one, got {len(eps)}")
         self.eps = eps
         self.temperature, self.w_kd, self.w_ofa = temperature, w_kd, w_ofa
+        self.backend = backend
         shapes = student_taps.stage_shapes
         student_dim, teacher_dim = shapes[3].channels, teacher.taps.stage_shapes[3].channels
         prefix = bool(student_taps.num_prefix)  # a stage's class token has that stage's width
@@ -50,12 +52,12 @@ class OFA(Distiller):
         logits = self.student(images)
         feats = self.student_taps.features_with_prefix()
         y = hard_targets(targets)
-        t = self.temperature
-        branch = sum(ofa_loss_ref(self.branches[str(i)](*feats[i - 1]), logits_t, y, e, t)
+        t, backend = self.temperature, self.backend
+        branch = sum(ops.ofa_loss(self.branches[str(i)](*feats[i - 1]), logits_t, y, e, t, backend=backend)
                      for i, e in zip(self.stages, self.eps))
         return logits, {
             "loss_gt": self.gt_loss(logits, targets),
-            "loss_kd": self.w_kd * ofa_loss_ref(logits, logits_t, y, self.eps[-1], t),
+            "loss_kd": self.w_kd * ops.ofa_loss(logits, logits_t, y, self.eps[-1], t, backend=backend),
             "loss_ofa": self.w_ofa * branch,
         }
 

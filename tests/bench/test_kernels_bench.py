@@ -31,7 +31,7 @@ def assert_user_error(code, err, needle):
 
 def test_cases_cover_pat_shapes_and_the_traffic_model():
     cases = K.build_cases("all", list(K.TEACHERS), list(K.KD_CLASSES), [64, 128, 256])
-    assert len(cases) == 3 * 3 + 4 * 2 * 3 + 2 * 3  # HCL, the logit losses (PAT's two, DKD, DIST), RAA
+    assert len(cases) == 3 * 3 + 5 * 2 * 3 + 2 * 3  # HCL, the logit losses (PAT's two, DKD, DIST, OFA), RAA
     assert {c.op for c in K.build_cases("kd", [], [100], [64])} == set(K.KD_OPS)  # --op kd: PAT's KL ops
     swin = K.hcl_case("swin_t", 128)
     assert swin.shapes == ((128, 3136, 96), (128, 784, 192), (128, 196, 384), (128, 49, 768))
@@ -42,7 +42,7 @@ def test_cases_cover_pat_shapes_and_the_traffic_model():
     pair, kd = K.kd_case("kd_loss_pair", 1000, 256), K.kd_case("kd_loss", 100, 64)
     assert pair.shape == [256, 1000] and pair.traffic_bytes("fwd+bwd", 2) == 8 * 256_000 * 2
     assert kd.traffic_bytes("fwd", 4) == 2 * 6400 * 4 and kd.traffic_bytes("fwd+bwd", 4) == 5 * 6400 * 4
-    for op in ("dkd_loss", "dist_loss"):  # the kd_loss floor: both logits read, the student's gradient written
+    for op in ("dkd_loss", "dist_loss", "ofa_loss"):  # the kd_loss floor: both logits read, the gradient written
         case = K.kd_case(op, 1000, 128)
         assert case.traffic_bytes("fwd", 2) == 2 * 128_000 * 2 and case.traffic_bytes("fwd+bwd", 2) == 5 * 128_000 * 2
     # the cases the issue's targets are judged on run first (a GPU run cut short still has them)
@@ -101,6 +101,9 @@ def test_inputs_are_fresh_random_and_require_the_right_grads():
     assert target.shape == (5,) and target.dtype == torch.int64 and 0 <= target.min() <= target.max() < 41
     (s, t, *weights), grads = K.make_inputs(K.kd_case("dist_loss", 41, 5), "fwd", torch.device("cpu"), torch.float32)
     assert grads == [s] and not s.requires_grad and weights == list(K.DIST_ARGS)
+    (s, t, target, *weights), grads = K.make_inputs(K.kd_case("ofa_loss", 41, 5), "fwd+bwd", torch.device("cpu"),
+                                                     torch.float32)
+    assert grads == [s] and weights == list(K.OFA_ARGS) and target.dtype == torch.int64 and target.max() < 41
     (fs, ft), grads = K.make_inputs(K.hcl_case("convnext_t", 1), "fwd", torch.device("cpu"), torch.float32)
     assert [x.shape for x in fs] == [torch.Size(s) for s in K.hcl_case("convnext_t", 1).shapes]
     assert not any(x.requires_grad for x in fs + ft)
@@ -180,15 +183,15 @@ def test_gpu_logic_fills_every_row_and_keeps_the_budget(fake_gpu, tmp_path):
 
 
 def test_gpu_logic_for_the_baselines_logit_losses(fake_gpu):
-    # DKD and DIST ride on the KD rows' logic: eager and Triton timed, CUDA-graph figures, launches counted
-    cases = [K.kd_case("dkd_loss", 41, 3), K.kd_case("dist_loss", 41, 3)]
+    # DKD, DIST and OFA ride on the KD rows' logic: eager and Triton timed, CUDA-graph figures, launches counted
+    cases = [K.kd_case("dkd_loss", 41, 3), K.kd_case("dist_loss", 41, 3), K.kd_case("ofa_loss", 41, 3)]
     bench = K.Bench(cases, cuda=True, compiled=False, compiled_batches=None, quick=True, budget=None,
                     interpret_check=False, env={"gpu": "fake"}, ceilings={"copy_gbps": 1.0, "bf16_tflops": 1.0},
                     json_path=None, md_path=None, log=lambda line: None, device=torch.device("cpu"),
                     dtype=torch.float32)
     rows = {(r["op"], r["mode"], r["provider"]): r for r in bench.run()["kernels"]}
-    assert len(rows) == 2 * 2 * 3
-    for op in ("dkd_loss", "dist_loss"):
+    assert len(rows) == 3 * 2 * 3
+    for op in ("dkd_loss", "dist_loss", "ofa_loss"):
         tri = rows[(op, "fwd+bwd", "triton")]
         assert tri["ms"] == 0.1 and tri["vs_eager"] == pytest.approx(20.0) and tri["ms_graph"] == 0.008
         assert tri["launches_fwd"] == 1 and tri["bytes"] == 5 * 3 * 41 * 4

@@ -39,7 +39,7 @@ if torch.cuda.is_available():
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 KERNEL_MODULES = ("patfast.kernels.hcl", "patfast.kernels.kd", "patfast.kernels.raa", "patfast.kernels.dkd",
-                  "patfast.kernels.dist")
+                  "patfast.kernels.dist", "patfast.kernels.ofa")
 
 
 class FakeCtx:

@@ -1,7 +1,7 @@
 """The baselines' CUDA fast path on an emulated GPU (conftest.py: fake CUDA tensors, CUDA bf16 autocast, Triton
-launches recorded): for a CNN and a token student each, the eager forward accepts what CUDA autocast produces,
-launches the distiller's Triton kernels (DKD's, DIST's) with fp32 scalar terms, their backward launchers give each
-gradient in its input's dtype, and torch.compile(fullgraph=True) traces the forward as one graph."""
+launches recorded): for a CNN and a token student each, the eager forward accepts what CUDA autocast produces and
+launches the distiller's Triton kernels (DKD's, DIST's, OFA's) with fp32 scalar terms, their backward launchers give
+each gradient in its input's dtype, and torch.compile(fullgraph=True) traces the forward as one graph."""
 
 import copy
 import functools
@@ -14,7 +14,8 @@ from patfast.distill.build import DistillSettings, build_distiller
 from patfast.models.create import create_model
 
 PAIRS = [("vit_small_patch16_224", "resnet18"), ("convnext_atto", "deit_tiny_patch16_224")]  # token -> CNN, CNN -> ViT
-KERNELS = {"ofa": set(), "dkd": {"patfast.kernels.dkd"}, "dist": {"patfast.kernels.dist"}, "fitnet": set()}
+KERNELS = {"ofa": {"patfast.kernels.ofa"}, "dkd": {"patfast.kernels.dkd"}, "dist": {"patfast.kernels.dist"},
+           "fitnet": set()}
 IMG, BATCH, CLASSES = 224, 4, 100
 
 

@@ -92,6 +92,11 @@ class Float64Ops:
             return reference.dist_loss_ref(s.double(), t.double(), beta, gamma, temperature).float()
 
     @staticmethod
+    def ofa_loss(s, t, target, eps, temperature, *, backend):
+        with torch.autocast("cpu", enabled=False):
+            return reference.ofa_loss_ref(s.double(), t.double(), target, eps, temperature).float()
+
+    @staticmethod
     def raa_attention(tokens, *params, backend):
         *weights, heads = params
         with torch.autocast("cpu", enabled=False):
@@ -166,10 +171,12 @@ def test_fp16_step_with_triton_kernels_is_as_close_to_float64_as_torch(one_threa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("distiller,case", [("dkd", "vit-cnn"), ("dist", "resnet-vit")])
+@pytest.mark.parametrize("distiller,case", [("dkd", "vit-cnn"), ("dist", "resnet-vit"), ("ofa", "resnet-vit"),
+                                             ("ofa", "convnext-cnn")])
 def test_fp16_baseline_step_with_triton_kernels_is_as_close_to_float64_as_torch(one_thread_seeded, monkeypatch,
                                                                                 distiller, case):
-    """DKD's and DIST's kernels in a real fp16 step, judged as PAT's are (module docstring)."""
+    """DKD's, DIST's and OFA's kernels in a real fp16 step (OFA: a token and a CNN student, its 5 losses a step),
+    judged as PAT's are (module docstring)."""
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(BATCH, 3, IMG, IMG, generator=g).contiguous(memory_format=torch.channels_last),
                 torch.randint(0, CLASSES, (BATCH,), generator=g)) for _ in range(2)]
@@ -178,7 +185,7 @@ def test_fp16_baseline_step_with_triton_kernels_is_as_close_to_float64_as_torch(
     monkeypatch.setattr(ops, f"{distiller}_loss", getattr(Float64Ops, f"{distiller}_loss"))
     oracle = run(build(case, "reference", distiller), batches)
     for step, ((lk, gk), (lt, gt), (lo, go)) in enumerate(zip(kernels, torch_, oracle)):
-        assert lk.keys() == lo.keys() == {"loss_gt", "loss_kd"} and gk.keys() == go.keys() == gt.keys()
+        assert lk.keys() == lo.keys() and gk.keys() == go.keys() == gt.keys() and "loss_kd" in lo
         assert lo["loss_kd"] > 0 and all(torch.isfinite(v) for v in lo.values())
         for k in lo:
             ok, why = twice_torch(lk[k], lt[k], lo[k], 2 * FP16_STEP * lo[k].abs().item())

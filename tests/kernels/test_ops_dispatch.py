@@ -44,6 +44,8 @@ def _every_op(backend: str):
         loss = loss + ops.dkd_loss(s, t, torch.tensor([0, 7, 40]), 1.0, 8.0, 4.0, backend=backend)
         loss = loss + ops.dkd_loss(s, t, pt.softmax(-1), 0.5, 2.0, 1.0, backend=backend)  # soft labels: argmax
         loss = loss + ops.dist_loss(s, t, 1.0, 2.0, 4.0, backend=backend)
+        loss = loss + ops.ofa_loss(s, t, torch.tensor([0, 7, 40]), 0.5, 2.0, backend=backend)
+        loss = loss + ops.ofa_loss(s, t, pt.softmax(-1), backend=backend)  # soft labels: argmax
         out = ops.raa_attention(tokens, *params, 2, backend=backend)
         return loss + loss_kd + loss_reg + out.square().mean()
     return step
@@ -68,6 +70,7 @@ def _cuda_choices(x: torch.Tensor) -> torch.Tensor:
     x = _picks(x, "raa_attention")
     x = _picks(x, "dkd_loss")
     x = _picks(x, "dist_loss")
+    x = _picks(x, "ofa_loss")
     return x * 2
 
 
@@ -95,8 +98,8 @@ def test_cuda_dispatch_decision_traces_as_one_graph():
     assert (report.graph_count, report.graph_break_count) == (1, 0), [str(r.reason)[:300] for r in
                                                                       report.break_reasons]
     # the traced decision is the eager one: every op has a kernel for every kernel dtype when triton is importable
-    assert len(ops.triton_ops()) == 7
-    picks = 7 * len(KERNEL_DTYPES) if HAS_TRITON else 0
+    assert len(ops.triton_ops()) == 8
+    picks = 8 * len(KERNEL_DTYPES) if HAS_TRITON else 0
     torch.testing.assert_close(_cuda_choices(x), (3 * x + picks) * 2)
 
 
