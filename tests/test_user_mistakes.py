@@ -294,6 +294,8 @@ CASES = [
      "--ofa-stages takes distinct stages among 1,2,3,4, got 1,5"),
     ("ofa-eps-count", lambda p: ["train", *TINY, "--distiller", "ofa", "--ofa-stages", "3,4", "--ofa-eps", "1,2"],
      "--ofa-eps takes one value, or one per --ofa-stages stage plus one for the logits (3), got 1.0,2.0"),
+    ("ofa-eps-negative", lambda p: ["train", *TINY, "--distiller", "ofa", "--ofa-eps", "-1"],
+     "--ofa-eps values must be >= 0, got -1.0"),
     ("fitnet-stage-repeated", lambda p: ["train", *TINY, "--distiller", "fitnet", "--fitnet-stages", "2,2"],
      "--fitnet-stages takes distinct stages among 1,2,3,4, got 2,2"),
     ("dkd-temperature-zero", lambda p: ["train", *TINY, "--distiller", "dkd", "--dkd-temperature", "0"],

@@ -1,7 +1,7 @@
 """Decoupled KD (Zhao et al., CVPR 2022; mdistiller): loss_gt + w_kd * ramp * (alpha TCKD + beta NCKD).
 
 TCKD: T^2 KL of the binary [target, non-target] probabilities; NCKD: T^2 KL among the non-target classes (the target
-logit masked with -1000 before the softmax at T). ramp = min(epoch / warm-up epochs, 1), epochs counted from 1, as
+logit lowered by 1000 before the softmaxes at T). ramp = min(epoch / warm-up epochs, 1), epochs counted from 1, as
 mdistiller's trainer passes them (20 on CIFAR: the first epoch at 1/20). Soft labels (mixup) target their argmax.
 """
 

@@ -473,6 +473,8 @@ def _validate(cfg: dict) -> None:
         if stages is not None and (not stages or any(s not in (1, 2, 3, 4) for s in stages)
                                    or len(set(stages)) != len(stages)):
             raise UserError(f"{flag(name)} takes distinct stages among 1,2,3,4, got {_show(stages)}")
+    if cfg.get("ofa_eps") is not None and any(e < 0 for e in cfg["ofa_eps"]):
+        raise UserError(f"--ofa-eps values must be >= 0, got {_show(cfg['ofa_eps'])}")
     if cfg.get("ofa_eps") is not None and len(cfg["ofa_eps"]) not in (1, len(cfg.get("ofa_stages") or []) + 1):
         raise UserError(f"--ofa-eps takes one value, or one per --ofa-stages stage plus one for the logits "
                         f"({len(cfg['ofa_stages']) + 1}), got {_show(cfg['ofa_eps'])}")

@@ -17,7 +17,7 @@ from patfast.errors import TrainingStopped
 from patfast.train import checkpoint as ckpt
 from patfast.train import distributed as dist_
 from patfast.train import faults
-from patfast.train.config import EMA_DECAY, ema_decay, warmup_note
+from patfast.train.config import EMA_DECAY, SHORT_RUN_WARMUP, ema_decay, warmup_note
 from patfast.train.distributed import World
 from patfast.train.evaluate import evaluate
 from patfast.train.nonfinite import READ_EVERY, NonFiniteTally
@@ -99,6 +99,11 @@ class Training:
                    f"; auto: {EMA_DECAY} for long runs, lowered to a tenth of this run's {total} steps"
                    if decay < EMA_DECAY else ""))
             b.distiller.without_hooks(self.ema.module)  # the copy must not write into the distiller's stage taps
+        if b.distiller_name == "dkd":
+            w = cfg["dkd_warmup_epochs"]
+            log(f"DKD: its term's weight grows linearly over {w:g} epoch(s) (epoch e: min(e / {w:g}, 1))"
+                + (f" (mdistiller's 20, shortened to a fifth of this {cfg['epochs']}-epoch run; --dkd-warmup-epochs "
+                   "sets it)" if w < 20 and w == round(SHORT_RUN_WARMUP * cfg["epochs"], 4) else ""))
         log(f"step: {self.speed.describe()}"
             + (f" | ops backend: {cfg['backend']}" if b.distiller_name != "none" else ""))
         self.mixup = make_mixup(cfg["mixup"], cfg["cutmix"], cfg["smoothing"], b.num_classes, seed=cfg["seed"])
