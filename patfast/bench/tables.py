@@ -20,6 +20,9 @@ KERNEL_OPS = {
     "hcl_loss_stages": "HCL summed over the 4 stages of a teacher at 224 (PAT's loss_fd)",
     "kd_loss_pair": "PAT's KL pair: kd(s, t, T) and reg(pt, t, 1), T = 1",
     "kd_loss": "plain KD, T = 1",
+    "dkd_loss": "Decoupled KD (the dkd baseline): alpha = 1, beta = 8, T = 4",
+    "dist_loss": "DIST (the dist baseline): beta = gamma = 1, T = 1",
+    "ofa_loss": "OFA's loss at the logits and at each branch (the ofa baseline): eps = 1, T = 1",
     "raa_block": "region-aware attention, whole block: LayerNorm -> q / kv Linear -> +pos -> 8-head attention",
     "raa_core": "region-aware attention core alone: softmax(q k^T / sqrt(hd)) v, q, k, v (B, 8, 64, 64)",
 }
