@@ -9,7 +9,8 @@ A build is a dict:
     kernel      a @triton.jit kernel, or "module:name" of one (the module must be importable)
     signature   {arg name: "*fp32" | "*fp16" | "*bf16" | "i32" | "i64" | "fp32" | "constexpr", ...}, every argument
     constexprs  {arg name: value} for the "constexpr" arguments
-    arch        80, 90, ... (default 90);  num_warps (default 4);  num_stages (default 3)
+    arch        80, 90, ... (default 90);  num_warps (default 4);  num_stages (default 3);  maxnreg (default: none,
+                ptxas decides; as the launch option of that name, a cap on registers per thread)
     aligned     names of arguments to mark 16-divisible ("tt.divisibility" 16: 16-byte aligned pointers, ints that
                 are multiples of 16), as the JIT does at launch time for such values
 
@@ -52,6 +53,8 @@ def _compile_one(build: dict) -> dict:
     src = ASTSource(fn=kernel, signature=dict(build["signature"]), constexprs=dict(build.get("constexprs", {})),
                     attrs=attrs)
     options = {"num_warps": build.get("num_warps", 4), "num_stages": build.get("num_stages", 3)}
+    if build.get("maxnreg"):
+        options["maxnreg"] = build["maxnreg"]
     compiled = triton.compile(src, target=GPUTarget("cuda", build.get("arch", 90), 32), options=options)
     return dict(compiled.asm)
 

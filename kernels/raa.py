@@ -25,6 +25,7 @@ __all__ = ["raa_attention", "raa_core", "MAX_N", "MAX_HEAD_DIM"]
 
 MAX_N = 256  # tokens per (batch, head): all keys of a head live in one program
 MAX_HEAD_DIM = 128
+MAX_REGISTERS = 128  # per thread, up to N = 64 (PAT's 64 tokens): 2 backward / 4 forward programs per SM (65536 regs)
 _INPUT_NAMES = ("tokens", "norm_weight", "norm_bias", "q_weight", "q_bias", "kv_weight", "kv_bias", "pos")
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -162,7 +163,8 @@ def _fwd_config(n: int, head_dim: int) -> dict:
     """Tile sizes and warps of the forward kernel for N tokens of head_dim features.
 
     Chosen from compile-only builds (ptxas register counts, no GPU timing): N <= 64 in one query block with 4 warps
-    (PAT, N = 64, head_dim = 64: wgmma on sm_90 at 94 registers, mma.sync on sm_80 at 140, no spill); larger N in
+    and maxnreg 128 (PAT, N = 64, head_dim = 64: wgmma on sm_90 at 94-103 registers; mma.sync on sm_80 at 128,
+    140-149 without the cap; no spill under triton 3.6 or 3.8); larger N in
     16-row blocks with 8 warps (64-99 registers up to N = 256, head_dim = 128; 32- or 64-row blocks spill at
     head_dim = 32 on sm_80 / sm_90).
     """
@@ -170,21 +172,24 @@ def _fwd_config(n: int, head_dim: int) -> dict:
     block_d = max(16, _next_pow2(head_dim))
     block_m = block_n if block_n <= 64 else 16
     num_warps = 4 if block_n <= 64 else 8
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
+    maxnreg = MAX_REGISTERS if block_n <= 64 else None
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "maxnreg": maxnreg}
 
 
 def _bwd_config(n: int, head_dim: int) -> dict:
     """Tile sizes and warps of the backward kernel: smaller query blocks, as dK and dV hold registers throughout.
 
     Chosen from compile-only builds (ptxas register counts, no GPU timing): at N = 64, head_dim = 64 query blocks
-    of 32 rows and 8 warps take 124-128 registers and no spill on sm_80 and sm_90 (64 rows and 4 warps: 233 on
-    sm_90, 255 and a spill on sm_80); N = 128 and 256 use 16-row blocks.
+    of 16 rows, 8 warps and maxnreg 128 take 96-128 registers and no spill on sm_80 and sm_90 under triton 3.6 and
+    3.8 (2 programs per SM); 32-row blocks took 124-182 (129 on sm_90 under 3.6: 1 program per SM) and spilled
+    8 bytes when capped at 128; N = 128 and 256 use 16-row blocks.
     """
     block_n = max(16, _next_pow2(n))
     block_d = max(16, _next_pow2(head_dim))
-    block_m = max(16, min(block_n, 2048 // block_n))
+    block_m = max(16, min(block_n, 1024 // block_n))
     num_warps = 4 if block_n < 64 else 8
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps}
+    maxnreg = MAX_REGISTERS if block_n <= 64 else None
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "maxnreg": maxnreg}
 
 
 _COMPILED = isinstance(_raa_fwd_kernel, JITFunction)  # False under TRITON_INTERPRET=1 (a plain bool for dynamo)
@@ -220,7 +225,7 @@ def _core_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         v.stride(0), v.stride(1), v.stride(2),
         scale,
         HEAD_DIM=hd, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
     )
     return o, lse
 
@@ -240,7 +245,7 @@ def _core_backward(q, k, v, grad_o, lse, scale: float, dtype: torch.dtype):
         do.stride(0), do.stride(2), do.stride(1),  # (B, N, H, hd): batch, head, token strides
         scale,
         HEAD_DIM=hd, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
     )
     return tuple(g.transpose(1, 2) for g in grads)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from patfast import ops
-from patfast.kernels import reference
+from patfast.kernels import perf_model, reference
 from patfast.kernels._compile_check import compile_kernels, resource_usage
 
 triton = pytest.importorskip("triton")
@@ -342,7 +342,7 @@ def _build(kernel, dtype, arch):
             if values[name] % 16 == 0:
                 aligned.append(name)
     return {"kernel": kernel, "signature": signature, "constexprs": constexprs, "aligned": aligned, "arch": arch,
-            "num_warps": cfg["num_warps"]}
+            "num_warps": cfg["num_warps"], "maxnreg": cfg["maxnreg"]}
 
 
 # Mixed dtypes (issue #11), as bf16 / fp16 autocast hands them to the core: q and k fp32 (Linear in the autocast
@@ -364,7 +364,7 @@ def test_compile_only_sm80_sm90_pat_shape_uses_tensor_cores():
 
     kernels = {"fwd": raa._raa_fwd_kernel, "bwd": raa._raa_bwd_kernel}
     builds = [_build(kernels[k], dtype, arch) for _, k, dtype, arch in COMPILE_CASES]
-    for (name, _, dtype, arch), asm in zip(COMPILE_CASES, compile_kernels(builds)):
+    for (name, kernel, dtype, arch), asm in zip(COMPILE_CASES, compile_kernels(builds)):
         ptx = asm["ptx"]
         assert f".target sm_{arch}" in ptx and ".entry" in ptx, name
         assert asm.get("cubin"), f"{name}: no cubin"
@@ -376,6 +376,12 @@ def test_compile_only_sm80_sm90_pat_shape_uses_tensor_cores():
         assert "atom." not in ptx, f"{name}: no atomics"
         usage = resource_usage(asm["cubin"])
         assert usage is None or max(u["STACK"] for u in usage) == 0, f"{name}: register spills ({usage})"
+        if usage is not None:  # issue 15: <= 128 registers, so 2 backward (8 warps) / 4 forward programs per SM
+            regs = usage[0]["REG"]
+            assert regs <= 128, f"{name}: {regs} registers per thread"
+            cfg = (raa._fwd_config if kernel == "fwd" else raa._bwd_config)(PAT["n"], PAT["d"] // PAT["heads"])
+            want = 4 if kernel == "fwd" else 2
+            assert perf_model.resident_per_sm(regs, cfg["num_warps"]) >= want, f"{name}: {regs} registers"
         if name.endswith("mixed"):  # fp32 q and k rounded to the compute dtype in registers (to nearest even)
             half = _TRITON_TYPES[dtype["o"]].replace("fp", "f")
             assert re.search(rf"cvt\.rn\.{half}(x2)?\.f32", ptx), f"{name}: no fp32 -> {half} conversion"
