@@ -2,11 +2,12 @@
 
 ``kd_loss(logits_s, logits_t, T)`` -> T^2 * batchmean KL(softmax(t/T) || softmax(s/T)), fp32 scalar;
 ``pat_kl_pair(logits_s, logits_pt, logits_t, T)`` -> (loss_kd, loss_reg), reading the clean teacher once.
-Grid: forward ONE program walking the batch in BLOCK_B x BLOCK_K tiles (online softmax, deterministic, one launch);
-backward a 2-D grid over (row tiles, class chunks) from saved per-row statistics. Each input fp32/fp16/bf16 in its
+Grid: forward in two launches, a 2-D grid over (row tiles, class chunks) writing each chunk's softmax statistics,
+then ONE program merging them in a fixed order (deterministic, no atomics); backward a 2-D grid over (row tiles,
+class chunks) from the saved per-row statistics. Each input fp32/fp16/bf16 in its
 own dtype, any row/class strides; fp32 arithmetic.
 Traffic: forward reads each logit tensor once, backward reads them again and writes the gradients (B x K each).
-Derivation, the single-program trade-off and alignment: docs/kernels.md#kd.
+Derivation, the two-stage forward and alignment: docs/kernels.md#kd.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from .checks import KERNEL_DTYPES
 __all__ = ["kd_loss", "pat_kl_pair"]
 
 MAX_BLOCK_K = 1024  # classes per chunk; larger K loops over chunks (online softmax in the forward)
-FWD_TILE = 4096  # elements per input per forward loop iteration
+FWD_TILE = 4096  # elements per input per forward loop iteration (the single-program forwards of dkd / dist / ofa)
+MAX_PARTIAL_TILE = 2048  # elements per input of one first-stage forward program ...
+MIN_PARTIAL_TILE = 32  # ... shrunk down to this while there are fewer than PARTIAL_PROGRAMS programs
+PARTIAL_PROGRAMS = 4 * 132  # 4 programs per SM of an H200
+MAX_CHUNKS = 8  # class chunks per row (while K <= MAX_CHUNKS * MAX_BLOCK_K)
+MERGE_ROWS = 1024  # rows per iteration of the one second-stage program
 BWD_TILE = 2048  # elements per input per backward program
 _NSTAT = 5  # per row and KL term: m_x, log z_x, m_y, log z_y, KL (x: the log_softmax slot, y: the target)
 
@@ -56,13 +62,11 @@ def _store_row_stats(stats_ptr, term, B, rows, row_ok, m_x, z_x, m_y, z_y, w):
 
 
 @triton.jit
-def _kl_fwd_kernel(
+def _kl_partial_kernel(
     s_ptr,  # [B, K] student logits: the log_softmax slot of loss_kd (each of s, t, p: fp32 / fp16 / bf16)
     t_ptr,  # [B, K] clean teacher logits: the target of loss_kd (at T) and of loss_reg (at 1)
     p_ptr,  # [B, K] prompted-teacher logits: the log_softmax slot of loss_reg (read only when PAIR)
-    loss_kd_ptr,  # [] fp32 out: T^2 / B * sum_rows KL(p_t^T || p_s^T)
-    loss_reg_ptr,  # [] fp32 out: 1 / B * sum_rows KL(p_t || p_pt) (written only when PAIR)
-    stats_ptr,  # [2 if PAIR else 1, 5, B] fp32 out: per term and row m_x, log z_x, m_y, log z_y, KL
+    part_ptr,  # [n_chunks, 10 if PAIR else 5, B] fp32 out: per class chunk and row m_x, z_x, m_y, z_y, w per term
     B,  # rows
     K_q,  # classes // ALIGN
     s_stride_q, t_stride_q, p_stride_q,  # row strides (elements) // ALIGN
@@ -74,50 +78,100 @@ def _kl_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # One BLOCK_B x BLOCK_K tile: the chunk's softmax statistics, relative to the chunk's own row maxima.
     K = K_q * ALIGN
     inv_t = 1.0 / temperature
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < B
+    col_ok = (cols < K)[None, :]
+    r = tl.minimum(rows, B - 1).to(tl.int64)  # padding rows re-read the last row; never stored
+    s_raw = tl.load(s_ptr + r[:, None] * (s_stride_q * ALIGN) + cols[None, :] * s_stride_k,
+                    mask=col_ok, other=0.0).to(tl.float32)
+    t_raw = tl.load(t_ptr + r[:, None] * (t_stride_q * ALIGN) + cols[None, :] * t_stride_k,
+                    mask=col_ok, other=0.0).to(tl.float32)
+    nterm = 10 if PAIR else 5
+    base = part_ptr + chunk.to(tl.int64) * (nterm * B) + rows
+    x = s_raw * inv_t
+    y = t_raw * inv_t
+    # loss_kd: x = s/T in the log_softmax slot, y = t/T the target; w = sum exp(y - m_y) * (y - x)
+    m_x = tl.max(tl.where(col_ok, x, float("-inf")), axis=1)
+    z_x = tl.sum(tl.where(col_ok, tl.exp(x - m_x[:, None]), 0.0), axis=1)
+    m_y = tl.max(tl.where(col_ok, y, float("-inf")), axis=1)
+    e_y = tl.where(col_ok, tl.exp(y - m_y[:, None]), 0.0)
+    tl.store(base, m_x, mask=row_ok)
+    tl.store(base + B, z_x, mask=row_ok)
+    tl.store(base + 2 * B, m_y, mask=row_ok)
+    tl.store(base + 3 * B, tl.sum(e_y, axis=1), mask=row_ok)
+    tl.store(base + 4 * B, tl.sum(e_y * (y - x), axis=1), mask=row_ok)
+    if PAIR:  # loss_reg: pt in the log_softmax slot, t the target, both at temperature 1
+        p_raw = tl.load(p_ptr + r[:, None] * (p_stride_q * ALIGN) + cols[None, :] * p_stride_k,
+                        mask=col_ok, other=0.0).to(tl.float32)
+        m_p = tl.max(tl.where(col_ok, p_raw, float("-inf")), axis=1)
+        tl.store(base + 5 * B, m_p, mask=row_ok)
+        tl.store(base + 6 * B, tl.sum(tl.where(col_ok, tl.exp(p_raw - m_p[:, None]), 0.0), axis=1), mask=row_ok)
+        if T_IS_ONE:  # softmax(t / 1) is the softmax already computed for loss_kd
+            m_t1 = m_y
+            e_t1 = e_y
+        else:
+            m_t1 = tl.max(tl.where(col_ok, t_raw, float("-inf")), axis=1)
+            e_t1 = tl.where(col_ok, tl.exp(t_raw - m_t1[:, None]), 0.0)
+        tl.store(base + 7 * B, m_t1, mask=row_ok)
+        tl.store(base + 8 * B, tl.sum(e_t1, axis=1), mask=row_ok)
+        tl.store(base + 9 * B, tl.sum(e_t1 * (t_raw - p_raw), axis=1), mask=row_ok)
+
+
+@triton.jit
+def _merge_lse(m, z, m_c, z_c):
+    # Adds one chunk's (max, sum exp(x - max)) to a running pair; returns (m', z', the rescale of the chunk's sums).
+    m_new = tl.maximum(m, m_c)
+    scale_c = tl.exp(m_c - m_new)
+    return m_new, z * tl.exp(m - m_new) + z_c * scale_c, scale_c
+
+
+@triton.jit
+def _merge_term(part_ptr, slot, B, rows, row_ok, N_CHUNKS: tl.constexpr, NTERM: tl.constexpr):
+    # One KL term's row statistics over every class chunk, merged in chunk order (the same bits every run).
+    m_x = tl.full(rows.shape, float("-inf"), tl.float32)
+    z_x = tl.zeros(rows.shape, dtype=tl.float32)
+    m_y = tl.full(rows.shape, float("-inf"), tl.float32)
+    z_y = tl.zeros(rows.shape, dtype=tl.float32)
+    w = tl.zeros(rows.shape, dtype=tl.float32)
+    for c in tl.static_range(N_CHUNKS):
+        base = part_ptr + (c * NTERM + slot) * B + rows
+        m_x, z_x, _ = _merge_lse(m_x, z_x, tl.load(base, mask=row_ok, other=0.0),
+                                 tl.load(base + B, mask=row_ok, other=0.0))
+        m_old = m_y
+        m_y, z_y, scale_c = _merge_lse(m_y, z_y, tl.load(base + 2 * B, mask=row_ok, other=0.0),
+                                       tl.load(base + 3 * B, mask=row_ok, other=0.0))
+        w = w * tl.exp(m_old - m_y) + tl.load(base + 4 * B, mask=row_ok, other=0.0) * scale_c
+    return m_x, z_x, m_y, z_y, w
+
+
+@triton.jit
+def _kl_merge_kernel(
+    part_ptr,  # [N_CHUNKS, 10 if PAIR else 5, B] fp32: the partial kernel's per-chunk statistics
+    loss_kd_ptr,  # [] fp32 out: T^2 / B * sum_rows KL(p_t^T || p_s^T)
+    loss_reg_ptr,  # [] fp32 out: 1 / B * sum_rows KL(p_t || p_pt) (written only when PAIR)
+    stats_ptr,  # [2 if PAIR else 1, 5, B] fp32 out: per term and row m_x, log z_x, m_y, log z_y, KL
+    B,  # rows
+    temperature,  # T > 0
+    PAIR: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    # ONE program: the second stage of the forward, a fixed-order sum over chunks and rows (no atomics).
+    nterm: tl.constexpr = 10 if PAIR else 5
     acc_kd = tl.zeros([BLOCK_B], dtype=tl.float32)
     acc_reg = tl.zeros([BLOCK_B], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        r = tl.minimum(rows, B - 1).to(tl.int64)  # padding rows re-read the last row; dropped below
-        m_s = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        z_s = tl.zeros([BLOCK_B], dtype=tl.float32)
-        m_t = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        z_t = tl.zeros([BLOCK_B], dtype=tl.float32)
-        w_kd = tl.zeros([BLOCK_B], dtype=tl.float32)
-        m_p = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        z_p = tl.zeros([BLOCK_B], dtype=tl.float32)
-        m_t1 = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        z_t1 = tl.zeros([BLOCK_B], dtype=tl.float32)
-        w_reg = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = (cols < K)[None, :]
-            s_raw = tl.load(s_ptr + r[:, None] * (s_stride_q * ALIGN) + cols[None, :] * s_stride_k,
-                            mask=col_ok, other=0.0).to(tl.float32)
-            t_raw = tl.load(t_ptr + r[:, None] * (t_stride_q * ALIGN) + cols[None, :] * t_stride_k,
-                            mask=col_ok, other=0.0).to(tl.float32)
-            x = s_raw * inv_t
-            y = t_raw * inv_t
-            # loss_kd: x = s/T in the log_softmax slot, y = t/T the target; w_kd = sum exp(y - m_t) * (y - x)
-            m_s, z_s, _, _ = _online_lse(tl.where(col_ok, x, float("-inf")), m_s, z_s)
-            m_t, z_t, e_t, alpha_t = _online_lse(tl.where(col_ok, y, float("-inf")), m_t, z_t)
-            w_kd = w_kd * alpha_t + tl.sum(e_t * (y - x), axis=1)  # y - x = 0 in masked columns
-            if PAIR:  # loss_reg: pt in the log_softmax slot, t the target, both at temperature 1
-                p_raw = tl.load(p_ptr + r[:, None] * (p_stride_q * ALIGN) + cols[None, :] * p_stride_k,
-                                mask=col_ok, other=0.0).to(tl.float32)
-                m_p, z_p, _, _ = _online_lse(tl.where(col_ok, p_raw, float("-inf")), m_p, z_p)
-                if T_IS_ONE:  # softmax(t / 1) is the softmax already computed for loss_kd
-                    w_reg = w_reg * alpha_t + tl.sum(e_t * (t_raw - p_raw), axis=1)
-                else:
-                    m_t1, z_t1, e_t1, alpha_t1 = _online_lse(tl.where(col_ok, t_raw, float("-inf")), m_t1, z_t1)
-                    w_reg = w_reg * alpha_t1 + tl.sum(e_t1 * (t_raw - p_raw), axis=1)
-        acc_kd += _store_row_stats(stats_ptr, 0, B, rows, row_ok, m_s, z_s, m_t, z_t, w_kd)
+        m_x, z_x, m_y, z_y, w = _merge_term(part_ptr, 0, B, rows, row_ok, N_CHUNKS, nterm)
+        acc_kd += _store_row_stats(stats_ptr, 0, B, rows, row_ok, m_x, z_x, m_y, z_y, w)
         if PAIR:
-            if T_IS_ONE:
-                m_t1, z_t1 = m_t, z_t
+            m_p, z_p, m_t1, z_t1, w_reg = _merge_term(part_ptr, 5, B, rows, row_ok, N_CHUNKS, nterm)
             acc_reg += _store_row_stats(stats_ptr, 1, B, rows, row_ok, m_p, z_p, m_t1, z_t1, w_reg)
     tl.store(loss_kd_ptr, tl.sum(acc_kd, axis=0) * (temperature * temperature / B))
     if PAIR:
@@ -208,10 +262,35 @@ def _kl_bwd_kernel(
 
 
 def _fwd_config(b: int, k: int) -> dict:
-    """Tile of the single forward program: BLOCK_K classes per chunk, BLOCK_B rows per loop iteration."""
+    """Tile of the single-program forwards of dkd.py / dist.py / ofa.py: BLOCK_K classes per chunk, BLOCK_B rows per
+    loop iteration."""
     block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
     block_b = max(1, min(FWD_TILE // block_k, triton.next_power_of_2(b)))
     return {"BLOCK_B": block_b, "BLOCK_K": block_k, "num_warps": max(1, min(16, block_b * block_k // 256))}
+
+
+def _partial_config(b: int, k: int) -> dict:
+    """Tile of one program of KD's first forward stage; the grid is (cdiv(B, BLOCK_B), cdiv(K, BLOCK_K)).
+
+    The tile shrinks (to MIN_PARTIAL_TILE elements) until there are PARTIAL_PROGRAMS programs, enough for 4 per SM of
+    a 132-SM H200, so the loads of every SM are in flight at once; at most MAX_PARTIAL_TILE elements per input, and
+    a row is cut into at most MAX_CHUNKS chunks (fewer programs at small B instead)."""
+    k2 = triton.next_power_of_2(k)
+    tile = MAX_PARTIAL_TILE
+    while tile > MIN_PARTIAL_TILE and triton.cdiv(b * k, tile) < PARTIAL_PROGRAMS:
+        tile //= 2
+    # at most MAX_CHUNKS class chunks (the merge unrolls over them), unless K > MAX_CHUNKS * MAX_BLOCK_K
+    block_k = min(max(tile, triton.cdiv(k2, MAX_CHUNKS)), k2, MAX_BLOCK_K)
+    block_b = max(1, min(tile // block_k, triton.next_power_of_2(b)))
+    return {"BLOCK_B": block_b, "BLOCK_K": block_k, "num_warps": max(1, min(4, block_b * block_k // 256))}
+
+
+def _merge_config(b: int, k: int) -> dict:
+    """The second forward stage: ONE program, BLOCK_B rows per iteration, N_CHUNKS class chunks per row."""
+    block_b = max(1, min(MERGE_ROWS, triton.next_power_of_2(b)))
+    n_chunks = triton.cdiv(k, _partial_config(b, k)["BLOCK_K"])
+    # warps by loads in flight (rows x chunks): 1 warp for 128 rows x 8 chunks spilled under triton 3.6
+    return {"BLOCK_B": block_b, "N_CHUNKS": n_chunks, "num_warps": max(1, min(8, block_b * n_chunks // 256))}
 
 
 def _bwd_config(b: int, k: int) -> dict:
@@ -242,12 +321,20 @@ def _forward(s: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None, temperatu
     loss_kd = torch.empty((), device=s.device, dtype=torch.float32)
     loss_reg = torch.empty((), device=s.device, dtype=torch.float32) if pair else loss_kd
     stats = torch.empty((2 if pair else 1, _NSTAT, b), device=s.device, dtype=torch.float32)
-    cfg = _fwd_config(b, k)
-    _kl_fwd_kernel[(1,)](
-        tensors[0], tensors[1], tensors[2], loss_kd, loss_reg, stats,
+    cfg, merge = _partial_config(b, k), _merge_config(b, k)
+    t_is_one = pair and temperature == 1.0
+    partials = torch.empty((merge["N_CHUNKS"], 2 * _NSTAT if pair else _NSTAT, b), device=s.device,
+                           dtype=torch.float32)
+    _kl_partial_kernel[(triton.cdiv(b, cfg["BLOCK_B"]), merge["N_CHUNKS"])](
+        tensors[0], tensors[1], tensors[2], partials,
         b, k // align, *row_q, *col, temperature,
-        PAIR=pair, T_IS_ONE=pair and temperature == 1.0,
+        PAIR=pair, T_IS_ONE=t_is_one,
         ALIGN=align, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    _kl_merge_kernel[(1,)](
+        partials, loss_kd, loss_reg, stats, b, temperature,
+        PAIR=pair, N_CHUNKS=merge["N_CHUNKS"], BLOCK_B=merge["BLOCK_B"],
+        num_warps=merge["num_warps"],
     )
     return loss_kd, (loss_reg if pair else None), stats
 
@@ -354,8 +441,8 @@ def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature: float =
     """T^2 * batch-mean KL(softmax(logits_t / T) || softmax(logits_s / T)) -> fp32 scalar, fused.
 
     logits_s, logits_t: (B, K), same shape and device, each float32 / float16 / bfloat16 in its own dtype; any
-    strides. Differentiable in both inputs (each gradient in its input's dtype). One kernel launch forward, one
-    backward.
+    strides. Differentiable in both inputs (each gradient in its input's dtype). Two kernel launches forward (per
+    class chunk, then one merge), one backward.
     """
     temperature = _check("kd_loss", ("logits_s", "logits_t"), (logits_s, logits_t), temperature)
     return _KDLoss.apply(logits_s, logits_t, temperature)
@@ -370,7 +457,7 @@ def pat_kl_pair(
     loss_reg = kd_loss(logits_pt, logits_t, 1.0)           (prompted teacher vs clean teacher at 1)
     All three (B, K), same shape and device, each float32 / float16 / bfloat16 in its own dtype. Gradients (each in
     its input's dtype) flow to logits_s and logits_pt, and also to logits_t if it requires grad (in PAT it is the
-    no-grad clean teacher). One launch forward, one backward.
+    no-grad clean teacher). Two launches forward, one backward.
     """
     temperature = _check("pat_kl_pair", ("logits_s", "logits_pt", "logits_t"), (logits_s, logits_pt, logits_t),
                          temperature)

@@ -25,7 +25,9 @@ __all__ = ["raa_attention", "raa_core", "MAX_N", "MAX_HEAD_DIM"]
 
 MAX_N = 256  # tokens per (batch, head): all keys of a head live in one program
 MAX_HEAD_DIM = 128
-MAX_REGISTERS = 128  # per thread, up to N = 64 (PAT's 64 tokens): 2 backward / 4 forward programs per SM (65536 regs)
+# Registers per thread for a 16-bit compute dtype up to N = 64 (PAT's 64 tokens): 2 backward / 4 forward programs
+# per SM. Not for fp32 compute: its wider tiles spill under the cap (2 KB a thread forward on sm_90).
+MAX_REGISTERS = 128
 _INPUT_NAMES = ("tokens", "norm_weight", "norm_bias", "q_weight", "q_bias", "kv_weight", "kv_bias", "pos")
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -159,7 +161,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-def _fwd_config(n: int, head_dim: int) -> dict:
+def _fwd_config(n: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile sizes and warps of the forward kernel for N tokens of head_dim features.
 
     Chosen from compile-only builds (ptxas register counts, no GPU timing): N <= 64 in one query block with 4 warps
@@ -172,11 +174,11 @@ def _fwd_config(n: int, head_dim: int) -> dict:
     block_d = max(16, _next_pow2(head_dim))
     block_m = block_n if block_n <= 64 else 16
     num_warps = 4 if block_n <= 64 else 8
-    maxnreg = MAX_REGISTERS if block_n <= 64 else None
+    maxnreg = MAX_REGISTERS if block_n <= 64 and dtype.itemsize == 2 else None
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "maxnreg": maxnreg}
 
 
-def _bwd_config(n: int, head_dim: int) -> dict:
+def _bwd_config(n: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile sizes and warps of the backward kernel: smaller query blocks, as dK and dV hold registers throughout.
 
     Chosen from compile-only builds (ptxas register counts, no GPU timing): at N = 64, head_dim = 64 query blocks
@@ -188,7 +190,7 @@ def _bwd_config(n: int, head_dim: int) -> dict:
     block_d = max(16, _next_pow2(head_dim))
     block_m = max(16, min(block_n, 1024 // block_n))
     num_warps = 4 if block_n < 64 else 8
-    maxnreg = MAX_REGISTERS if block_n <= 64 else None
+    maxnreg = MAX_REGISTERS if block_n <= 64 and dtype.itemsize == 2 else None
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": num_warps, "maxnreg": maxnreg}
 
 
@@ -217,7 +219,7 @@ def _core_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     b, h, n, hd = q.shape
     o = torch.empty((b, n, h, hd), device=q.device, dtype=q.dtype if dtype is None else dtype)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    cfg = _fwd_config(n, hd)
+    cfg = _fwd_config(n, hd, o.dtype)
     _raa_fwd_kernel[(b * h,)](
         q, k, v, o, lse, h, n,
         q.stride(0), q.stride(1), q.stride(2),
@@ -236,7 +238,7 @@ def _core_backward(q, k, v, grad_o, lse, scale: float, dtype: torch.dtype):
     b, h, n, hd = q.shape
     do = _unit_last(grad_o.to(dtype))
     grads = [torch.empty((b, n, h, hd), device=q.device, dtype=x.dtype) for x in (q, k, v)]
-    cfg = _bwd_config(n, hd)
+    cfg = _bwd_config(n, hd, dtype)
     _raa_bwd_kernel[(b * h,)](
         q, k, v, do, lse, *grads, h, n,
         q.stride(0), q.stride(1), q.stride(2),

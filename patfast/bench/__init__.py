@@ -72,6 +72,9 @@ def add_kernel_options(parser) -> None:
                              "them here; measured here after all if it holds none")
     parser.add_argument("--json", default=None, metavar="PATH", help="write results.json-style output here")
     parser.add_argument("--md", default=None, metavar="PATH", help="write the markdown tables here")
+    parser.add_argument("--no-model-registers", dest="model_registers", action="store_false",
+                        help="skip the compile-only builds that give the performance model its registers and "
+                             "spills (a few seconds per kernel configuration); the model then counts threads only")
     parser.add_argument("--interpret-check", action="store_true",
                         help="no CUDA: also run each Triton case once through the Triton interpreter (untimed) "
                              "to check the harness; gpu_check.sh --dry-run uses it")

@@ -49,6 +49,7 @@ each fwd+bwd row, and for the launch-bound KD ops the time per call when replaye
 (triton.testing.do_bench_cudagraph: no host gaps between launches).
 On the CPU only the reference providers run, at tiny batch sizes: Triton kernels run there only through the
 interpreter, so their timings would be meaningless.
+After the rows: the performance model of each Triton case (patfast.bench.kernel_model, kernels/perf_model.py).
 """
 
 from __future__ import annotations
@@ -717,9 +718,26 @@ def main(args) -> int:
                   budget=args.budget, interpret_check=args.interpret_check, env=env, ceilings=ceilings,
                   json_path=args.json, md_path=args.md, log=lambda line: print(line, flush=True))
     doc = bench.run()
+    from patfast.bench import kernel_model
+
+    print("performance model" + (": compile-only builds for the registers ..." if args.model_registers else " ..."),
+          flush=True)
+    # without CUDA the model is of the cases a GPU run would time (the batches, bf16), not of the CPU's tiny ones
+    model_cases = cases if cuda else build_cases(args.op, teachers, classes,
+                                                 _int_list(args.batch, "--batch") if args.batch is not None
+                                                 else [128] if args.quick else list(CUDA_BATCHES))
+    doc["model"] = kernel_model.model(model_cases, bench.dtype if cuda else torch.bfloat16, ceilings, cuda,
+                                      rows=doc["kernels"], registers=args.model_registers)
+    model_text = kernel_model.render_text(doc["model"])
+    if args.json:
+        write_json(doc, args.json)
+    if args.md:
+        with open(args.md, "a") as f:
+            f.write("\n## Performance model\n\n```text\n" + model_text + "\n```\n")
     print()
     # --md: the markdown tables (also written to the file); else a compact plain-text table
     print(render(doc["kernels"]) if args.md else render_text(doc["kernels"]), flush=True)
+    print("\n" + model_text, flush=True)
     failed = [(r, f) for r in doc["kernels"] for f in row_failures(r)]
     for r, f in failed:
         print(f"bench kernels: {FAILED}: {r['op']} {r['case']} B={r['batch']} {r['mode']} {r['provider']}: {f}",

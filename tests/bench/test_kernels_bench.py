@@ -318,6 +318,13 @@ def test_bench_kernels_quick_on_cpu_is_reference_only(tmp_path, capsys):
     for r in doc["kernels"]:
         assert (r["ms"] is not None) == (r["provider"] == "eager"), r
     assert "not measured" in (tmp_path / "k.md").read_text()
+    # the performance model alone, of the cases a GPU run would time (B = 128 with --quick, bf16), said to be one
+    model = doc["model"]
+    assert model["assumed"] and "a MODEL of an H200" in model["about"] and model["about"] in out
+    assert "## Performance model" in (tmp_path / "k.md").read_text()
+    pair = next(e for e in model["rows"] if e["op"] == "kd_loss_pair" and e["mode"] == "fwd+bwd")
+    assert (pair["batch"], pair["dtype"], pair["ms"], pair["frac_floor"]) == (128, "bfloat16", None, None)
+    assert len(pair["launches"]) == 3 and pair["estimate_ms"] > pair["floor_ms"] > 0
 
 
 @cpu_only

@@ -325,7 +325,7 @@ def _build(kernel, dtype, arch):
     of_pointer = {"q_ptr": "q", "k_ptr": "k", "v_ptr": "v", "o_ptr": "o", "do_ptr": "o", "dq_ptr": "q", "dk_ptr": "k",
                   "dv_ptr": "v"}
     hd = PAT["d"] // PAT["heads"]
-    cfg = (raa._fwd_config if kernel is raa._raa_fwd_kernel else raa._bwd_config)(PAT["n"], hd)
+    cfg = (raa._fwd_config if kernel is raa._raa_fwd_kernel else raa._bwd_config)(PAT["n"], hd, dtypes["o"])
     values = {"H": PAT["heads"], "N": PAT["n"], **_pat_strides()}
     constexprs = {"HEAD_DIM": hd, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
     signature, aligned = {}, []
@@ -379,7 +379,9 @@ def test_compile_only_sm80_sm90_pat_shape_uses_tensor_cores():
         if usage is not None:  # issue 15: <= 128 registers, so 2 backward (8 warps) / 4 forward programs per SM
             regs = usage[0]["REG"]
             assert regs <= 128, f"{name}: {regs} registers per thread"
-            cfg = (raa._fwd_config if kernel == "fwd" else raa._bwd_config)(PAT["n"], PAT["d"] // PAT["heads"])
+            cfg = (raa._fwd_config if kernel == "fwd" else raa._bwd_config)(PAT["n"], PAT["d"] // PAT["heads"],
+                                                                            dtype["o"] if isinstance(dtype, dict)
+                                                                            else dtype)
             want = 4 if kernel == "fwd" else 2
             assert perf_model.resident_per_sm(regs, cfg["num_warps"]) >= want, f"{name}: {regs} registers"
         if name.endswith("mixed"):  # fp32 q and k rounded to the compute dtype in registers (to nearest even)

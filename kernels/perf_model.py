@@ -1,0 +1,273 @@
+"""A performance model of the Triton kernels at a shape, no GPU needed: what each launch must move, how many programs
+it runs and how many fit on an SM, and the time floor and estimate that follow (issue 15).
+
+    launches = kd_launches(256, 1000, torch.bfloat16, pair=True)       # [Launch, ...], forward then backward
+    launches = with_resources(launches)                                 # registers / spills from compile-only builds
+    report(launches, copy_gbps=4300, matmul_tflops=700)                 # {"bytes", "flops", "floor_us", ...}
+
+The model (stated assumptions, not measurements; the H200 figures are its data sheet's):
+    floor     max(bytes / copy bandwidth, dot FLOPs / matmul rate), bytes = what every launch must read and write
+              at least once (inputs, outputs, the small statistics passed between launches).
+    estimate  sum over launches of LAUNCH_US + max(bytes / (copy bandwidth * fill), FLOPs / matmul rate), where
+              fill = min(1, bytes in flight / (copy bandwidth * DRAM_LATENCY_US)) (Little's law: a GPU reaches its
+              copy bandwidth only with about bandwidth x latency bytes outstanding, ~3 MB on an H200) and bytes in
+              flight = the programs resident at once (min(programs, SMs * resident per SM)) x the bytes one program
+              has outstanding (one tile of loads per serial step of its loop).
+    resident per SM  min(by registers: 65536 per SM, allocated per warp in units of 256; by threads: 2048; by
+              shared memory: 228 KiB, 1 KiB reserved per block; 32 blocks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import triton
+
+from . import hcl, kd, raa
+
+__all__ = ["GPU", "H200", "Launch", "resident_per_sm", "kd_launches", "single_program_forward", "logit_launches",
+           "hcl_launches", "raa_core_launches", "with_resources", "report"]
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    sms: int
+    regs_per_sm: int = 65536
+    threads_per_sm: int = 2048
+    blocks_per_sm: int = 32
+    smem_per_sm: int = 228 * 1024
+    arch: int = 90
+
+
+H200 = GPU("H200 (sm_90)", sms=132)
+DRAM_LATENCY_US = 0.7  # assumed: HBM load latency under load
+LAUNCH_US = 1.0  # assumed: one kernel node of a CUDA graph, launch to launch
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch of an op. Bytes: the minimum it must move; inflight: bytes one program has outstanding."""
+
+    name: str
+    programs: int
+    num_warps: int
+    read_bytes: int
+    write_bytes: int
+    inflight_bytes: int  # per program and serial step (the loads of one loop iteration)
+    steps: int = 1  # serial loop iterations per program
+    flops: int = 0  # tl.dot FLOPs
+    build: dict | None = field(default=None, compare=False, repr=False)  # a kernels._compile_check build
+    regs: int | None = None  # per thread, from the compile-only build
+    spills: int | None = None  # bytes of stack (spills) per thread
+    smem: int = 0  # bytes of shared memory per program
+
+
+def resident_per_sm(regs: int | None, num_warps: int, smem: int = 0, gpu: GPU = H200) -> int:
+    """Programs of ``num_warps`` warps at ``regs`` registers per thread that one SM holds at once."""
+    by_threads = gpu.threads_per_sm // (32 * num_warps)
+    by_regs = by_threads if regs is None else gpu.regs_per_sm // (math.ceil(regs * 32 / 256) * 256 * num_warps)
+    by_smem = gpu.smem_per_sm // (smem + 1024) if smem else gpu.blocks_per_sm
+    return max(0, min(by_threads, by_regs, by_smem, gpu.blocks_per_sm))
+
+
+def _estimate_us(launch: Launch, copy_gbps: float, matmul_tflops: float, gpu: GPU) -> float:
+    resident = max(1, resident_per_sm(launch.regs, launch.num_warps, launch.smem, gpu))
+    in_flight = min(launch.programs, gpu.sms * resident) * launch.inflight_bytes
+    bw = copy_gbps * 1e3  # bytes per us
+    fill = min(1.0, in_flight / (bw * DRAM_LATENCY_US))
+    memory_us = (launch.read_bytes + launch.write_bytes) / (bw * fill)
+    # a program's serial steps each wait at least one latency, however few programs there are
+    waves = math.ceil(launch.programs / (gpu.sms * resident))
+    serial_us = waves * launch.steps * DRAM_LATENCY_US
+    return LAUNCH_US + max(memory_us, serial_us, launch.flops / (matmul_tflops * 1e6))
+
+
+def report(launches: list[Launch], copy_gbps: float, matmul_tflops: float, gpu: GPU = H200) -> dict:
+    """The model's figures for an op's launches at the given copy bandwidth (GB/s) and matmul rate (TFLOP/s)."""
+    total_bytes = sum(x.read_bytes + x.write_bytes for x in launches)
+    flops = sum(x.flops for x in launches)
+    floor_us = max(total_bytes / (copy_gbps * 1e3), flops / (matmul_tflops * 1e6))
+    rows = [{"name": x.name, "programs": x.programs, "num_warps": x.num_warps, "regs": x.regs, "spills": x.spills,
+             "resident_per_sm": resident_per_sm(x.regs, x.num_warps, x.smem, gpu),
+             "programs_per_sm": x.programs / gpu.sms, "steps": x.steps, "bytes": x.read_bytes + x.write_bytes,
+             "estimate_us": _estimate_us(x, copy_gbps, matmul_tflops, gpu)} for x in launches]
+    return {"gpu": gpu.name, "bytes": total_bytes, "flops": flops, "floor_us": floor_us,
+            "estimate_us": sum(r["estimate_us"] for r in rows), "launches": rows}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch plans, from the kernels' own configuration functions
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRITON_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _build(kernel, constexprs: dict, num_warps: int, pointer_types: dict, floats=(), maxnreg=None,
+           arch: int = 90) -> dict:
+    """A compile-only build of ``kernel`` as the launcher specialises it for contiguous aligned inputs: every
+    pointer marked 16-byte aligned, pointers not in ``pointer_types`` fp32, scalars i32 unless in ``floats``."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + pointer_types.get(name, "fp32")
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    aligned = [n for n in kernel.arg_names if n.endswith("_ptr")]
+    return dict(kernel=kernel, signature=signature, constexprs=constexprs, arch=arch, num_warps=num_warps,
+                aligned=aligned, maxnreg=maxnreg)
+
+
+def kd_launches(b: int, k: int, dtype: torch.dtype, pair: bool = True, temperature: float = 1.0,
+                grads: int = 1) -> list[Launch]:
+    """kd.kd_loss (pair False) or kd.pat_kl_pair (pair True) on contiguous (B, K) logits of ``dtype``: the two
+    forward launches and the backward, writing ``grads`` gradients (PAT's pair: 2, to s and pt)."""
+    isz, n_in = dtype.itemsize, 3 if pair else 2
+    nterm = 2 * kd._NSTAT if pair else kd._NSTAT
+    ptrs = dict.fromkeys(("s_ptr", "t_ptr", "p_ptr", "ds_ptr", "dt_ptr", "dp_ptr"), _TRITON_TYPE[dtype])
+    align = 16 // isz if k % (16 // isz) == 0 else 1
+    layout = {"ALIGN": align, "s_stride_k": 1, "t_stride_k": 1, "p_stride_k": 1}
+    flags = {"PAIR": pair, "T_IS_ONE": pair and temperature == 1.0}
+    part, merge, bwd = kd._partial_config(b, k), kd._merge_config(b, k), kd._bwd_config(b, k)
+    chunks = merge["N_CHUNKS"]
+    tile = part["BLOCK_B"] * part["BLOCK_K"]
+    grid_bwd = triton.cdiv(b, bwd["BLOCK_B"]) * triton.cdiv(k, bwd["BLOCK_K"])
+    stats = (2 if pair else 1) * kd._NSTAT * b * 4
+    return [
+        Launch("kd fwd: per-chunk statistics", triton.cdiv(b, part["BLOCK_B"]) * chunks, part["num_warps"],
+               n_in * b * k * isz, chunks * nterm * b * 4, n_in * tile * isz,
+               build=_build(kd._kl_partial_kernel, {**flags, **layout, "BLOCK_B": part["BLOCK_B"],
+                                                    "BLOCK_K": part["BLOCK_K"]}, part["num_warps"], ptrs,
+                            floats=("temperature",))),
+        Launch("kd fwd: merge (one program)", 1, merge["num_warps"], chunks * nterm * b * 4, stats + 8,
+               merge["BLOCK_B"] * chunks * nterm * 4, steps=triton.cdiv(b, merge["BLOCK_B"]),
+               build=_build(kd._kl_merge_kernel, {"PAIR": pair, "N_CHUNKS": chunks, "BLOCK_B": merge["BLOCK_B"]},
+                            merge["num_warps"], ptrs, floats=("temperature",))),
+        Launch("kd bwd", grid_bwd, bwd["num_warps"], n_in * b * k * isz + stats, grads * b * k * isz,
+               n_in * bwd["BLOCK_B"] * bwd["BLOCK_K"] * isz,
+               build=_build(kd._kl_bwd_kernel, {**flags, **layout, "GRAD_S": True, "GRAD_T": False,
+                                                "GRAD_P": pair and grads > 1, "BLOCK_B": bwd["BLOCK_B"],
+                                                "BLOCK_K": bwd["BLOCK_K"]}, bwd["num_warps"], ptrs,
+                            floats=("temperature",))),
+    ]
+
+
+def single_program_forward(name: str, b: int, k: int, dtype: torch.dtype, n_in: int = 2, walks: int = 1) -> Launch:
+    """A forward of ONE program walking the batch in kd._fwd_config tiles (dkd.py, ofa.py; dist.py walks twice;
+    kd.py's forward before issue 15)."""
+    cfg = kd._fwd_config(b, k)
+    tiles = triton.cdiv(b, cfg["BLOCK_B"]) * triton.cdiv(k, cfg["BLOCK_K"])
+    return Launch(name, 1, cfg["num_warps"], walks * n_in * b * k * dtype.itemsize, 4 * 5 * b,
+                  n_in * cfg["BLOCK_B"] * cfg["BLOCK_K"] * dtype.itemsize, steps=walks * tiles)
+
+
+def logit_launches(op: str, b: int, k: int, dtype: torch.dtype) -> list[Launch]:
+    """dkd_loss / dist_loss / ofa_loss on (B, K) logits of ``dtype``, gradient to the student: ONE forward program
+    walking the batch (DIST: twice), the backward a 2-D grid of kd._bwd_config tiles (DIST: walking class chunks
+    twice per row tile; modelled as the same grid). No compile-only builds here: registers stay unknown."""
+    cfg = kd._bwd_config(b, k)
+    grid = triton.cdiv(b, cfg["BLOCK_B"]) * triton.cdiv(k, cfg["BLOCK_K"])
+    isz = dtype.itemsize
+    return [single_program_forward(f"{op} fwd (one program)", b, k, dtype, walks=2 if op == "dist_loss" else 1),
+            Launch(f"{op} bwd", grid, cfg["num_warps"], 2 * b * k * isz + 4 * 5 * b, b * k * isz,
+                   2 * cfg["BLOCK_B"] * cfg["BLOCK_K"] * isz)]
+
+
+def hcl_launches(stages: list[tuple[int, ...]], b: int, dtype: torch.dtype) -> list[Launch]:
+    """hcl_loss_stages over ``stages`` (per sample: (L, C) tokens or (C, H, W) NCHW maps) at batch ``b``, both
+    gradients: per stage one forward and one backward launch (plus the sum of the partials, not modelled: one tiny
+    launch). Each program walks its planes row by row, one BLOCK_C x BLOCK_W tile of each input per step."""
+    isz = dtype.itemsize
+    ptr = _TRITON_TYPE[dtype]
+    out = []
+    for shape in stages:
+        x = torch.empty((b, *shape), device="meta")
+        (_, c, h, w), strides = hcl._as_map(x)
+        tokens = len(shape) == 2
+        block_c, block_w, warps = hcl._launch_config(b, c, w, tokens)
+        programs = b * triton.cdiv(c, block_c)
+        elems = b * c * h * w
+        coef = b * hcl._NUM_COEFS * c * 4
+        steps = h * triton.cdiv(w, block_w)
+        tile = block_c * block_w * isz
+        name = f"hcl {'tokens' if tokens else 'map'} {tuple(shape)}"
+        values = {"C": c, "H": h, "W": w}
+        for prefix in ("s", "t", "gs", "gt"):
+            values.update({f"{prefix}_s{axis}": st for axis, st in zip("bchw", strides)})
+        ptrs = {"s_ptr": ptr, "t_ptr": ptr, "gs_ptr": ptr, "gt_ptr": ptr}
+        cx = {"BLOCK_C": block_c, "BLOCK_W": block_w}
+        out += [Launch(f"{name} fwd", programs, warps, 2 * elems * isz, coef + programs * 4, 2 * tile, steps=steps,
+                       build=_hcl_build(hcl._hcl_fwd_kernel, cx, warps, ptrs, values)),
+                Launch(f"{name} bwd", programs, warps, 2 * elems * isz + coef, 2 * elems * isz, 2 * tile,
+                       steps=steps, build=_hcl_build(hcl._hcl_bwd_kernel, {**cx, "WRITE_S": True, "WRITE_T": True},
+                                                     warps, ptrs, values))]
+    return out
+
+
+def _hcl_build(kernel, constexprs: dict, num_warps: int, pointer_types: dict, values: dict) -> dict:
+    """As the JIT specialises an HCL kernel: int arguments equal to 1 constexpr, multiples of 16 marked aligned."""
+    constexprs = dict(constexprs)
+    signature, aligned = {}, []
+    for name in kernel.arg_names:
+        if name.endswith("_ptr"):
+            signature[name] = "*" + pointer_types.get(name, "fp32")
+            aligned.append(name)
+        elif name in constexprs:
+            signature[name] = "constexpr"
+        elif name.startswith("scale"):
+            signature[name] = "fp32"
+        elif values[name] == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                aligned.append(name)
+    return dict(kernel=kernel, signature=signature, constexprs=constexprs, arch=90, num_warps=num_warps,
+                aligned=aligned)
+
+
+def raa_core_launches(b: int, heads: int, n: int, head_dim: int, dtype: torch.dtype) -> list[Launch]:
+    """raa.raa_core on (B, H, N, hd) q, k, v of ``dtype``: forward (O, LSE) and backward (dQ, dK, dV)."""
+    isz, t = dtype.itemsize, b * heads * n * head_dim
+    lse = b * heads * n * 4
+    fwd, bwd = raa._fwd_config(n, head_dim, dtype), raa._bwd_config(n, head_dim, dtype)
+    ptrs = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"),
+                         _TRITON_TYPE[dtype])
+    ptrs["lse_ptr"] = "fp32"
+
+    def cx(cfg):
+        return {"HEAD_DIM": head_dim, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
+
+    return [
+        Launch("raa fwd", b * heads, fwd["num_warps"], 3 * t * isz, t * isz + lse,
+               (fwd["BLOCK_M"] + 2 * n) * head_dim * isz, steps=triton.cdiv(n, fwd["BLOCK_M"]),
+               flops=4 * b * heads * n * n * head_dim,
+               build=_build(raa._raa_fwd_kernel, cx(fwd), fwd["num_warps"], ptrs, floats=("scale",),
+                            maxnreg=fwd["maxnreg"])),
+        Launch("raa bwd", b * heads, bwd["num_warps"], 4 * t * isz + lse, 3 * t * isz,
+               (2 * bwd["BLOCK_M"] + 2 * n) * head_dim * isz, steps=triton.cdiv(n, bwd["BLOCK_M"]),
+               flops=10 * b * heads * n * n * head_dim,
+               build=_build(raa._raa_bwd_kernel, cx(bwd), bwd["num_warps"], ptrs, floats=("scale",),
+                            maxnreg=bwd["maxnreg"])),
+    ]
+
+
+def with_resources(launches: list[Launch]) -> list[Launch]:
+    """The launches with ``regs`` / ``spills`` / ``smem`` read from compile-only builds of their kernels for the
+    model GPU's arch (launches without a build, or where Triton's cuobjdump is missing, keep None)."""
+    from ._compile_check import compile_kernels, resource_usage
+
+    todo = [i for i, x in enumerate(launches) if x.build is not None]
+    out = list(launches)
+    for i, asm in zip(todo, compile_kernels([launches[i].build for i in todo])):
+        usage = resource_usage(asm["cubin"])
+        if usage:
+            u = usage[0]
+            out[i] = dataclasses.replace(out[i], regs=u["REG"], spills=u["STACK"], smem=u.get("SHARED", 0))
+    return out
