@@ -121,12 +121,14 @@ def _us(ms) -> str:
     return "-" if ms is None else f"{ms * 1e3:.2f}"
 
 
-def render_text(doc: dict) -> str:
+def render_text(doc: dict, detail: bool = True) -> str:
     """One line per (case, mode): measured time (where there is one), the model's floor and estimate (us) and the
-    fraction of the floor reached; then per launch programs x warps, registers, spills, programs resident per SM."""
-    out = [doc["about"], "  times in us; 'reached' = floor / measured; per launch: programs x warps, registers per "
-           "thread, spill bytes, programs resident per SM, the model's time"]
-    for e in doc["rows"]:
+    fraction of the floor reached; with ``detail`` then per launch programs x warps, registers, spills, programs
+    resident per SM (without: fwd+bwd lines only, a pointer to the rest)."""
+    out = [doc["about"], "  times in us; 'reached' = floor / measured"
+           + ("; per launch: programs x warps, registers per thread, spill bytes, programs resident per SM, the "
+              "model's time" if detail else "; fwd+bwd only (every mode and launch: --md PATH)")]
+    for e in doc["rows"] if detail else [e for e in doc["rows"] if e["mode"] == "fwd+bwd"]:
         head = f"  {e['op']} {e['case']} B={e['batch']} {e['mode']}:"
         if "floor_ms" not in e:
             out.append(f"{head} {e['note']}")
@@ -135,7 +137,7 @@ def render_text(doc: dict) -> str:
         measured = "" if e.get("ms") is None else f"measured {_us(e['ms'])}, "
         out.append(f"{head} {measured}model floor {_us(e['floor_ms'])}, model estimate {_us(e['estimate_ms'])}"
                    f"{reached}")
-        for x in e["launches"]:
+        for x in e["launches"] if detail else []:
             regs = "?" if x["regs"] is None else str(x["regs"])
             spills = "?" if x["spills"] is None else str(x["spills"])
             out.append(f"      {x['name']}: {x['programs']} x {x['num_warps']} warps, {regs} regs, {spills} B "

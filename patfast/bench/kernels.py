@@ -722,18 +722,18 @@ def main(args) -> int:
 
     print("performance model" + (": compile-only builds for the registers ..." if args.model_registers else " ..."),
           flush=True)
-    # without CUDA the model is of the cases a GPU run would time (the batches, bf16), not of the CPU's tiny ones
+    # without CUDA the model is of GPU-sized cases (B = 128 unless --batch, bf16), not of the CPU's tiny ones
     model_cases = cases if cuda else build_cases(args.op, teachers, classes,
                                                  _int_list(args.batch, "--batch") if args.batch is not None
-                                                 else [128] if args.quick else list(CUDA_BATCHES))
+                                                 else [128])
     doc["model"] = kernel_model.model(model_cases, bench.dtype if cuda else torch.bfloat16, ceilings, cuda,
                                       rows=doc["kernels"], registers=args.model_registers)
-    model_text = kernel_model.render_text(doc["model"])
     if args.json:
         write_json(doc, args.json)
     if args.md:
         with open(args.md, "a") as f:
-            f.write("\n## Performance model\n\n```text\n" + model_text + "\n```\n")
+            f.write("\n## Performance model\n\n```text\n" + kernel_model.render_text(doc["model"]) + "\n```\n")
+    model_text = kernel_model.render_text(doc["model"], detail=bool(args.md))
     print()
     # --md: the markdown tables (also written to the file); else a compact plain-text table
     print(render(doc["kernels"]) if args.md else render_text(doc["kernels"]), flush=True)
