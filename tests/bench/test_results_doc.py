@@ -3,7 +3,7 @@ issues' targets (benchmarks/targets.json: met / not met / not measured / FAILED)
 whose code raised is FAILED with its exception, never "not measured"."""
 
 import pytest
-from render_results import e2e_targets, make_doc, render_md, targets
+from render_results import data_target, e2e_targets, make_doc, render_md, targets
 
 from patfast.bench.kernels import hcl_case, kd_case, raa_case
 
@@ -153,3 +153,19 @@ def test_e2e_targets_are_failed_when_a_path_raised_and_say_why_when_not_measured
                         ("met", "15.00 vs 20.00 GiB")]
     md = render_md(make_doc({"gpu": "NVIDIA H200"}, None, [], e2e=[row]))
     assert "| 1280 | 400 | 3.20x | not measured |" in md
+
+
+def test_the_data_target_is_judged_against_the_compiled_fast_path_of_the_same_pair():
+    pair = "swin_tiny_patch4_window7_224 -> resnet18"
+    data = {"rows": [{"backend": "gpu", "img_s": 3000.0, "device": "cuda:0"}],
+            "step": {"pair": pair, "batch": 128, "img_size": 224, "device": "cuda:0", "img_s": 900.0}}
+
+    def e2e(fast, **kw):
+        return [{"pair": pair, "batch": 128, "img_size": 224, "device": "cuda:0", "fast_img_s": fast} | kw]
+
+    assert "2.00x, **met**" in data_target(data, e2e=e2e(1500.0))  # 3000 / 1500, not 3000 / 900 (uncompiled)
+    assert "1.20x, **not met**" in data_target(data, e2e=e2e(2500.0))
+    for other in (e2e(1500.0, batch=64), e2e(1500.0, device="cpu"), e2e(None), None):
+        assert "**not measured** (no compiled fast-path step rate" in data_target(data, e2e=other)
+    cpu = {**data, "rows": [{"backend": "gpu", "img_s": 3000.0, "device": "cpu"}]}
+    assert "**not measured** (no CUDA GPU in this run)" in data_target(cpu, e2e=e2e(1500.0))
