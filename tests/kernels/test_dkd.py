@@ -6,72 +6,53 @@ a CUDA machine (torch.compile, CUDA graphs, launch count, bitwise determinism at
 
 Truth: patfast.kernels.reference.dkd_loss_ref evaluated in float64 on the same (rounded) input values.
 K = 1 is refused (ValueError): there is no non-target class, TCKD's log(1 - p_y) is log 0 and the reference NaN.
+The helpers are logit_cases.py's, shared with test_kd.py, test_dist.py and test_ofa.py.
 """
-
-import math
-import os
-import re
 
 import pytest
 import torch
 
 from patfast import ops
 from patfast.kernels import dkd, reference
-from patfast.kernels._compile_check import compile_kernels, resource_usage
-
-F64 = torch.float64
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
+from tests.kernels.logit_cases import (
+    CUDA,
+    DEV,
+    FP32_RTOL,
+    GRAD_OUT,
+    assert_close_rel,
+    check_compiled,
+    check_dtypes,
+    check_ptx,
+    column_slice,
+    compile_builds,
+    cuda_graph_replay,
+    cuda_kernel_names,
+    fwd_bwd_builds,
+    grad_run,
+    logits,
+    target,
+    transposed_slice,
+)
 
 SMALL_BATCHES = (1, 3, 8)
 CLASSES = (2, 41, 100, 1000, 1537)  # 2: one non-target class; 1537 > MAX_BLOCK_K: the forward loops over chunks
 TEMPERATURES = (1.0, 4.0)
 LARGE = [(256, 100, 1.0), (256, 100, 4.0), (256, 1000, 4.0), (64, 1537, 1.0)]  # few: the interpreter is slow
-GRAD_OUT = 0.375  # upstream gradient != 1 (the loss is "not the last layer"), exact in every dtype
-FP32_RTOL = 1e-5
-BF16_ULPS = 1.0 if os.environ.get("TRITON_INTERPRET") == "1" else 0.5  # the interpreter truncates fp32 -> bf16
-
-
-def _logits(b, k, seed, *, dtype=torch.float32, scale=2.0, device=DEV):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, k, generator=g, dtype=F64) * scale).to(device=device, dtype=dtype)
-
-
-def _target(b, k, seed, device=DEV):
-    return torch.randint(0, k, (b,), generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def _grad_run(fn, inputs, grad_outs):
-    """Calls fn(*inputs), back-propagates grad_outs; returns (losses, grads of every input) in float64."""
-    leaves = [x.detach().requires_grad_(True) for x in inputs]  # detach, not clone: keeps every stride
-    assert all(leaf.stride() == x.stride() for leaf, x in zip(leaves, inputs))
-    out = fn(*leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    gos = [torch.tensor(g, dtype=o.dtype, device=o.device) for g, o in zip(grad_outs, outs)]
-    torch.autograd.backward(outs, gos)
-    return [o.detach().double() for o in outs], [x.grad.double() for x in leaves]
 
 
 def _ref64(s, t, y, alpha=1.0, beta=8.0, temperature=4.0):
     return reference.dkd_loss_ref(s.double(), t.double(), y, alpha, beta, temperature)
 
 
-def _assert_close_rel(actual, expected, rtol, what):
-    """Max-norm relative error: |actual - expected| <= rtol * max(|expected|), elementwise."""
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = ((actual.double().cpu() - expected.cpu()).abs().max() / scale).item()
-    assert err <= rtol, f"{what}: max-norm relative error {err:.3g} > {rtol:g}"
-
-
 def _check_fp32(s, t, y, alpha=1.0, beta=8.0, temperature=4.0, fn=None):
     fn = fn or (lambda a, b: dkd.dkd_loss(a, b, y, alpha, beta, temperature))
-    (loss,), (gs, gt) = _grad_run(fn, (s, t), [GRAD_OUT])
-    (ref,), (rs, rt) = _grad_run(lambda a, b: _ref64(a, b, y, alpha, beta, temperature), (s.double(), t.double()),
-                                 [GRAD_OUT])
+    (loss,), (gs, gt) = grad_run(fn, (s, t), [GRAD_OUT])
+    (ref,), (rs, rt) = grad_run(lambda a, b: _ref64(a, b, y, alpha, beta, temperature), (s.double(), t.double()),
+                                [GRAD_OUT])
     assert loss.shape == ()
-    _assert_close_rel(loss, ref, FP32_RTOL, "loss")
-    _assert_close_rel(gs, rs, FP32_RTOL, "grad logits_s")
-    _assert_close_rel(gt, rt, FP32_RTOL, "grad logits_t")
+    assert_close_rel(loss, ref, FP32_RTOL, "loss")
+    assert_close_rel(gs, rs, FP32_RTOL, "grad logits_s")
+    assert_close_rel(gt, rt, FP32_RTOL, "grad logits_t")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,24 +64,24 @@ def _check_fp32(s, t, y, alpha=1.0, beta=8.0, temperature=4.0, fn=None):
 @pytest.mark.parametrize("k", CLASSES)
 @pytest.mark.parametrize("b", SMALL_BATCHES)
 def test_dkd_loss_fp32_matches_float64(b, k, temperature):
-    s = _logits(b, k, seed=b * 7 + k, scale=2.0)
-    t = _logits(b, k, seed=b * 7 + k + 1, scale=3.0)
-    y = _target(b, k, seed=b + k)
+    s = logits(b, k, seed=b * 7 + k, scale=2.0)
+    t = logits(b, k, seed=b * 7 + k + 1, scale=3.0)
+    y = target(b, k, seed=b + k)
     _check_fp32(s, t, y, temperature=temperature,
                 fn=lambda a, c: ops.dkd_loss(a, c, y, 1.0, 8.0, temperature, backend="triton"))
 
 
 @pytest.mark.parametrize(("b", "k", "temperature"), LARGE)
 def test_dkd_loss_fp32_matches_float64_large_batch(b, k, temperature):
-    s, t = _logits(b, k, seed=k + 1, scale=2.0), _logits(b, k, seed=k + 2, scale=3.0)
-    _check_fp32(s, t, _target(b, k, seed=k + 3), temperature=temperature)
+    s, t = logits(b, k, seed=k + 1, scale=2.0), logits(b, k, seed=k + 2, scale=3.0)
+    _check_fp32(s, t, target(b, k, seed=k + 3), temperature=temperature)
 
 
 def test_dkd_loss_weights_and_a_confident_target():
     # other weights; the targets the teacher is sure of (as with a trained teacher): p_y near 1, 1 - p_y small
     b, k = 6, 100
-    y = _target(b, k, seed=5)
-    s, t = _logits(b, k, seed=6), _logits(b, k, seed=7)
+    y = target(b, k, seed=5)
+    s, t = logits(b, k, seed=6), logits(b, k, seed=7)
     t[torch.arange(b), y] += 12.0
     s[torch.arange(b), y] += 6.0
     for alpha, beta, temperature in ((0.5, 2.0, 1.0), (2.0, 0.25, 4.0), (1.0, 0.0, 2.0), (0.0, 1.0, 3.0)):
@@ -109,9 +90,9 @@ def test_dkd_loss_weights_and_a_confident_target():
 
 def test_dkd_loss_output_dtype_and_grad_dtypes():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        s = _logits(3, 41, seed=1, dtype=dtype).requires_grad_()
-        t = _logits(3, 41, seed=2, dtype=dtype).requires_grad_()
-        loss = dkd.dkd_loss(s, t, _target(3, 41, seed=3), 1.0, 8.0, 2.0)
+        s = logits(3, 41, seed=1, dtype=dtype).requires_grad_()
+        t = logits(3, 41, seed=2, dtype=dtype).requires_grad_()
+        loss = dkd.dkd_loss(s, t, target(3, 41, seed=3), 1.0, 8.0, 2.0)
         assert loss.dtype == torch.float32 and loss.shape == ()
         loss.backward()
         assert s.grad.dtype == dtype and t.grad.dtype == dtype
@@ -120,17 +101,17 @@ def test_dkd_loss_output_dtype_and_grad_dtypes():
 
 def test_only_the_inputs_that_require_grad_get_one():
     b, k = 3, 100
-    y = _target(b, k, seed=8)
-    s, t = _logits(b, k, seed=9), _logits(b, k, seed=10)
-    _, (rs, rt) = _grad_run(lambda a, c: _ref64(a, c, y), (s, t), [1.0])
+    y = target(b, k, seed=8)
+    s, t = logits(b, k, seed=9), logits(b, k, seed=10)
+    _, (rs, rt) = grad_run(lambda a, c: _ref64(a, c, y), (s, t), [1.0])
     sg = s.clone().requires_grad_()
     dkd.dkd_loss(sg, t, y).backward()  # the teacher as in training: no grad
     assert t.grad is None
-    _assert_close_rel(sg.grad, rs, FP32_RTOL, "grad logits_s")
+    assert_close_rel(sg.grad, rs, FP32_RTOL, "grad logits_s")
     tg = t.clone().requires_grad_()
     dkd.dkd_loss(s, tg, y).backward()
     assert s.grad is None
-    _assert_close_rel(tg.grad, rt, FP32_RTOL, "grad logits_t")
+    assert_close_rel(tg.grad, rt, FP32_RTOL, "grad logits_t")
     assert not dkd.dkd_loss(s, t, y).requires_grad
 
 
@@ -139,35 +120,10 @@ def test_only_the_inputs_that_require_grad_get_one():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _judge(what, got, torch_got, want, dtype):
-    """A 16-bit result: at most 2x eager PyTorch's error on the same inputs, plus the rounding of the result itself
-    (half an ulp of the largest true value; a whole one for bf16 under the interpreter) and the subnormal spacing.
-    An fp32 result of fp32 inputs (a teacher gradient beside a 16-bit student): FP32_RTOL. Where eager PyTorch gives
-    NaN at this dtype (its fp16 probabilities underflow to 0 and it takes their log), the kernel must be within the
-    rounding of its own result."""
-    scale = want.abs().max().item()
-    err = (got.double().cpu() - want.cpu()).abs().max().item()
-    if dtype == torch.float32:
-        assert err <= FP32_RTOL * scale, f"{what} (fp32): error {err:.3g} > {FP32_RTOL:g} x {scale:.3g}"
-        return
-    finfo = torch.finfo(dtype)
-    floor = (BF16_ULPS if dtype == torch.bfloat16 else 0.5) * finfo.eps * scale + finfo.smallest_normal * finfo.eps
-    torch_err = (torch_got.double().cpu() - want.cpu()).abs().max().item()
-    torch_err = torch_err if math.isfinite(torch_err) else 0.0
-    assert err <= 2 * torch_err + floor, f"{what} ({dtype}): error {err:.3g} > 2 x PyTorch's {torch_err:.3g}"
-
-
 def _check_dtypes(ds, dt, b, k, temperature, seed):
-    s = _logits(b, k, seed=seed, dtype=ds, scale=2.0)
-    t = _logits(b, k, seed=seed + 1, dtype=dt, scale=3.0)
-    y = _target(b, k, seed=seed + 2)
-    ours = _grad_run(lambda a, c: dkd.dkd_loss(a, c, y, 1.0, 8.0, temperature), (s, t), [GRAD_OUT])
-    torch_run = _grad_run(lambda a, c: reference.dkd_loss_ref(a, c, y, 1.0, 8.0, temperature), (s, t), [GRAD_OUT])
-    truth = _grad_run(lambda a, c: _ref64(a, c, y, 1.0, 8.0, temperature), (s.double(), t.double()), [GRAD_OUT])
-    half = ds if ds != torch.float32 else dt  # the loss: judged at the 16-bit input's dtype
-    for what, a, h, r, dtype in zip(("loss", "grad logits_s", "grad logits_t"), [*ours[0], *ours[1]],
-                                    [*torch_run[0], *torch_run[1]], [*truth[0], *truth[1]], (half, ds, dt)):
-        _judge(what, a, h, r, dtype)
+    y = target(b, k, seed=seed + 2)
+    check_dtypes(lambda a, c: dkd.dkd_loss(a, c, y, 1.0, 8.0, temperature),
+                 lambda a, c: reference.dkd_loss_ref(a, c, y, 1.0, 8.0, temperature), ds, dt, b, k, seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -193,32 +149,24 @@ def test_dkd_loss_mixed_dtypes(ds, dt, temperature):
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_soft_labels_give_the_argmax_result(backend):
     b, k = 7, 41
-    s, t = _logits(b, k, seed=12), _logits(b, k, seed=13)
-    soft = torch.softmax(_logits(b, k, seed=14, scale=3.0), dim=1)  # e.g. mixup / label-smoothed targets
+    s, t = logits(b, k, seed=12), logits(b, k, seed=13)
+    soft = torch.softmax(logits(b, k, seed=14, scale=3.0), dim=1)  # e.g. mixup / label-smoothed targets
     hard = soft.argmax(dim=1)
-    got = _grad_run(lambda a, c: ops.dkd_loss(a, c, soft, 1.0, 8.0, 4.0, backend=backend), (s, t), [GRAD_OUT])
-    want = _grad_run(lambda a, c: ops.dkd_loss(a, c, hard, 1.0, 8.0, 4.0, backend=backend), (s, t), [GRAD_OUT])
+    got = grad_run(lambda a, c: ops.dkd_loss(a, c, soft, 1.0, 8.0, 4.0, backend=backend), (s, t), [GRAD_OUT])
+    want = grad_run(lambda a, c: ops.dkd_loss(a, c, hard, 1.0, 8.0, 4.0, backend=backend), (s, t), [GRAD_OUT])
     for a, w in zip([*got[0], *got[1]], [*want[0], *want[1]]):
         assert torch.equal(a, w)
     if backend == "triton":
         _check_fp32(s, t, hard, fn=lambda a, c: ops.dkd_loss(a, c, soft, backend="triton"))
 
 
-def _column_slice(b, k, seed):  # rows of a wider tensor: row stride k + 7, data pointer 12 bytes in
-    return _logits(b, k + 7, seed=seed)[:, 3:3 + k]
-
-
-def _transposed_slice(b, k, seed):  # class stride b, row stride 1
-    return _logits(k + 5, b, seed=seed).t()[:, 2:2 + k]
-
-
-@pytest.mark.parametrize(("make_s", "make_t"), [(_column_slice, _transposed_slice), (_transposed_slice, _column_slice)],
+@pytest.mark.parametrize(("make_s", "make_t"), [(column_slice, transposed_slice), (transposed_slice, column_slice)],
                          ids=["slice-s", "transposed-s"])
 @pytest.mark.parametrize("k", [41, 1537])
 def test_non_contiguous_inputs(make_s, make_t, k):
     b = 5
     s, t = make_s(b, k, seed=21), make_t(b, k, seed=22)
-    y = _target(2 * b, k, seed=23)[::2]  # a strided target too
+    y = target(2 * b, k, seed=23)[::2]  # a strided target too
     assert not s.is_contiguous() and not t.is_contiguous() and not y.is_contiguous()
     _check_fp32(s, t, y, 0.5, 2.0, 4.0)
 
@@ -226,10 +174,10 @@ def test_non_contiguous_inputs(make_s, make_t, k):
 def test_broadcast_rows_and_uniform_logits():
     # An expanded (stride-0) teacher row and a stride-0 class axis (every class equal) are valid layouts too.
     b, k = 4, 100
-    y = _target(b, k, seed=24)
-    s = _logits(b, k, seed=25)
-    t = _logits(1, k, seed=26).expand(b, k)
-    c = _logits(b, 1, seed=27).expand(b, k)
+    y = target(b, k, seed=24)
+    s = logits(b, k, seed=25)
+    t = logits(1, k, seed=26).expand(b, k)
+    c = logits(b, 1, seed=27).expand(b, k)
     for x, z in ((s, t), (s, c), (c, t)):
         _check_fp32(x, z, y, temperature=2.0)
 
@@ -238,15 +186,15 @@ def test_broadcast_rows_and_uniform_logits():
 def test_extreme_logits_give_finite_exact_gradients(temperature):
     b, k = 4, 100
     y = torch.tensor([0, 1, 2, 3], device=DEV)
-    s = _logits(b, k, seed=31, scale=1.0)
-    t = _logits(b, k, seed=32, scale=1.0)
+    s = logits(b, k, seed=31, scale=1.0)
+    t = logits(b, k, seed=32, scale=1.0)
     s[0, 0] += 30.0  # the student sure of its target, the teacher sure of another class
     t[0, 7] += 30.0
     s[1, 5] -= 40.0
     t[2, 2] += 60.0  # the teacher certain: its non-target mass ~ e^-60 / T
     s[3] = s[3] + 500.0  # a large common offset changes nothing
     t[3] = -t[3] - 300.0
-    (loss,), (gs, gt) = _grad_run(lambda a, c: dkd.dkd_loss(a, c, y, 1.0, 8.0, temperature), (s, t), [GRAD_OUT])
+    (loss,), (gs, gt) = grad_run(lambda a, c: dkd.dkd_loss(a, c, y, 1.0, 8.0, temperature), (s, t), [GRAD_OUT])
     assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
     _check_fp32(s, t, y, temperature=temperature)
 
@@ -256,7 +204,7 @@ def test_nckd_where_the_target_logit_leads_by_the_mask_value():
     # f < 1, q'_y > 0 of the kernel. TCKD's 1 - p_y then underflows in float64 too (the reference's log gives -inf),
     # so NCKD alone (alpha = 0) against its own float64 formula: the reference's NCKD line.
     b, k, temperature = 4, 41, 1.0
-    s, t = _logits(b, k, seed=35, scale=1.0), _logits(b, k, seed=36, scale=1.0)
+    s, t = logits(b, k, seed=35, scale=1.0), logits(b, k, seed=36, scale=1.0)
     y = torch.tensor([0, 3, 7, 40], device=DEV)
     s[torch.arange(b), y] += torch.tensor([1004.0, 1001.0, 998.0, 0.0], device=DEV)
     t[torch.arange(b), y] += torch.tensor([1002.0, 1006.0, 990.0, 2.0], device=DEV)
@@ -267,19 +215,19 @@ def test_nckd_where_the_target_logit_leads_by_the_mask_value():
                                           torch.log_softmax(c / temperature - mask, -1), reduction="batchmean",
                                           log_target=True) * temperature**2
 
-    (loss,), (gs, gt) = _grad_run(lambda a, c: dkd.dkd_loss(a, c, y, 0.0, 1.0, temperature), (s, t), [GRAD_OUT])
-    (ref,), (rs, rt) = _grad_run(nckd64, (s.double(), t.double()), [GRAD_OUT])
+    (loss,), (gs, gt) = grad_run(lambda a, c: dkd.dkd_loss(a, c, y, 0.0, 1.0, temperature), (s, t), [GRAD_OUT])
+    (ref,), (rs, rt) = grad_run(nckd64, (s.double(), t.double()), [GRAD_OUT])
     rtol = 1e-4  # fp32 differences of logits near 1000 carry ulp(1000) = 6e-5 absolute: not the kernel's doing
-    _assert_close_rel(loss, ref, rtol, "loss")
-    _assert_close_rel(gs, rs, rtol, "grad logits_s")
-    _assert_close_rel(gt, rt, rtol, "grad logits_t")
+    assert_close_rel(loss, ref, rtol, "loss")
+    assert_close_rel(gs, rs, rtol, "grad logits_s")
+    assert_close_rel(gt, rt, rtol, "grad logits_t")
 
 
 def test_out_of_range_target_on_the_gpu_path_is_nan_not_a_wild_read():
     # On a GPU the range is not checked on the host (no sync): the kernel makes the loss NaN. Here the launcher is
     # called directly (the public function checks CPU tensors first).
     b, k = 3, 41
-    s, t = _logits(b, k, seed=33), _logits(b, k, seed=34)
+    s, t = logits(b, k, seed=33), logits(b, k, seed=34)
     for bad in (k, -1):
         y = torch.tensor([0, bad, 5], device=DEV)
         loss, stats = dkd._forward(s, t, y, 1.0, 8.0, 4.0)
@@ -290,7 +238,7 @@ def test_out_of_range_target_on_the_gpu_path_is_nan_not_a_wild_read():
 
 
 def test_forward_is_deterministic():
-    s, t, y = _logits(64, 1537, seed=41), _logits(64, 1537, seed=42), _target(64, 1537, seed=43)
+    s, t, y = logits(64, 1537, seed=41), logits(64, 1537, seed=42), target(64, 1537, seed=43)
     first = dkd.dkd_loss(s, t, y)
     assert torch.equal(first, dkd.dkd_loss(s, t, y))
 
@@ -340,11 +288,11 @@ def test_input_errors_are_clear_value_errors(call, match):
 
 def test_registered_in_ops():
     assert "dkd_loss" in ops.triton_ops()
-    s, t, y = _logits(3, 41, seed=81), _logits(3, 41, seed=82), _target(3, 41, seed=83)
+    s, t, y = logits(3, 41, seed=81), logits(3, 41, seed=82), target(3, 41, seed=83)
     torch.testing.assert_close(ops.dkd_loss(s, t, y, 1.0, 8.0, 2.0, backend="triton"),
                                dkd.dkd_loss(s, t, y, 1.0, 8.0, 2.0), rtol=0, atol=0)
     want = ops.dkd_loss(s.double(), t.double(), y, 1.0, 8.0, 2.0, backend="auto")  # float64: the reference
-    _assert_close_rel(ops.dkd_loss(s, t, y, 1.0, 8.0, 2.0, backend="triton"), want, FP32_RTOL, "triton vs reference")
+    assert_close_rel(ops.dkd_loss(s, t, y, 1.0, 8.0, 2.0, backend="triton"), want, FP32_RTOL, "triton vs reference")
     if not CUDA:  # "auto" on CPU tensors is the reference
         assert ops._select("dkd_loss", "auto", s.device, s.dtype, t.dtype) is reference.dkd_loss_ref
 
@@ -353,76 +301,16 @@ def test_registered_in_ops():
 # Compile-only: PTX/cubin for sm_80 and sm_90 without a GPU
 # ----------------------------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _build(kernel, config, dtypes, arch, constexprs, unit_class_stride=True):
-    """A compile_kernels build as the launcher specialises ``kernel`` for contiguous (aligned) inputs.
-
-    dtypes: {"s": ..., "t": ...}, the dtype of each logits input (and of its gradient)."""
-    pointer_input = {"s_ptr": "s", "t_ptr": "t", "ds_ptr": "s", "dt_ptr": "t"}
-    cx = {**constexprs, "BLOCK_B": config["BLOCK_B"], "BLOCK_K": config["BLOCK_K"], "y_stride": 1}
-    if unit_class_stride:
-        cx.update({"s_stride_k": 1, "t_stride_k": 1})
-    signature = {}
-    for name in kernel.arg_names:
-        if name in cx:
-            signature[name] = "constexpr"
-        elif name == "y_ptr":
-            signature[name] = "*i64"
-        elif name.endswith("_ptr"):
-            signature[name] = f"*{_TRITON_DTYPE[dtypes[pointer_input[name]]]}" if name in pointer_input else "*fp32"
-        else:
-            signature[name] = "fp32" if name in ("alpha", "beta", "temperature", "mask_value") else "i32"
-    aligned = [n for n in kernel.arg_names if n.endswith("_ptr")]
-    return dict(kernel=kernel, signature=signature, constexprs=cx, arch=arch, num_warps=config["num_warps"],
-                aligned=aligned)
-
-
-def _compile_only_builds():
-    fwd, bwd = dkd._dkd_fwd_kernel, dkd._dkd_bwd_kernel
-    grads = {"GRAD_S": True, "GRAD_T": True}
-    fp32 = dict.fromkeys("st", torch.float32)
-    mixed = {"s": torch.bfloat16, "t": torch.float32}
-    builds = []
-    for arch in (90, 80):
-        builds += [
-            ("fwd fp32 K=1000", _build(fwd, dkd._fwd_config(128, 1000), fp32, arch, {"ALIGN": 4})),
-            ("bwd fp32 K=1000", _build(bwd, dkd._bwd_config(128, 1000), fp32, arch, {"ALIGN": 4, **grads})),
-            # bf16 student logits against fp32 teacher logits (under bf16 autocast), ALIGN 4 for the fp32 rows
-            ("fwd bf16-fp32 K=100 mixed", _build(fwd, dkd._fwd_config(128, 100), mixed, arch, {"ALIGN": 4})),
-            ("bwd bf16-fp32 K=100 mixed", _build(bwd, dkd._bwd_config(128, 100), mixed, arch,
-                                                 {"ALIGN": 4, "GRAD_S": True, "GRAD_T": False})),
-        ]
-    builds += [("fwd fp16 K=1537 strided", _build(fwd, dkd._fwd_config(256, 1537), dict.fromkeys("st", torch.float16),
-                                                  90, {"ALIGN": 1}, unit_class_stride=False)),
-               ("bwd fp16 K=1537 strided", _build(bwd, dkd._bwd_config(256, 1537), dict.fromkeys("st", torch.float16),
-                                                  90, {"ALIGN": 1, **grads}, unit_class_stride=False))]
-    return builds
-
 
 @pytest.mark.slow
 def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
     pytest.importorskip("triton.backends.nvidia")
 
-    builds = _compile_only_builds()
-    results = compile_kernels([b for _, b in builds])
-    for (name, build), asm in zip(builds, results):
-        ptx = asm["ptx"]
-        assert f".target sm_{build['arch']}" in ptx, name
-        assert asm.get("cubin"), f"{name}: no cubin"
-        if "fp32 K=1000" in name:  # contiguous fp32 rows, K = 1000 = 4 * 250: 16-byte row loads
-            assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: row loads are not vectorised"
-        if name.startswith("bwd fp32"):
-            assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: gradient stores are not vectorised"
-        if name.startswith("fwd"):
-            assert "atom." not in ptx, f"{name}: the forward must not use atomics (determinism)"
-        if name.endswith("mixed"):  # bf16 logits widened in registers, their gradient rounded to nearest even
-            assert "cvt.f32.bf16" in ptx, name
-            if name.startswith("bwd"):
-                assert re.search(r"cvt\.rn\.bf16(x2)?\.f32", ptx), f"{name}: gradient not rounded to nearest"
-        usage = resource_usage(asm["cubin"])
-        assert usage is None or max(u["STACK"] for u in usage) == 0, f"{name}: register spills: {usage}"
+    builds = fwd_bwd_builds(dkd._dkd_fwd_kernel, dkd._dkd_bwd_kernel, dkd._fwd_config, dkd._bwd_config,
+                            contiguous={"ALIGN": 4}, strided={"ALIGN": 1})
+    for name, spec, asm in compile_builds(builds):
+        check_ptx(name, spec, asm, v4_loads="fp32 K=1000" in name, v4_stores=name.startswith("bwd fp32"),
+                  no_atomics=name.startswith("fwd"), widened="bf16" if name.endswith("mixed") else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,20 +318,10 @@ def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_compiled(step, dtype):
-    s, t = _logits(64, 1000, seed=90, dtype=dtype), _logits(64, 1000, seed=91, dtype=dtype)
-    want = _grad_run(step, (s, t), [1.0])  # eager first (same kernels), then compiled
-    torch._dynamo.reset()
-    got = _grad_run(torch.compile(step, fullgraph=True), (s, t), [1.0])
-    rtol = FP32_RTOL if dtype == torch.float32 else 1e-2
-    for a, r in zip([*got[0], *got[1]], [*want[0], *want[1]]):
-        _assert_close_rel(a, r, rtol, "torch.compile vs eager")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(("b", "k"), [(512, 1000), (300, 1537)])
 def test_gpu_large_batches_match_float64(b, k):
-    s, t, y = _logits(b, k, seed=140), _logits(b, k, seed=141, scale=3.0), _target(b, k, seed=142)
+    s, t, y = logits(b, k, seed=140), logits(b, k, seed=141, scale=3.0), target(b, k, seed=142)
     _check_fp32(s, t, y)
     _check_dtypes(torch.bfloat16, torch.float32, b, k, 1.0, seed=143)
 
@@ -451,82 +329,58 @@ def test_gpu_large_batches_match_float64(b, k):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32])  # one compile: the GPU test step's budget is shared
 def test_gpu_torch_compile_fullgraph_kernels(dtype):
-    y = _target(64, 1000, seed=92)
-    _check_compiled(lambda s, t: 2.0 * dkd.dkd_loss(s, t, y, 1.0, 8.0, 4.0) + dkd.dkd_loss(s, t, y, 0.5, 1.0, 1.0),
-                    dtype)
+    y = target(64, 1000, seed=92)
+    check_compiled(lambda s, t: 2.0 * dkd.dkd_loss(s, t, y, 1.0, 8.0, 4.0) + dkd.dkd_loss(s, t, y, 0.5, 1.0, 1.0),
+                   dtype)
 
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph_ops_dispatch():
     # backend="auto" on CUDA tensors resolves to the Triton kernel inside the compiled graph; soft labels too
-    y = _target(64, 1000, seed=93)
+    y = target(64, 1000, seed=93)
     soft = torch.nn.functional.one_hot(y, 1000).float() * 0.9 + 0.1 / 1000
-    _check_compiled(lambda s, t: ops.dkd_loss(s, t, y) + ops.dkd_loss(s, t, soft, 2.0, 4.0, 1.0), torch.float32)
+    check_compiled(lambda s, t: ops.dkd_loss(s, t, y) + ops.dkd_loss(s, t, soft, 2.0, 4.0, 1.0), torch.float32)
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_forward_backward():
     b, k = 128, 1000
-    s = _logits(b, k, seed=101).requires_grad_()
-    t = _logits(b, k, seed=102)
-    y = _target(b, k, seed=103)
+    s = logits(b, k, seed=101).requires_grad_()
+    t = logits(b, k, seed=102)
+    y = target(b, k, seed=103)
     ones = torch.ones((), device=DEV)
 
     def step():
         loss = dkd.dkd_loss(s, t, y, 1.0, 8.0, 4.0)
         return (loss, *torch.autograd.grad(loss, (s,), 2.0 * ones))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    new = [_logits(b, k, seed=110 + i) for i in range(2)]
-    new_y = _target(b, k, seed=112)
-    with torch.no_grad():
-        for x, n in zip((s, t), new):
-            x.copy_(n)
-        y.copy_(new_y)
-    graph.replay()
-    torch.cuda.synchronize()
-    (want,), (want_s, _) = _grad_run(lambda a, c: _ref64(a, c, new_y), [n.double() for n in new], [2.0])
+    new = [logits(b, k, seed=110 + i) for i in range(2)]
+    new_y = target(b, k, seed=112)
+    static = cuda_graph_replay(step, (s, t, y), (*new, new_y))
+    (want,), (want_s, _) = grad_run(lambda a, c: _ref64(a, c, new_y), [n.double() for n in new], [2.0])
     for a, r in zip(static, (want, want_s)):
-        _assert_close_rel(a, r, FP32_RTOL, "CUDA graph replay")
+        assert_close_rel(a, r, FP32_RTOL, "CUDA graph replay")
 
 
 @pytest.mark.gpu
 def test_gpu_one_launch_forward_one_launch_backward():
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    s, t = (_logits(128, 1000, seed=120 + i, dtype=torch.bfloat16) for i in range(2))
-    y = _target(128, 1000, seed=122)
+    s, t = (logits(128, 1000, seed=120 + i, dtype=torch.bfloat16) for i in range(2))
+    y = target(128, 1000, seed=122)
     s.requires_grad_()
     t.requires_grad_()
     go = torch.ones((), device=DEV)
     for _ in range(2):  # compile the kernels first
         torch.autograd.grad(dkd.dkd_loss(s, t, y), (s, t), go)
     torch.cuda.synchronize()
-
-    def kernels(fn):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out = fn()
-            torch.cuda.synchronize()
-        return out, [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-
-    loss, fwd = kernels(lambda: dkd.dkd_loss(s, t, y))
-    _, bwd = kernels(lambda: torch.autograd.grad(loss, (s, t), go))
+    loss, fwd = cuda_kernel_names(lambda: dkd.dkd_loss(s, t, y))
+    _, bwd = cuda_kernel_names(lambda: torch.autograd.grad(loss, (s, t), go))
     assert len(fwd) == 1 and "_dkd_fwd_kernel" in fwd[0], fwd
     assert len(bwd) == 1 and "_dkd_bwd_kernel" in bwd[0], bwd
 
 
 @pytest.mark.gpu
 def test_gpu_forward_is_bitwise_deterministic():
-    s, t, y = _logits(4096, 1000, seed=130), _logits(4096, 1000, seed=131), _target(4096, 1000, seed=132)
+    s, t, y = logits(4096, 1000, seed=130), logits(4096, 1000, seed=131), target(4096, 1000, seed=132)
     first = dkd.dkd_loss(s, t, y)
     for _ in range(3):
         assert torch.equal(dkd.dkd_loss(s, t, y), first)

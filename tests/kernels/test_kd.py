@@ -5,43 +5,35 @@ the compile-only test builds the same kernels for sm_80 / sm_90 and reads the PT
 a CUDA machine (bf16 numerics, torch.compile, CUDA graphs, launch count).
 
 Truth: patfast.kernels.reference.kd_loss_ref evaluated in float64 on the same (rounded) input values.
+The helpers are logit_cases.py's, shared with test_dkd.py, test_dist.py and test_ofa.py.
 """
-
-import re
 
 import pytest
 import torch
 
 from patfast import ops
 from patfast.kernels import kd, perf_model, reference
-from patfast.kernels._compile_check import compile_kernels, resource_usage
-
-F64 = torch.float64
-CUDA = torch.cuda.is_available()
-DEV = "cuda" if CUDA else "cpu"
+from tests.kernels.logit_cases import (
+    DEV,
+    FP32_RTOL,
+    assert_close_rel,
+    build,
+    check_compiled,
+    check_ptx,
+    column_slice,
+    compile_builds,
+    cuda_graph_replay,
+    cuda_kernel_names,
+    grad_run,
+    logits,
+    transposed_slice,
+)
 
 BATCHES = (1, 3, 8, 256)
 CLASSES = (41, 100, 1000, 1537)  # 1537 > MAX_BLOCK_K: the forward loops over class chunks
 TEMPERATURES = (1.0, 4.0)
-GRAD_OUT = 2.5  # upstream gradient != 1 (the loss is "not the last layer")
-FP32_RTOL = 1e-5
+GRAD_OUT = 2.5  # upstream gradient != 1 (the loss is "not the last layer"); logit_cases.GRAD_OUT is 0.375
 HALF_FLOOR = 1e-7  # absolute floor for the 16-bit comparisons (about two fp16 subnormal steps)
-
-
-def _logits(b, k, seed, *, dtype=torch.float32, scale=2.0, device=DEV):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, k, generator=g, dtype=F64) * scale).to(device=device, dtype=dtype)
-
-
-def _grad_run(fn, inputs, grad_outs):
-    """Calls fn(*inputs) (one loss or a tuple), back-propagates grad_outs; returns (losses, grads) in float64."""
-    leaves = [x.detach().requires_grad_(True) for x in inputs]  # detach, not clone: keeps every stride
-    assert all(leaf.stride() == x.stride() for leaf, x in zip(leaves, inputs))
-    out = fn(*leaves)
-    outs = out if isinstance(out, tuple) else (out,)
-    gos = [torch.tensor(g, dtype=o.dtype, device=o.device) for g, o in zip(grad_outs, outs)]
-    torch.autograd.backward(outs, gos)
-    return [o.detach().double() for o in outs], [x.grad.double() for x in leaves]
 
 
 def _kd_ref64(s, t, temperature):
@@ -50,13 +42,6 @@ def _kd_ref64(s, t, temperature):
 
 def _pair_ref64(s, p, t, temperature):
     return _kd_ref64(s, t, temperature), _kd_ref64(p, t, 1.0)
-
-
-def _assert_close_rel(actual, expected, rtol, what):
-    """Max-norm relative error: |actual - expected| <= rtol * max(|expected|), elementwise."""
-    scale = expected.abs().max().clamp_min(1e-30)
-    err = ((actual.double().cpu() - expected.cpu()).abs().max() / scale).item()
-    assert err <= rtol, f"{what}: max-norm relative error {err:.3g} > {rtol:g}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -68,20 +53,20 @@ def _assert_close_rel(actual, expected, rtol, what):
 @pytest.mark.parametrize("k", CLASSES)
 @pytest.mark.parametrize("b", BATCHES)
 def test_kd_loss_fp32_matches_float64(b, k, temperature):
-    s = _logits(b, k, seed=b * 7 + k, scale=2.0)
-    t = _logits(b, k, seed=b * 7 + k + 1, scale=3.0)
-    (loss,), (gs, gt) = _grad_run(lambda x, y: ops.kd_loss(x, y, temperature, backend="triton"), (s, t), [GRAD_OUT])
-    (ref,), (rs, rt) = _grad_run(lambda x, y: _kd_ref64(x, y, temperature), (s.double(), t.double()), [GRAD_OUT])
+    s = logits(b, k, seed=b * 7 + k, scale=2.0)
+    t = logits(b, k, seed=b * 7 + k + 1, scale=3.0)
+    (loss,), (gs, gt) = grad_run(lambda x, y: ops.kd_loss(x, y, temperature, backend="triton"), (s, t), [GRAD_OUT])
+    (ref,), (rs, rt) = grad_run(lambda x, y: _kd_ref64(x, y, temperature), (s.double(), t.double()), [GRAD_OUT])
     assert loss.shape == ()
-    _assert_close_rel(loss, ref, FP32_RTOL, "loss")
-    _assert_close_rel(gs, rs, FP32_RTOL, "grad logits_s")
-    _assert_close_rel(gt, rt, FP32_RTOL, "grad logits_t")
+    assert_close_rel(loss, ref, FP32_RTOL, "loss")
+    assert_close_rel(gs, rs, FP32_RTOL, "grad logits_s")
+    assert_close_rel(gt, rt, FP32_RTOL, "grad logits_t")
 
 
 def test_kd_loss_output_dtype_and_grad_dtypes():
     for dtype in (torch.float32, torch.float16):
-        s = _logits(3, 41, seed=1, dtype=dtype).requires_grad_()
-        t = _logits(3, 41, seed=2, dtype=dtype).requires_grad_()
+        s = logits(3, 41, seed=1, dtype=dtype).requires_grad_()
+        t = logits(3, 41, seed=2, dtype=dtype).requires_grad_()
         loss = kd.kd_loss(s, t, 2.0)
         assert loss.dtype == torch.float32 and loss.shape == ()
         loss.backward()
@@ -90,12 +75,12 @@ def test_kd_loss_output_dtype_and_grad_dtypes():
 
 
 def test_only_the_inputs_that_require_grad_get_one():
-    s = _logits(3, 100, seed=3).requires_grad_()
-    t = _logits(3, 100, seed=4)
+    s = logits(3, 100, seed=3).requires_grad_()
+    t = logits(3, 100, seed=4)
     kd.kd_loss(s, t, 4.0).backward()
     assert t.grad is None
-    (_,), (rs, _) = _grad_run(lambda x, y: _kd_ref64(x, y, 4.0), (s.detach(), t), [1.0])
-    _assert_close_rel(s.grad, rs, FP32_RTOL, "grad logits_s")
+    (_,), (rs, _) = grad_run(lambda x, y: _kd_ref64(x, y, 4.0), (s.detach(), t), [1.0])
+    assert_close_rel(s.grad, rs, FP32_RTOL, "grad logits_s")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,11 +89,11 @@ def test_only_the_inputs_that_require_grad_get_one():
 
 
 def _check_half(dtype, b, k, temperature):
-    s = _logits(b, k, seed=b + 11 * k, dtype=dtype, scale=2.0)
-    t = _logits(b, k, seed=b + 11 * k + 1, dtype=dtype, scale=3.0)
-    ours = _grad_run(lambda x, y: kd.kd_loss(x, y, temperature), (s, t), [GRAD_OUT])
-    torch_half = _grad_run(lambda x, y: reference.kd_loss_ref(x, y, temperature), (s, t), [GRAD_OUT])
-    truth = _grad_run(lambda x, y: _kd_ref64(x, y, temperature), (s.double(), t.double()), [GRAD_OUT])
+    s = logits(b, k, seed=b + 11 * k, dtype=dtype, scale=2.0)
+    t = logits(b, k, seed=b + 11 * k + 1, dtype=dtype, scale=3.0)
+    ours = grad_run(lambda x, y: kd.kd_loss(x, y, temperature), (s, t), [GRAD_OUT])
+    torch_half = grad_run(lambda x, y: reference.kd_loss_ref(x, y, temperature), (s, t), [GRAD_OUT])
+    truth = grad_run(lambda x, y: _kd_ref64(x, y, temperature), (s.double(), t.double()), [GRAD_OUT])
     for what, a, h, r in zip(("loss", "grad logits_s", "grad logits_t"),
                              [*ours[0], *ours[1]], [*torch_half[0], *torch_half[1]], [*truth[0], *truth[1]]):
         err = (a.cpu() - r.cpu()).abs().max().item()
@@ -134,40 +119,32 @@ def test_kd_loss_bf16_within_2x_pytorch_error(b, k, temperature):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _column_slice(b, k, seed):  # rows of a wider tensor: row stride k + 7, data pointer 12 bytes in
-    return _logits(b, k + 7, seed=seed)[:, 3:3 + k]
-
-
-def _transposed_slice(b, k, seed):  # class stride b, row stride 1
-    return _logits(k + 5, b, seed=seed).t()[:, 2:2 + k]
-
-
-@pytest.mark.parametrize(("make_s", "make_t"), [(_column_slice, _transposed_slice), (_transposed_slice, _column_slice)],
+@pytest.mark.parametrize(("make_s", "make_t"), [(column_slice, transposed_slice), (transposed_slice, column_slice)],
                          ids=["slice-s", "transposed-s"])
 @pytest.mark.parametrize("k", [41, 1537])
 def test_non_contiguous_inputs(make_s, make_t, k):
     b, temperature = 5, 4.0
     s, t = make_s(b, k, seed=21), make_t(b, k, seed=22)
     assert not s.is_contiguous() and not t.is_contiguous()
-    (loss,), (gs, gt) = _grad_run(lambda x, y: kd.kd_loss(x, y, temperature), (s, t), [GRAD_OUT])
-    (ref,), (rs, rt) = _grad_run(lambda x, y: _kd_ref64(x, y, temperature), (s.double(), t.double()), [GRAD_OUT])
-    _assert_close_rel(loss, ref, FP32_RTOL, "loss")
-    _assert_close_rel(gs, rs, FP32_RTOL, "grad logits_s")
-    _assert_close_rel(gt, rt, FP32_RTOL, "grad logits_t")
+    (loss,), (gs, gt) = grad_run(lambda x, y: kd.kd_loss(x, y, temperature), (s, t), [GRAD_OUT])
+    (ref,), (rs, rt) = grad_run(lambda x, y: _kd_ref64(x, y, temperature), (s.double(), t.double()), [GRAD_OUT])
+    assert_close_rel(loss, ref, FP32_RTOL, "loss")
+    assert_close_rel(gs, rs, FP32_RTOL, "grad logits_s")
+    assert_close_rel(gt, rt, FP32_RTOL, "grad logits_t")
 
 
 def test_broadcast_teacher_rows_zero_strides():
     # An expanded (stride-0) teacher row and a stride-0 class axis are valid layouts too.
     b, k = 4, 100
-    s = _logits(b, k, seed=23)
-    t = _logits(1, k, seed=24).expand(b, k)
-    c = _logits(b, 1, seed=25).expand(b, k)  # every class equal: a uniform distribution
+    s = logits(b, k, seed=23)
+    t = logits(1, k, seed=24).expand(b, k)
+    c = logits(b, 1, seed=25).expand(b, k)  # every class equal: a uniform distribution
     for x, y in ((s, t), (s, c), (c, t)):
-        (loss,), (gs, gt) = _grad_run(lambda u, v: kd.kd_loss(u, v, 2.0), (x, y), [GRAD_OUT])
-        (ref,), (rs, rt) = _grad_run(lambda u, v: _kd_ref64(u, v, 2.0), (x.double(), y.double()), [GRAD_OUT])
-        _assert_close_rel(loss, ref, FP32_RTOL, "loss")
-        _assert_close_rel(gs, rs, FP32_RTOL, "grad logits_s")
-        _assert_close_rel(gt, rt, FP32_RTOL, "grad logits_t")
+        (loss,), (gs, gt) = grad_run(lambda u, v: kd.kd_loss(u, v, 2.0), (x, y), [GRAD_OUT])
+        (ref,), (rs, rt) = grad_run(lambda u, v: _kd_ref64(u, v, 2.0), (x.double(), y.double()), [GRAD_OUT])
+        assert_close_rel(loss, ref, FP32_RTOL, "loss")
+        assert_close_rel(gs, rs, FP32_RTOL, "grad logits_s")
+        assert_close_rel(gt, rt, FP32_RTOL, "grad logits_t")
 
 
 def test_layout_alignment_choice():
@@ -188,24 +165,24 @@ def test_layout_alignment_choice():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_extreme_logits_give_finite_exact_gradients(dtype, temperature):
     b, k = 4, 100
-    s = _logits(b, k, seed=31, scale=1.0)
-    t = _logits(b, k, seed=32, scale=1.0)
+    s = logits(b, k, seed=31, scale=1.0)
+    t = logits(b, k, seed=32, scale=1.0)
     s[:, 0] += 200.0  # the student is certain of class 0 ...
     t[:, 1] += 200.0  # ... the teacher of class 1: a gap of 200
     s[1, 5] -= 200.0
     t[2] = -t[2] - 100.0  # a large common offset changes nothing
     s, t = s.to(dtype), t.to(dtype)
-    (loss,), (gs, gt) = _grad_run(lambda x, y: kd.kd_loss(x, y, temperature), (s, t), [GRAD_OUT])
-    (ref,), (rs, rt) = _grad_run(lambda x, y: _kd_ref64(x, y, temperature), (s.double(), t.double()), [GRAD_OUT])
+    (loss,), (gs, gt) = grad_run(lambda x, y: kd.kd_loss(x, y, temperature), (s, t), [GRAD_OUT])
+    (ref,), (rs, rt) = grad_run(lambda x, y: _kd_ref64(x, y, temperature), (s.double(), t.double()), [GRAD_OUT])
     assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
     rtol = FP32_RTOL if dtype == torch.float32 else 2e-3
-    _assert_close_rel(loss, ref, rtol, "loss")
-    _assert_close_rel(gs, rs, rtol, "grad logits_s")
-    _assert_close_rel(gt, rt, rtol, "grad logits_t")
+    assert_close_rel(loss, ref, rtol, "loss")
+    assert_close_rel(gs, rs, rtol, "grad logits_s")
+    assert_close_rel(gt, rt, rtol, "grad logits_t")
 
 
 def test_forward_is_deterministic():
-    s, t = _logits(256, 1000, seed=41), _logits(256, 1000, seed=42)
+    s, t = logits(256, 1000, seed=41), logits(256, 1000, seed=42)
     first = kd.kd_loss(s, t, 4.0)
     assert torch.equal(first, kd.kd_loss(s, t, 4.0))
 
@@ -218,52 +195,52 @@ def test_forward_is_deterministic():
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize(("b", "k"), [(3, 41), (8, 1000), (5, 1537)])
 def test_pat_kl_pair_equals_two_reference_calls(b, k, temperature):
-    s = _logits(b, k, seed=51, scale=2.0)
-    p = _logits(b, k, seed=52, scale=2.5)
-    t = _logits(b, k, seed=53, scale=3.0)
+    s = logits(b, k, seed=51, scale=2.0)
+    p = logits(b, k, seed=52, scale=2.5)
+    t = logits(b, k, seed=53, scale=3.0)
     grads = [GRAD_OUT, 0.75]  # different upstream gradients for loss_kd and loss_reg
-    losses, got = _grad_run(lambda x, y, z: kd.pat_kl_pair(x, y, z, temperature), (s, p, t), grads)
-    ref_losses, want = _grad_run(lambda x, y, z: _pair_ref64(x, y, z, temperature),
-                                 (s.double(), p.double(), t.double()), grads)
+    losses, got = grad_run(lambda x, y, z: kd.pat_kl_pair(x, y, z, temperature), (s, p, t), grads)
+    ref_losses, want = grad_run(lambda x, y, z: _pair_ref64(x, y, z, temperature),
+                                (s.double(), p.double(), t.double()), grads)
     for what, a, r in zip(("loss_kd", "loss_reg", "grad s", "grad pt", "grad t"), [*losses, *got],
                           [*ref_losses, *want]):
-        _assert_close_rel(a, r, FP32_RTOL, what)
+        assert_close_rel(a, r, FP32_RTOL, what)
 
 
 def test_pat_kl_pair_mixed_layouts_and_fp16():
     b, k, temperature = 6, 100, 2.0
-    s, p, t = _column_slice(b, k, seed=61), _transposed_slice(b, k, seed=62), _logits(b, k, seed=63)
-    losses, got = _grad_run(lambda x, y, z: kd.pat_kl_pair(x, y, z, temperature), (s, p, t), [1.5, 2.0])
-    ref_losses, want = _grad_run(lambda x, y, z: _pair_ref64(x, y, z, temperature),
-                                 (s.double(), p.double(), t.double()), [1.5, 2.0])
+    s, p, t = column_slice(b, k, seed=61), transposed_slice(b, k, seed=62), logits(b, k, seed=63)
+    losses, got = grad_run(lambda x, y, z: kd.pat_kl_pair(x, y, z, temperature), (s, p, t), [1.5, 2.0])
+    ref_losses, want = grad_run(lambda x, y, z: _pair_ref64(x, y, z, temperature),
+                                (s.double(), p.double(), t.double()), [1.5, 2.0])
     for a, r in zip([*losses, *got], [*ref_losses, *want]):
-        _assert_close_rel(a, r, FP32_RTOL, "pair, mixed layouts")
+        assert_close_rel(a, r, FP32_RTOL, "pair, mixed layouts")
     h = [x.half() for x in (s, p, t)]
-    losses, got = _grad_run(lambda x, y, z: kd.pat_kl_pair(x, y, z, temperature), h, [1.5, 2.0])
-    ref_losses, want = _grad_run(lambda x, y, z: _pair_ref64(x, y, z, temperature), [x.double() for x in h],
-                                 [1.5, 2.0])
+    losses, got = grad_run(lambda x, y, z: kd.pat_kl_pair(x, y, z, temperature), h, [1.5, 2.0])
+    ref_losses, want = grad_run(lambda x, y, z: _pair_ref64(x, y, z, temperature), [x.double() for x in h],
+                                [1.5, 2.0])
     for a, r in zip([*losses, *got], [*ref_losses, *want]):
-        _assert_close_rel(a, r, 2e-3, "pair, fp16")
+        assert_close_rel(a, r, 2e-3, "pair, fp16")
 
 
 def test_pat_kl_pair_as_used_in_pat():
     # The clean teacher is a no-grad tensor; only the student and the prompted teacher get gradients.
     b, k = 4, 100
-    s = _logits(b, k, seed=71).requires_grad_()
-    p = _logits(b, k, seed=72).requires_grad_()
-    t = _logits(b, k, seed=73)
+    s = logits(b, k, seed=71).requires_grad_()
+    p = logits(b, k, seed=72).requires_grad_()
+    t = logits(b, k, seed=73)
     loss_kd, loss_reg = kd.pat_kl_pair(s, p, t, 1.0)
     (loss_kd + 3.0 * loss_reg).backward()
     assert t.grad is None
-    _, (rs, rp, _) = _grad_run(lambda x, y, z: _pair_ref64(x, y, z, 1.0), (s.detach(), p.detach(), t), [1.0, 3.0])
-    _assert_close_rel(s.grad, rs, FP32_RTOL, "grad s")
-    _assert_close_rel(p.grad, rp, FP32_RTOL, "grad pt")
+    _, (rs, rp, _) = grad_run(lambda x, y, z: _pair_ref64(x, y, z, 1.0), (s.detach(), p.detach(), t), [1.0, 3.0])
+    assert_close_rel(s.grad, rs, FP32_RTOL, "grad s")
+    assert_close_rel(p.grad, rp, FP32_RTOL, "grad pt")
     # loss_kd alone: the unused loss_reg gets a zero upstream gradient, so pt's gradient is zero
     s.grad = p.grad = None
     loss_kd, _ = kd.pat_kl_pair(s, p, t, 1.0)
     loss_kd.backward()
     assert torch.count_nonzero(p.grad) == 0
-    _assert_close_rel(s.grad, rs, FP32_RTOL, "grad s (loss_kd only)")
+    assert_close_rel(s.grad, rs, FP32_RTOL, "grad s (loss_kd only)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,7 +282,7 @@ def test_input_errors_are_clear_value_errors(call, match):
 
 def test_registered_in_ops():
     assert "kd_loss" in ops.triton_ops()
-    s, t = _logits(3, 41, seed=81), _logits(3, 41, seed=82)
+    s, t = logits(3, 41, seed=81), logits(3, 41, seed=82)
     torch.testing.assert_close(ops.kd_loss(s, t, 2.0, backend="triton"), kd.kd_loss(s, t, 2.0), rtol=0, atol=0)
 
 
@@ -313,39 +290,12 @@ def test_registered_in_ops():
 # Compile-only: PTX/cubin for sm_80 and sm_90 without a GPU
 # ----------------------------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _build(kernel, config, dtype, arch, constexprs, unit_class_stride=True):
-    """A compile_kernels build for ``kernel`` as the launcher would specialise it for contiguous/aligned inputs.
-
-    dtype: one torch dtype for all logits, or {"s": ..., "t": ..., "p": ...}, one per input (and its gradient)."""
-    dtypes = dtype if isinstance(dtype, dict) else dict.fromkeys("stp", dtype)
-    pointer_input = {"s_ptr": "s", "t_ptr": "t", "p_ptr": "p", "ds_ptr": "s", "dt_ptr": "t", "dp_ptr": "p"}
-    fp32_ptrs = {"loss_kd_ptr", "loss_reg_ptr", "stats_ptr", "part_ptr", "g_kd_ptr", "g_reg_ptr"}
-    cx = {**constexprs, **{k: v for k, v in config.items() if k != "num_warps"}}
-    if unit_class_stride:
-        cx.update({f"{x}_stride_k": 1 for x in "stp"})
-    cx = {k: v for k, v in cx.items() if k in kernel.arg_names}  # the merge kernel has no tiles of logits
-    signature = {}
-    for name in kernel.arg_names:
-        if name in cx:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in fp32_ptrs else f"*{_TRITON_DTYPE[dtypes[pointer_input[name]]]}"
-        else:
-            signature[name] = "fp32" if name == "temperature" else "i32"
-    aligned = [n for n in kernel.arg_names if n.endswith("_ptr")]
-    return dict(kernel=kernel, signature=signature, constexprs=cx, arch=arch, num_warps=config["num_warps"],
-                aligned=aligned)
-
-
 def _forward_builds(name, b, k, dtype, arch, constexprs, unit_class_stride=True):
     """The forward's two launches at (B, K): "<name> partial" (per class chunk) and "<name> merge" (one program)."""
     merge_cx = {"PAIR": constexprs["PAIR"]}
-    return [(f"{name} partial", _build(kd._kl_partial_kernel, kd._partial_config(b, k), dtype, arch, constexprs,
-                                       unit_class_stride)),
-            (f"{name} merge", _build(kd._kl_merge_kernel, kd._merge_config(b, k), dtype, arch, merge_cx))]
+    return [(f"{name} partial", build(kd._kl_partial_kernel, kd._partial_config(b, k), dtype, arch, constexprs,
+                                      unit_class_stride)),
+            (f"{name} merge", build(kd._kl_merge_kernel, kd._merge_config(b, k), dtype, arch, merge_cx))]
 
 
 def _compile_only_builds():
@@ -356,33 +306,33 @@ def _compile_only_builds():
         # ImageNet-1k, fp32, kd alone: the vectorisation check below reads these; B = 256 is the KD target's batch
         builds += _forward_builds("fwd kd fp32 K=1000", 256, 1000, torch.float32, arch,
                                   {"PAIR": False, "T_IS_ONE": False, "ALIGN": 4})
-        builds += [("bwd kd fp32 K=1000", _build(bwd, kd._bwd_config(128, 1000), torch.float32, arch,
-                                                 {"PAIR": False, "T_IS_ONE": False, "ALIGN": 4, **grads}))]
+        builds += [("bwd kd fp32 K=1000", build(bwd, kd._bwd_config(128, 1000), torch.float32, arch,
+                                                {"PAIR": False, "T_IS_ONE": False, "ALIGN": 4, **grads}))]
         if arch == 90:
             builds += _forward_builds("fwd pair bf16 K=100 T=1", 256, 100, torch.bfloat16, arch,
                                       {"PAIR": True, "T_IS_ONE": True, "ALIGN": 4})
-            builds += [("bwd pair bf16 K=100 T=1", _build(bwd, kd._bwd_config(128, 100), torch.bfloat16, arch,
-                                                          {"PAIR": True, "T_IS_ONE": True, "ALIGN": 4, **grads}))]
+            builds += [("bwd pair bf16 K=100 T=1", build(bwd, kd._bwd_config(128, 100), torch.bfloat16, arch,
+                                                         {"PAIR": True, "T_IS_ONE": True, "ALIGN": 4, **grads}))]
             builds += _forward_builds("fwd pair fp16 K=1537 T=4 strided", 256, 1537, torch.float16, arch,
                                       {"PAIR": True, "T_IS_ONE": False, "ALIGN": 1}, unit_class_stride=False)
-            builds += [("bwd pair fp16 K=1537 T=4 strided", _build(bwd, kd._bwd_config(256, 1537), torch.float16,
-                                                                   arch, {"PAIR": True, "T_IS_ONE": False,
-                                                                          "ALIGN": 1, **grads},
-                                                                   unit_class_stride=False))]
+            builds += [("bwd pair fp16 K=1537 T=4 strided", build(bwd, kd._bwd_config(256, 1537), torch.float16,
+                                                                  arch, {"PAIR": True, "T_IS_ONE": False,
+                                                                         "ALIGN": 1, **grads},
+                                                                  unit_class_stride=False))]
         # Mixed dtypes (issue #11): bf16 student and prompted-teacher logits against fp32 teacher logits (PAT under
         # bf16 autocast), ALIGN 4 for the fp32 rows; fp16 against fp32 for kd alone, T != 1
         mixed = {"s": torch.bfloat16, "p": torch.bfloat16, "t": torch.float32}
         builds += _forward_builds("fwd pair bf16-fp32 K=1000 T=1 mixed", 128, 1000, mixed, arch,
                                   {"PAIR": True, "T_IS_ONE": True, "ALIGN": 4})
-        builds += [("bwd pair bf16-fp32 K=1000 T=1 mixed", _build(bwd, kd._bwd_config(128, 1000), mixed, arch,
-                                                                  {"PAIR": True, "T_IS_ONE": True, "ALIGN": 4,
-                                                                   **grads}))]
+        builds += [("bwd pair bf16-fp32 K=1000 T=1 mixed", build(bwd, kd._bwd_config(128, 1000), mixed, arch,
+                                                                 {"PAIR": True, "T_IS_ONE": True, "ALIGN": 4,
+                                                                  **grads}))]
         mixed = {"s": torch.float16, "p": torch.float16, "t": torch.float32}
         builds += _forward_builds("fwd kd fp16-fp32 K=100 T=4 mixed", 128, 100, mixed, arch,
                                   {"PAIR": False, "T_IS_ONE": False, "ALIGN": 4})
-        builds += [("bwd kd fp16-fp32 K=100 T=4 mixed", _build(bwd, kd._bwd_config(128, 100), mixed, arch,
-                                                               {"PAIR": False, "T_IS_ONE": False, "ALIGN": 4,
-                                                                **grads}))]
+        builds += [("bwd kd fp16-fp32 K=100 T=4 mixed", build(bwd, kd._bwd_config(128, 100), mixed, arch,
+                                                              {"PAIR": False, "T_IS_ONE": False, "ALIGN": 4,
+                                                               **grads}))]
     return builds
 
 
@@ -390,28 +340,15 @@ def _compile_only_builds():
 def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
     pytest.importorskip("triton.backends.nvidia")
 
-    builds = _compile_only_builds()
-    results = compile_kernels([b for _, b in builds])
-    for (name, build), asm in zip(builds, results):
-        ptx = asm["ptx"]
-        assert f".target sm_{build['arch']}" in ptx, name
-        assert asm.get("cubin"), f"{name}: no cubin"
+    for name, spec, asm in compile_builds(_compile_only_builds()):
         streaming = not name.endswith(" merge")  # the merge reads O(B x chunks) statistics, not logits
-        if "fp32 K=1000" in name and streaming:  # contiguous fp32 rows, K = 1000 = 4 * 250: 16-byte row loads
-            assert re.search(r"ld\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: row loads are not vectorised"
-        if name.startswith("bwd kd fp32"):
-            assert re.search(r"st\.global(\.\w+)*\.v4\.b32", ptx), f"{name}: gradient stores are not vectorised"
-        if name.startswith("fwd"):
-            assert "atom." not in ptx, f"{name}: the forward must not use atomics (determinism)"
-        if "mixed" in name and streaming:  # 16-bit logits widened in registers, their gradients rounded to nearest
-            half = "bf16" if "bf16" in name else "f16"
-            assert f"cvt.f32.{half}" in ptx, name
-            if name.startswith("bwd"):
-                assert re.search(rf"cvt\.rn\.{half}(x2)?\.f32", ptx), f"{name}: gradient not rounded to nearest"
-        usage = resource_usage(asm["cubin"])
-        assert usage is None or max(u["STACK"] for u in usage) == 0, f"{name}: register spills: {usage}"
+        # contiguous fp32 rows, K = 1000 = 4 * 250: 16-byte row loads; 16-bit logits of the mixed builds widened in
+        # registers, their gradients rounded to nearest
+        usage = check_ptx(name, spec, asm, v4_loads="fp32 K=1000" in name and streaming,
+                          v4_stores=name.startswith("bwd kd fp32"), no_atomics=name.startswith("fwd"),
+                          widened=("bf16" if "bf16" in name else "f16") if "mixed" in name and streaming else None)
         if usage is not None and name.endswith(" partial"):  # issue 15: >= 4 programs per SM can be resident
-            assert perf_model.resident_per_sm(usage[0]["REG"], build["num_warps"]) >= 4, f"{name}: {usage}"
+            assert perf_model.resident_per_sm(usage[0]["REG"], spec["num_warps"]) >= 4, f"{name}: {usage}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,90 +356,58 @@ def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_compiled(step, grad_outs, dtype):
-    s, p, t = (_logits(64, 1000, seed=90 + i, dtype=dtype) for i in range(3))
-    want = _grad_run(step, (s, p, t), grad_outs)  # eager first (same kernels), then compiled
-    torch._dynamo.reset()
-    got = _grad_run(torch.compile(step, fullgraph=True), (s, p, t), grad_outs)
-    rtol = FP32_RTOL if dtype == torch.float32 else 1e-2
-    for a, r in zip([*got[0], *got[1]], [*want[0], *want[1]]):
-        _assert_close_rel(a, r, rtol, "torch.compile vs eager")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_torch_compile_fullgraph_kernels(dtype):
-    _check_compiled(lambda s, p, t: 2.0 * kd.kd_loss(s, t, 4.0) + kd.kd_loss(p, t, 1.0), [1.0], dtype)
-    _check_compiled(lambda s, p, t: kd.pat_kl_pair(s, p, t, 4.0), [1.0, 0.5], dtype)
+    check_compiled(lambda s, p, t: 2.0 * kd.kd_loss(s, t, 4.0) + kd.kd_loss(p, t, 1.0), dtype, n_inputs=3)
+    check_compiled(lambda s, p, t: kd.pat_kl_pair(s, p, t, 4.0), dtype, n_inputs=3, grad_outs=(1.0, 0.5))
 
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph_ops_dispatch():
     # backend="auto" on CUDA tensors resolves to the Triton kernel inside the compiled graph
-    _check_compiled(lambda s, p, t: 2.0 * ops.kd_loss(s, t, 4.0) + ops.kd_loss(p, t, 1.0), [1.0], torch.float32)
+    check_compiled(lambda s, p, t: 2.0 * ops.kd_loss(s, t, 4.0) + ops.kd_loss(p, t, 1.0), torch.float32,
+                   n_inputs=3)
 
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture_forward_backward():
     b, k = 128, 1000
-    s = _logits(b, k, seed=101).requires_grad_()
-    p = _logits(b, k, seed=102).requires_grad_()
-    t = _logits(b, k, seed=103)
+    s = logits(b, k, seed=101).requires_grad_()
+    p = logits(b, k, seed=102).requires_grad_()
+    t = logits(b, k, seed=103)
     ones = torch.ones((), device=DEV)
 
     def step():
         loss_kd, loss_reg = kd.pat_kl_pair(s, p, t, 4.0)
         return (loss_kd, loss_reg, *torch.autograd.grad((loss_kd, loss_reg), (s, p), (2.0 * ones, ones)))
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static = step()
-    new = [_logits(b, k, seed=110 + i) for i in range(3)]
-    with torch.no_grad():
-        for x, n in zip((s, p, t), new):
-            x.copy_(n)
-    graph.replay()
-    torch.cuda.synchronize()
-    want_losses, want_grads = _grad_run(lambda x, y, z: _pair_ref64(x, y, z, 4.0), [n.double() for n in new],
-                                        [2.0, 1.0])
+    new = [logits(b, k, seed=110 + i) for i in range(3)]
+    static = cuda_graph_replay(step, (s, p, t), new)
+    want_losses, want_grads = grad_run(lambda x, y, z: _pair_ref64(x, y, z, 4.0), [n.double() for n in new],
+                                       [2.0, 1.0])
     for a, r in zip(static, [*want_losses, *want_grads[:2]]):
-        _assert_close_rel(a, r, FP32_RTOL, "CUDA graph replay")
+        assert_close_rel(a, r, FP32_RTOL, "CUDA graph replay")
 
 
 @pytest.mark.gpu
 def test_gpu_two_launches_forward_one_launch_backward():
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    s, p, t = (_logits(128, 1000, seed=120 + i, dtype=torch.bfloat16) for i in range(3))
+    s, p, t = (logits(128, 1000, seed=120 + i, dtype=torch.bfloat16) for i in range(3))
     s.requires_grad_()
     p.requires_grad_()
     go = (torch.ones((), device=DEV), torch.ones((), device=DEV))
     for _ in range(2):  # compile the kernels first
         torch.autograd.grad(kd.pat_kl_pair(s, p, t, 4.0), (s, p), go)
     torch.cuda.synchronize()
-
-    def kernels(fn):
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            out = fn()
-            torch.cuda.synchronize()
-        return out, [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-
-    losses, fwd = kernels(lambda: kd.pat_kl_pair(s, p, t, 4.0))
-    _, bwd = kernels(lambda: torch.autograd.grad(losses, (s, p), go))
+    losses, fwd = cuda_kernel_names(lambda: kd.pat_kl_pair(s, p, t, 4.0))
+    _, bwd = cuda_kernel_names(lambda: torch.autograd.grad(losses, (s, p), go))
     assert len(fwd) == 2 and "_kl_partial_kernel" in fwd[0] and "_kl_merge_kernel" in fwd[1], fwd
     assert len(bwd) == 1 and "_kl_bwd_kernel" in bwd[0], bwd
 
 
 @pytest.mark.gpu
 def test_gpu_forward_is_bitwise_deterministic():
-    s, t = _logits(4096, 1000, seed=130), _logits(4096, 1000, seed=131)
+    s, t = logits(4096, 1000, seed=130), logits(4096, 1000, seed=131)
     first = kd.kd_loss(s, t, 4.0)
     for _ in range(3):
         assert torch.equal(kd.kd_loss(s, t, 4.0), first)
