@@ -3,9 +3,10 @@
 ``dkd_loss(logits_s, logits_t, target, alpha, beta, T)`` -> alpha * TCKD + beta * NCKD, fp32 scalar
 (patfast.kernels.reference.dkd_loss_ref): TCKD the T^2-batchmean KL of the binary [p_y, 1 - p_y], NCKD the
 T^2-batchmean KL of the softmaxes at T with the target's logit lowered by DKD_MASK = 1000.
-Grid: forward ONE program walking the batch in BLOCK_B x BLOCK_K tiles (online softmax over the NON-target classes
-of both sides; everything else follows from it and the target logit), deterministic, one launch; backward a 2-D
-grid over (row tiles, class chunks) from saved per-row statistics. Each logits input fp32/fp16/bf16 in its own
+Grid: forward in two launches, kd.py's per-chunk kernel (softmax statistics over the NON-target classes of both
+sides, a 2-D grid over row tiles x class chunks) and ONE program merging the chunks in a fixed order and finishing
+each row from them and its target logit (deterministic, no atomics); backward a 2-D grid over (row tiles, class
+chunks) from saved per-row statistics. Each logits input fp32/fp16/bf16 in its own
 dtype, any row/class strides; target (B,) int64 with any stride; fp32 arithmetic.
 Traffic: forward reads each logit tensor once (+ one target logit per row), backward reads them again and writes
 the gradients (B x K each). Derivation and numerics: docs/kernels.md#dkd.
@@ -18,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_dkd_inputs, check_finite_number
-from .kd import _bwd_config, _check, _fwd_config, _layout, _online_lse
+from .kd import _bwd_config, _check, _kl_partial_kernel, _layout, _merge_config, _merge_term, _partial_config
 from .reference import DKD_MASK
 
 __all__ = ["dkd_loss"]
@@ -51,25 +52,25 @@ def _kl_term(q, p, d):
 
 
 @triton.jit
-def _dkd_fwd_kernel(
-    s_ptr,  # [B, K] student logits (fp32 / fp16 / bf16)
-    t_ptr,  # [B, K] teacher logits (fp32 / fp16 / bf16)
+def _dkd_merge_kernel(
+    s_ptr,  # [B, K] student logits (fp32 / fp16 / bf16): only the target logit of each row is read here
+    t_ptr,  # [B, K] teacher logits (fp32 / fp16 / bf16): likewise
     y_ptr,  # [B] int64 target classes
+    part_ptr,  # [N_CHUNKS, 5, B] fp32: kd's partial kernel over the non-target classes (m_s, z_s, m_t, z_t, w)
     loss_ptr,  # [] fp32 out: alpha * TCKD + beta * NCKD (NaN if a target is outside [0, K))
     stats_ptr,  # [11, B] fp32 out: m_s, lz_s, m_t, lz_t, fs, ft, tp, dxy, tq, shift, duy (see the backward)
     B,  # rows
-    K_q,  # classes // ALIGN
-    s_stride_q, t_stride_q,  # row strides (elements) // ALIGN
+    K,  # classes
+    s_stride_b, t_stride_b,  # row strides (elements)
     s_stride_k, t_stride_k,  # class strides (elements)
     y_stride,  # target stride (elements)
     alpha, beta,  # weights of TCKD and NCKD
     temperature,  # T > 0
     mask_value,  # DKD_MASK, subtracted from the target logit at T before NCKD's softmaxes
-    ALIGN: tl.constexpr,
+    N_CHUNKS: tl.constexpr,
     BLOCK_B: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    K = K_q * ALIGN
+    # ONE program, the forward's second stage: the chunks merged in a fixed order, then each row's closed form.
     inv_t = 1.0 / temperature
     acc = tl.zeros([BLOCK_B], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
@@ -79,25 +80,10 @@ def _dkd_fwd_kernel(
         y = tl.load(y_ptr + r * y_stride)
         y_ok = (y >= 0) & (y < K)
         y_c = tl.where(y_ok, y, 0)  # never read out of bounds; the row's loss is NaN instead
-        # online softmax of x = s/T and u = t/T over the non-target classes, w = sum exp(u - m_t) (u - x)
-        m_s = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        z_s = tl.zeros([BLOCK_B], dtype=tl.float32)
-        m_t = tl.full([BLOCK_B], float("-inf"), tl.float32)
-        z_t = tl.zeros([BLOCK_B], dtype=tl.float32)
-        w = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = (cols < K)[None, :]
-            nt = col_ok & (cols[None, :] != y_c[:, None])
-            x = tl.load(s_ptr + r[:, None] * (s_stride_q * ALIGN) + cols[None, :] * s_stride_k,
-                        mask=col_ok, other=0.0).to(tl.float32) * inv_t
-            u = tl.load(t_ptr + r[:, None] * (t_stride_q * ALIGN) + cols[None, :] * t_stride_k,
-                        mask=col_ok, other=0.0).to(tl.float32) * inv_t
-            m_s, z_s, _, _ = _online_lse(tl.where(nt, x, float("-inf")), m_s, z_s)
-            m_t, z_t, e_t, alpha_t = _online_lse(tl.where(nt, u, float("-inf")), m_t, z_t)
-            w = w * alpha_t + tl.sum(e_t * (u - x), axis=1)  # e_t = 0 on the target and padding
-        x_y = tl.load(s_ptr + r * (s_stride_q * ALIGN) + y_c * s_stride_k).to(tl.float32) * inv_t
-        u_y = tl.load(t_ptr + r * (t_stride_q * ALIGN) + y_c * t_stride_k).to(tl.float32) * inv_t
+        # softmax of x = s/T and u = t/T over the non-target classes, w = sum exp(u - m_t) (u - x)
+        m_s, z_s, m_t, z_t, w = _merge_term(part_ptr, 0, B, rows, row_ok, N_CHUNKS, 5)
+        x_y = tl.load(s_ptr + r * s_stride_b + y_c * s_stride_k).to(tl.float32) * inv_t
+        u_y = tl.load(t_ptr + r * t_stride_b + y_c * t_stride_k).to(tl.float32) * inv_t
         lz_s = tl.log(z_s)
         lz_t = tl.log(z_t)
         d_s = (x_y - m_s) - lz_s  # target logit minus the non-target log-sum-exp: log(p_y / (1 - p_y))
@@ -205,7 +191,7 @@ def _dkd_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers (tile sizes: kd.py's _fwd_config / _bwd_config, the same walk and the same tiles)
+# Launchers (tile sizes: kd.py's _partial_config / _merge_config / _bwd_config, the same tiles as KD's)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -214,11 +200,18 @@ def _forward(s, t, y, alpha: float, beta: float, temperature: float):
     align, row_q, col = _layout((s, t))
     loss = torch.empty((), device=s.device, dtype=torch.float32)
     stats = torch.empty((_NSTAT, b), device=s.device, dtype=torch.float32)
-    cfg = _fwd_config(b, k)
-    _dkd_fwd_kernel[(1,)](
-        s, t, y, loss, stats, b, k // align, *row_q, *col, y.stride(0) if b > 1 else 0,
-        alpha, beta, temperature, DKD_MASK,
+    cfg, merge = _partial_config(b, k), _merge_config(b, k)
+    partials = torch.empty((merge["N_CHUNKS"], 5, b), device=s.device, dtype=torch.float32)
+    y_stride = y.stride(0) if b > 1 else 0
+    _kl_partial_kernel[(triton.cdiv(b, cfg["BLOCK_B"]), merge["N_CHUNKS"])](
+        s, t, s, partials, y, b, k // align, *row_q, row_q[0], *col, col[0], y_stride, temperature,
+        PAIR=False, T_IS_ONE=False, EXCLUDE_TARGET=True,
         ALIGN=align, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    _dkd_merge_kernel[(1,)](
+        s, t, y, partials, loss, stats, b, k, *(q * align for q in row_q), *col, y_stride,
+        alpha, beta, temperature, DKD_MASK,
+        N_CHUNKS=merge["N_CHUNKS"], BLOCK_B=merge["BLOCK_B"], num_warps=merge["num_warps"],
     )
     return loss, stats
 
@@ -264,8 +257,8 @@ def dkd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tenso
     logits_s, logits_t: (B, K), K >= 2, same shape and device, each float32 / float16 / bfloat16 in its own dtype;
     any strides. target: (B,) int64 class indices (ops.dkd_loss also takes (B, K) soft labels and passes their
     argmax). A target outside [0, K) is a ValueError for CPU tensors; on a GPU (no host sync to look) it makes the
-    loss and that row's gradients NaN. Differentiable in both logits (each gradient in its input's dtype). One
-    kernel launch forward, one backward.
+    loss and that row's gradients NaN. Differentiable in both logits (each gradient in its input's dtype). Two
+    kernel launches forward, one backward.
     """
     temperature = _check("dkd_loss", ("logits_s", "logits_t"), (logits_s, logits_t), temperature)
     check_dkd_inputs("dkd_loss", logits_s, logits_t, target, soft_labels=False)

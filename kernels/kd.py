@@ -67,13 +67,16 @@ def _kl_partial_kernel(
     t_ptr,  # [B, K] clean teacher logits: the target of loss_kd (at T) and of loss_reg (at 1)
     p_ptr,  # [B, K] prompted-teacher logits: the log_softmax slot of loss_reg (read only when PAIR)
     part_ptr,  # [n_chunks, 10 if PAIR else 5, B] fp32 out: per class chunk and row m_x, z_x, m_y, z_y, w per term
+    y_ptr,  # [B] int64 target classes (read only when EXCLUDE_TARGET)
     B,  # rows
     K_q,  # classes // ALIGN
     s_stride_q, t_stride_q, p_stride_q,  # row strides (elements) // ALIGN
     s_stride_k, t_stride_k, p_stride_k,  # class strides (elements); 1 for contiguous rows
+    y_stride,  # target stride (elements)
     temperature,  # T > 0 (loss_kd only; loss_reg is at 1)
     PAIR: tl.constexpr,
     T_IS_ONE: tl.constexpr,  # temperature == 1: loss_reg reuses loss_kd's softmax of t
+    EXCLUDE_TARGET: tl.constexpr,  # DKD's NCKD: the sums over the non-target classes only (not with PAIR)
     ALIGN: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -85,12 +88,16 @@ def _kl_partial_kernel(
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < B
-    col_ok = (cols < K)[None, :]
     r = tl.minimum(rows, B - 1).to(tl.int64)  # padding rows re-read the last row; never stored
+    col_ok = (cols < K)[None, :]
+    if EXCLUDE_TARGET:  # a target outside [0, K) excludes nothing here; the merge makes its row NaN
+        target = tl.load(y_ptr + r * y_stride)
+        col_ok = col_ok & (cols[None, :] != target[:, None])
+    in_k = (cols < K)[None, :]  # the loads: every column of the chunk (the target too: one load, masked below)
     s_raw = tl.load(s_ptr + r[:, None] * (s_stride_q * ALIGN) + cols[None, :] * s_stride_k,
-                    mask=col_ok, other=0.0).to(tl.float32)
+                    mask=in_k, other=0.0).to(tl.float32)
     t_raw = tl.load(t_ptr + r[:, None] * (t_stride_q * ALIGN) + cols[None, :] * t_stride_k,
-                    mask=col_ok, other=0.0).to(tl.float32)
+                    mask=in_k, other=0.0).to(tl.float32)
     nterm = 10 if PAIR else 5
     base = part_ptr + chunk.to(tl.int64) * (nterm * B) + rows
     x = s_raw * inv_t
@@ -126,8 +133,9 @@ def _kl_partial_kernel(
 def _merge_lse(m, z, m_c, z_c):
     # Adds one chunk's (max, sum exp(x - max)) to a running pair; returns (m', z', the rescale of the chunk's sums).
     m_new = tl.maximum(m, m_c)
-    scale_c = tl.exp(m_c - m_new)
-    return m_new, z * tl.exp(m - m_new) + z_c * scale_c, scale_c
+    # an empty side (-inf: nothing merged yet, or a chunk holding only DKD's target) adds nothing
+    scale_c = tl.where(m_c == float("-inf"), 0.0, tl.exp(m_c - m_new))
+    return m_new, tl.where(m == float("-inf"), 0.0, z * tl.exp(m - m_new)) + z_c * scale_c, scale_c
 
 
 @triton.jit
@@ -145,7 +153,8 @@ def _merge_term(part_ptr, slot, B, rows, row_ok, N_CHUNKS: tl.constexpr, NTERM: 
         m_old = m_y
         m_y, z_y, scale_c = _merge_lse(m_y, z_y, tl.load(base + 2 * B, mask=row_ok, other=0.0),
                                        tl.load(base + 3 * B, mask=row_ok, other=0.0))
-        w = w * tl.exp(m_old - m_y) + tl.load(base + 4 * B, mask=row_ok, other=0.0) * scale_c
+        w = tl.where(m_old == float("-inf"), 0.0, w * tl.exp(m_old - m_y)) + \
+            tl.load(base + 4 * B, mask=row_ok, other=0.0) * scale_c
     return m_x, z_x, m_y, z_y, w
 
 
@@ -326,9 +335,9 @@ def _forward(s: torch.Tensor, t: torch.Tensor, p: torch.Tensor | None, temperatu
     partials = torch.empty((merge["N_CHUNKS"], 2 * _NSTAT if pair else _NSTAT, b), device=s.device,
                            dtype=torch.float32)
     _kl_partial_kernel[(triton.cdiv(b, cfg["BLOCK_B"]), merge["N_CHUNKS"])](
-        tensors[0], tensors[1], tensors[2], partials,
-        b, k // align, *row_q, *col, temperature,
-        PAIR=pair, T_IS_ONE=t_is_one,
+        tensors[0], tensors[1], tensors[2], partials, partials,
+        b, k // align, *row_q, *col, 0, temperature,
+        PAIR=pair, T_IS_ONE=t_is_one, EXCLUDE_TARGET=False,
         ALIGN=align, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
     )
     _kl_merge_kernel[(1,)](

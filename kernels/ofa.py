@@ -2,9 +2,10 @@
 
 ``ofa_loss(logits_s, logits_t, target, eps, T)`` -> mean_b sum_c -w_c log softmax(s/T)_c, fp32 scalar
 (patfast.kernels.reference.ofa_loss_ref), w_c = q_c^eps off the target and (q_y + 1)^eps - 1 on it, q = softmax(t/T).
-Grid: forward ONE program walking the batch in BLOCK_B x BLOCK_K tiles (online log-sum-exp of both sides and two
-online sums of the teacher's weights, rescaled as the maxima grow), deterministic, one launch; backward a 2-D grid
-over (row tiles, class chunks) from saved per-row statistics (kd.py's tiles). Each logits input fp32/fp16/bf16 in its
+Grid: forward in two launches, a 2-D grid over (row tiles, class chunks) (each chunk's log-sum-exp pairs of both
+sides and two sums of the teacher's weights, relative to the chunk's maxima; kd.py's tiles) and ONE program merging
+the chunks in a fixed order (deterministic, no atomics); backward a 2-D grid over (row tiles, class chunks) from
+saved per-row statistics. Each logits input fp32/fp16/bf16 in its
 own dtype, any row/class strides; target (B,) int64 with any stride; fp32 arithmetic.
 Traffic: forward reads each logit tensor once (+ the target logits), backward reads them again and writes the
 gradients (B x K each). Derivation and numerics: docs/kernels.md#ofa.
@@ -17,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .checks import check_dkd_inputs, check_finite_number
-from .kd import _bwd_config, _check, _fwd_config, _layout, _online_lse
+from .kd import _bwd_config, _check, _layout, _merge_config, _merge_lse, _partial_config
 
 __all__ = ["ofa_loss"]
 
@@ -41,12 +42,11 @@ def _expm1(z):
 
 
 @triton.jit
-def _ofa_fwd_kernel(
+def _ofa_partial_kernel(
     s_ptr,  # [B, K] student (branch) logits (fp32 / fp16 / bf16)
     t_ptr,  # [B, K] teacher logits (fp32 / fp16 / bf16)
     y_ptr,  # [B] int64 target classes
-    loss_ptr,  # [] fp32 out: the loss (NaN if a target is outside [0, K))
-    stats_ptr,  # [8, B] fp32 out: m_x, lz_x, m_u, lz_u, W, S, w_y, qv_y
+    part_ptr,  # [n_chunks, 6, B] fp32 out: per class chunk and row m_x, z_x, m_u, z_u, E, A (see below)
     B,  # rows
     K_q,  # classes // ALIGN
     s_stride_q, t_stride_q,  # row strides (elements) // ALIGN
@@ -58,7 +58,54 @@ def _ofa_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # One BLOCK_B x BLOCK_K tile, relative to the chunk's own maxima: the log-sum-exp pairs of x = s/T and u = t/T
+    # over every class, and over its non-target classes e_c = exp(eps (u_c - m_u)): E = sum e_c and
+    # A = sum e_c (m_x - x_c) >= 0.
     K = K_q * ALIGN
+    inv_t = 1.0 / temperature
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < B
+    r = tl.minimum(rows, B - 1).to(tl.int64)  # padding rows re-read the last row; never stored
+    y = tl.load(y_ptr + r * y_stride)
+    col_ok = (cols < K)[None, :]
+    nt = col_ok & (cols[None, :] != y[:, None])  # a target outside [0, K) excludes nothing; the merge makes it NaN
+    x = tl.load(s_ptr + r[:, None] * (s_stride_q * ALIGN) + cols[None, :] * s_stride_k,
+                mask=col_ok, other=0.0).to(tl.float32) * inv_t
+    u = tl.load(t_ptr + r[:, None] * (t_stride_q * ALIGN) + cols[None, :] * t_stride_k,
+                mask=col_ok, other=0.0).to(tl.float32) * inv_t
+    m_x = tl.max(tl.where(col_ok, x, float("-inf")), axis=1)
+    m_u = tl.max(tl.where(col_ok, u, float("-inf")), axis=1)
+    e = tl.where(nt, tl.exp(eps * (u - m_u[:, None])), 0.0)
+    base = part_ptr + chunk.to(tl.int64) * (6 * B) + rows
+    tl.store(base, m_x, mask=row_ok)
+    tl.store(base + B, tl.sum(tl.where(col_ok, tl.exp(x - m_x[:, None]), 0.0), axis=1), mask=row_ok)
+    tl.store(base + 2 * B, m_u, mask=row_ok)
+    tl.store(base + 3 * B, tl.sum(tl.where(col_ok, tl.exp(u - m_u[:, None]), 0.0), axis=1), mask=row_ok)
+    tl.store(base + 4 * B, tl.sum(e, axis=1), mask=row_ok)
+    tl.store(base + 5 * B, tl.sum(e * tl.where(nt, m_x[:, None] - x, 0.0), axis=1), mask=row_ok)
+
+
+@triton.jit
+def _ofa_merge_kernel(
+    s_ptr,  # [B, K] student logits: only the target logit of each row is read here
+    t_ptr,  # [B, K] teacher logits: likewise
+    y_ptr,  # [B] int64 target classes
+    part_ptr,  # [N_CHUNKS, 6, B] fp32: the partial kernel's per-chunk statistics
+    loss_ptr,  # [] fp32 out: the loss (NaN if a target is outside [0, K))
+    stats_ptr,  # [8, B] fp32 out: m_x, lz_x, m_u, lz_u, W, S, w_y, qv_y
+    B,  # rows
+    K,  # classes
+    s_stride_b, t_stride_b,  # row strides (elements)
+    s_stride_k, t_stride_k,  # class strides (elements)
+    y_stride,  # target stride (elements)
+    eps,  # the exponent of the teacher's probabilities
+    temperature,  # T > 0
+    N_CHUNKS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    # ONE program, the forward's second stage: the chunks merged in a fixed order, then each row's closed form.
     inv_t = 1.0 / temperature
     acc = tl.zeros([BLOCK_B], dtype=tl.float32)
     for b0 in range(0, B, BLOCK_B):
@@ -72,30 +119,23 @@ def _ofa_fwd_kernel(
         z_x = tl.zeros([BLOCK_B], dtype=tl.float32)
         m_u = tl.full([BLOCK_B], float("-inf"), tl.float32)
         z_u = tl.zeros([BLOCK_B], dtype=tl.float32)
-        # over the non-target classes, e_c = exp(eps (u_c - m_u)): E = sum e_c, A = sum e_c (m_x - x_c) >= 0
+        for c in tl.static_range(N_CHUNKS):  # the maxima first: E and A are then rescaled to them in one pass
+            base = part_ptr + c * (6 * B) + rows
+            m_x, z_x, _ = _merge_lse(m_x, z_x, tl.load(base, mask=row_ok, other=0.0),
+                                     tl.load(base + B, mask=row_ok, other=0.0))
+            m_u, z_u, _ = _merge_lse(m_u, z_u, tl.load(base + 2 * B, mask=row_ok, other=0.0),
+                                     tl.load(base + 3 * B, mask=row_ok, other=0.0))
         e_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
         a_sum = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = (cols < K)[None, :]
-            nt = col_ok & (cols[None, :] != y_c[:, None])
-            x = tl.load(s_ptr + r[:, None] * (s_stride_q * ALIGN) + cols[None, :] * s_stride_k,
-                        mask=col_ok, other=0.0).to(tl.float32) * inv_t
-            u = tl.load(t_ptr + r[:, None] * (t_stride_q * ALIGN) + cols[None, :] * t_stride_k,
-                        mask=col_ok, other=0.0).to(tl.float32) * inv_t
-            m_x_old, m_u_old = m_x, m_u
-            m_x, z_x, _, _ = _online_lse(tl.where(col_ok, x, float("-inf")), m_x, z_x)
-            m_u, z_u, _, _ = _online_lse(tl.where(col_ok, u, float("-inf")), m_u, z_u)
-            # the sums so far, to the new maxima (nothing to rescale before the first chunk: both sums are 0)
-            first = m_u_old == float("-inf")
-            scale = tl.where(first, 0.0, tl.exp(eps * (tl.where(first, 0.0, m_u_old) - m_u)))
-            e_sum *= scale
-            a_sum = a_sum * scale + e_sum * tl.where(first, 0.0, m_x - m_x_old)
-            e = tl.where(nt, tl.exp(eps * (u - m_u[:, None])), 0.0)
-            e_sum += tl.sum(e, axis=1)
-            a_sum += tl.sum(e * tl.where(nt, m_x[:, None] - x, 0.0), axis=1)
-        x_y = tl.load(s_ptr + r * (s_stride_q * ALIGN) + y_c * s_stride_k).to(tl.float32) * inv_t
-        u_y = tl.load(t_ptr + r * (t_stride_q * ALIGN) + y_c * t_stride_k).to(tl.float32) * inv_t
+        for c in tl.static_range(N_CHUNKS):  # sum e_c (m_x - x_c) of a chunk = A + E (m_x - its m_x): all >= 0
+            base = part_ptr + c * (6 * B) + rows
+            scale = tl.exp(eps * (tl.load(base + 2 * B, mask=row_ok, other=0.0) - m_u))
+            e_c = tl.load(base + 4 * B, mask=row_ok, other=0.0)
+            e_sum += scale * e_c
+            a_sum += scale * (tl.load(base + 5 * B, mask=row_ok, other=0.0)
+                              + e_c * (m_x - tl.load(base, mask=row_ok, other=0.0)))
+        x_y = tl.load(s_ptr + r * s_stride_b + y_c * s_stride_k).to(tl.float32) * inv_t
+        u_y = tl.load(t_ptr + r * t_stride_b + y_c * t_stride_k).to(tl.float32) * inv_t
         lz_x = tl.log(z_x)
         lz_u = tl.log(z_u)
         zf = tl.exp(-eps * lz_u)  # z_u^-eps: q_c^eps = e_c zf
@@ -184,7 +224,7 @@ def _ofa_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Launchers (tile sizes: kd.py's _fwd_config / _bwd_config, the same walk and the same tiles)
+# Launchers (tile sizes: kd.py's _partial_config / _merge_config / _bwd_config, the same tiles as KD's)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -193,10 +233,16 @@ def _forward(s, t, y, eps: float, temperature: float):
     align, row_q, col = _layout((s, t))
     loss = torch.empty((), device=s.device, dtype=torch.float32)
     stats = torch.empty((_NSTAT, b), device=s.device, dtype=torch.float32)
-    cfg = _fwd_config(b, k)
-    _ofa_fwd_kernel[(1,)](
-        s, t, y, loss, stats, b, k // align, *row_q, *col, y.stride(0) if b > 1 else 0, eps, temperature,
+    cfg, merge = _partial_config(b, k), _merge_config(b, k)
+    partials = torch.empty((merge["N_CHUNKS"], 6, b), device=s.device, dtype=torch.float32)
+    y_stride = y.stride(0) if b > 1 else 0
+    _ofa_partial_kernel[(triton.cdiv(b, cfg["BLOCK_B"]), merge["N_CHUNKS"])](
+        s, t, y, partials, b, k // align, *row_q, *col, y_stride, eps, temperature,
         ALIGN=align, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+    )
+    _ofa_merge_kernel[(1,)](
+        s, t, y, partials, loss, stats, b, k, *(q * align for q in row_q), *col, y_stride, eps, temperature,
+        N_CHUNKS=merge["N_CHUNKS"], BLOCK_B=merge["BLOCK_B"], num_warps=merge["num_warps"],
     )
     return loss, stats
 
@@ -242,7 +288,7 @@ def ofa_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, target: torch.Tenso
     logits_s, logits_t: (B, K), same shape and device, each float32 / float16 / bfloat16 in its own dtype; any
     strides. target: (B,) int64 class indices (ops.ofa_loss also takes (B, K) soft labels and passes their argmax);
     outside [0, K): a ValueError for CPU tensors, NaN on a GPU (no host sync to look). eps >= 0. Differentiable in
-    both logits (each gradient in its input's dtype). One kernel launch forward, one backward.
+    both logits (each gradient in its input's dtype). Two kernel launches forward, one backward.
     """
     temperature = _check("ofa_loss", ("logits_s", "logits_t"), (logits_s, logits_t), temperature)
     check_dkd_inputs("ofa_loss", logits_s, logits_t, target, soft_labels=False, min_classes=1)

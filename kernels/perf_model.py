@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from . import hcl, kd, raa
+from . import dkd, hcl, kd, ofa, raa
 
 __all__ = ["GPU", "H200", "Launch", "resident_per_sm", "kd_launches", "single_program_forward", "logit_launches",
            "hcl_launches", "raa_core_launches", "with_resources", "report"]
@@ -110,6 +110,7 @@ def _build(kernel, constexprs: dict, num_warps: int, pointer_types: dict, floats
            arch: int = 90) -> dict:
     """A compile-only build of ``kernel`` as the launcher specialises it for contiguous aligned inputs: every
     pointer marked 16-byte aligned, pointers not in ``pointer_types`` fp32, scalars i32 unless in ``floats``."""
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
@@ -167,9 +168,12 @@ def single_program_forward(name: str, b: int, k: int, dtype: torch.dtype, n_in: 
 
 
 def logit_launches(op: str, b: int, k: int, dtype: torch.dtype) -> list[Launch]:
-    """dkd_loss / dist_loss / ofa_loss on (B, K) logits of ``dtype``, gradient to the student: ONE forward program
-    walking the batch (DIST: twice), the backward a 2-D grid of kd._bwd_config tiles (DIST: walking class chunks
-    twice per row tile; modelled as the same grid). No compile-only builds here: registers stay unknown."""
+    """dkd_loss / dist_loss / ofa_loss on (B, K) logits of ``dtype``, gradient to the student. DKD, OFA: a per-chunk
+    launch, a one-program merge, the backward. DIST: ONE forward program walking the batch twice, the backward a 2-D
+    grid of kd._bwd_config tiles (walking class chunks twice per row tile; modelled as the same grid); no
+    compile-only builds for DIST (registers unknown)."""
+    if op in ("dkd_loss", "ofa_loss"):
+        return _two_stage_launches(op, b, k, dtype)
     cfg = kd._bwd_config(b, k)
     grid = triton.cdiv(b, cfg["BLOCK_B"]) * triton.cdiv(k, cfg["BLOCK_K"])
     isz = dtype.itemsize
@@ -177,6 +181,45 @@ def logit_launches(op: str, b: int, k: int, dtype: torch.dtype) -> list[Launch]:
             Launch(f"{op} bwd", grid, cfg["num_warps"], 2 * b * k * isz + 4 * 5 * b, b * k * isz,
                    2 * cfg["BLOCK_B"] * cfg["BLOCK_K"] * isz)]
 
+
+def _two_stage_launches(op: str, b: int, k: int, dtype: torch.dtype) -> list[Launch]:
+    """DKD (kd.py's per-chunk kernel over the non-target classes, 5 statistics per chunk) or OFA (its own per-chunk
+    kernel, 6): the per-chunk launch, the one-program merge (which also reads each row's two target logits), the
+    backward writing the student's gradient."""
+    isz = dtype.itemsize
+    ptrs = dict.fromkeys(("s_ptr", "t_ptr", "p_ptr", "ds_ptr", "dt_ptr"), _TRITON_TYPE[dtype])
+    ptrs["y_ptr"] = "i64"
+    align = 16 // isz if k % (16 // isz) == 0 else 1
+    layout = {"ALIGN": align, "s_stride_k": 1, "t_stride_k": 1, "p_stride_k": 1, "y_stride": 1}
+    part, merge, bwd = kd._partial_config(b, k), kd._merge_config(b, k), kd._bwd_config(b, k)
+    chunks = merge["N_CHUNKS"]
+    tile = part["BLOCK_B"] * part["BLOCK_K"]
+    if op == "dkd_loss":
+        name, nslot, nstat = "dkd", 5, dkd._NSTAT
+        partial = kd._kl_partial_kernel
+        merge_kernel, bwd_kernel = dkd._dkd_merge_kernel, dkd._dkd_bwd_kernel
+        flags = {"PAIR": False, "T_IS_ONE": False, "EXCLUDE_TARGET": True}
+    else:
+        name, nslot, nstat = "ofa", 6, ofa._NSTAT
+        partial, merge_kernel, bwd_kernel = ofa._ofa_partial_kernel, ofa._ofa_merge_kernel, ofa._ofa_bwd_kernel
+        flags = {}
+    floats = ("temperature", "alpha", "beta", "mask_value", "eps")
+    stats = nstat * b * 4
+    merge_cx = {"N_CHUNKS": chunks, "BLOCK_B": merge["BLOCK_B"], "s_stride_k": 1, "t_stride_k": 1, "y_stride": 1}
+    return [
+        Launch(f"{name} fwd: per-chunk statistics", triton.cdiv(b, part["BLOCK_B"]) * chunks, part["num_warps"],
+               2 * b * k * isz + 8 * b, chunks * nslot * b * 4, 2 * tile * isz,
+               build=_build(partial, {**flags, **layout, "BLOCK_B": part["BLOCK_B"], "BLOCK_K": part["BLOCK_K"]},
+                            part["num_warps"], ptrs, floats=floats)),
+        Launch(f"{name} fwd: merge (one program)", 1, merge["num_warps"],
+               chunks * nslot * b * 4 + 8 * b + 2 * b * isz, stats + 4, merge["BLOCK_B"] * chunks * nslot * 4,
+               steps=triton.cdiv(b, merge["BLOCK_B"]),
+               build=_build(merge_kernel, merge_cx, merge["num_warps"], ptrs, floats=floats)),
+        Launch(f"{name} bwd", triton.cdiv(b, bwd["BLOCK_B"]) * triton.cdiv(k, bwd["BLOCK_K"]), bwd["num_warps"],
+               2 * b * k * isz + 8 * b + stats, b * k * isz, 2 * bwd["BLOCK_B"] * bwd["BLOCK_K"] * isz,
+               build=_build(bwd_kernel, {**layout, "GRAD_S": True, "GRAD_T": False, "BLOCK_B": bwd["BLOCK_B"],
+                                         "BLOCK_K": bwd["BLOCK_K"]}, bwd["num_warps"], ptrs, floats=floats)),
+    ]
 
 def hcl_launches(stages: list[tuple[int, ...]], b: int, dtype: torch.dtype) -> list[Launch]:
     """hcl_loss_stages over ``stages`` (per sample: (L, C) tokens or (C, H, W) NCHW maps) at batch ``b``, both

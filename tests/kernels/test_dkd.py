@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from patfast import ops
-from patfast.kernels import dkd, reference
+from patfast.kernels import dkd, kd, reference
 from tests.kernels.logit_cases import (
     CUDA,
     DEV,
     FP32_RTOL,
     GRAD_OUT,
     assert_close_rel,
+    build,
     check_compiled,
     check_dtypes,
     check_ptx,
@@ -27,7 +28,6 @@ from tests.kernels.logit_cases import (
     compile_builds,
     cuda_graph_replay,
     cuda_kernel_names,
-    fwd_bwd_builds,
     grad_run,
     logits,
     target,
@@ -302,15 +302,46 @@ def test_registered_in_ops():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _forward_builds(name, b, k, dtypes, arch, align, unit_class_stride=True):
+    """The forward's two launches: kd.py's per-chunk kernel over the non-target classes, then DKD's merge."""
+    flags = {"PAIR": False, "T_IS_ONE": False, "EXCLUDE_TARGET": True, "ALIGN": align}
+    dtypes = {**dtypes, "p": dtypes["s"]}  # the partial kernel's p_ptr: the student's dtype
+    return [(f"{name} partial", build(kd._kl_partial_kernel, kd._partial_config(b, k), dtypes, arch, flags,
+                                      unit_class_stride)),
+            (f"{name} merge", build(dkd._dkd_merge_kernel, kd._merge_config(b, k), dtypes, arch, {},
+                                    unit_class_stride))]
+
+
+def _compile_only_builds():
+    bwd = dkd._dkd_bwd_kernel
+    grads = {"GRAD_S": True, "GRAD_T": True}
+    fp32 = dict.fromkeys("st", torch.float32)
+    mixed = {"s": torch.bfloat16, "t": torch.float32}
+    builds = []
+    for arch in (90, 80):
+        builds += _forward_builds("fwd fp32 K=1000", 256, 1000, fp32, arch, 4)
+        builds += [("bwd fp32 K=1000", build(bwd, kd._bwd_config(128, 1000), fp32, arch, {"ALIGN": 4, **grads}))]
+        # bf16 student logits against fp32 teacher logits (under bf16 autocast), ALIGN 4 for the fp32 rows
+        builds += _forward_builds("fwd bf16-fp32 K=100 mixed", 128, 100, mixed, arch, 4)
+        builds += [("bwd bf16-fp32 K=100 mixed", build(bwd, kd._bwd_config(128, 100), mixed, arch,
+                                                       {"ALIGN": 4, "GRAD_S": True, "GRAD_T": False}))]
+    fp16 = dict.fromkeys("st", torch.float16)
+    builds += _forward_builds("fwd fp16 K=1537 strided", 256, 1537, fp16, 90, 1, unit_class_stride=False)
+    builds += [("bwd fp16 K=1537 strided", build(bwd, kd._bwd_config(256, 1537), fp16, 90, {"ALIGN": 1, **grads},
+                                                 unit_class_stride=False))]
+    return builds
+
+
 @pytest.mark.slow
 def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
     pytest.importorskip("triton.backends.nvidia")
 
-    builds = fwd_bwd_builds(dkd._dkd_fwd_kernel, dkd._dkd_bwd_kernel, dkd._fwd_config, dkd._bwd_config,
-                            contiguous={"ALIGN": 4}, strided={"ALIGN": 1})
-    for name, spec, asm in compile_builds(builds):
-        check_ptx(name, spec, asm, v4_loads="fp32 K=1000" in name, v4_stores=name.startswith("bwd fp32"),
-                  no_atomics=name.startswith("fwd"), widened="bf16" if name.endswith("mixed") else None)
+    for name, spec, asm in compile_builds(_compile_only_builds()):
+        streaming = not name.endswith(" merge")  # the merge reads O(B x chunks) statistics and the target logits
+        # contiguous fp32 rows, K = 1000 = 4 * 250: 16-byte row loads; bf16 logits widened in registers, their
+        # gradient rounded to nearest
+        check_ptx(name, spec, asm, v4_loads="fp32 K=1000" in name and streaming, v4_stores=name.startswith("bwd fp32"),
+                  no_atomics=name.startswith("fwd"), widened="bf16" if "mixed" in name and streaming else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,7 +394,7 @@ def test_gpu_cuda_graph_capture_forward_backward():
 
 
 @pytest.mark.gpu
-def test_gpu_one_launch_forward_one_launch_backward():
+def test_gpu_two_launches_forward_one_launch_backward():
     s, t = (logits(128, 1000, seed=120 + i, dtype=torch.bfloat16) for i in range(2))
     y = target(128, 1000, seed=122)
     s.requires_grad_()
@@ -374,7 +405,7 @@ def test_gpu_one_launch_forward_one_launch_backward():
     torch.cuda.synchronize()
     loss, fwd = cuda_kernel_names(lambda: dkd.dkd_loss(s, t, y))
     _, bwd = cuda_kernel_names(lambda: torch.autograd.grad(loss, (s, t), go))
-    assert len(fwd) == 1 and "_dkd_fwd_kernel" in fwd[0], fwd
+    assert len(fwd) == 2 and "_kl_partial_kernel" in fwd[0] and "_dkd_merge_kernel" in fwd[1], fwd
     assert len(bwd) == 1 and "_dkd_bwd_kernel" in bwd[0], bwd
 
 

@@ -293,8 +293,8 @@ def test_registered_in_ops():
 def _forward_builds(name, b, k, dtype, arch, constexprs, unit_class_stride=True):
     """The forward's two launches at (B, K): "<name> partial" (per class chunk) and "<name> merge" (one program)."""
     merge_cx = {"PAIR": constexprs["PAIR"]}
-    return [(f"{name} partial", build(kd._kl_partial_kernel, kd._partial_config(b, k), dtype, arch, constexprs,
-                                      unit_class_stride)),
+    return [(f"{name} partial", build(kd._kl_partial_kernel, kd._partial_config(b, k), dtype, arch,
+                                      {**constexprs, "EXCLUDE_TARGET": False}, unit_class_stride)),
             (f"{name} merge", build(kd._kl_merge_kernel, kd._merge_config(b, k), dtype, arch, merge_cx))]
 
 

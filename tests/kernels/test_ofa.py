@@ -18,6 +18,7 @@ from tests.kernels.logit_cases import (
     FP32_RTOL,
     GRAD_OUT,
     assert_close_rel,
+    build,
     check_compiled,
     check_dtypes,
     check_ptx,
@@ -258,15 +259,33 @@ def test_registered_in_ops():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _forward_builds(name, b, k, dtypes, arch, align, unit_class_stride=True):
+    """The forward's two launches: the per-chunk kernel, then the one-program merge."""
+    return [(f"{name} partial", build(ofa._ofa_partial_kernel, ofa._partial_config(b, k), dtypes, arch,
+                                      {"ALIGN": align}, unit_class_stride)),
+            (f"{name} merge", build(ofa._ofa_merge_kernel, ofa._merge_config(b, k), dtypes, arch, {},
+                                    unit_class_stride))]
+
+
 @pytest.mark.slow
 def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
     pytest.importorskip("triton.backends.nvidia")
 
-    builds = fwd_bwd_builds(ofa._ofa_fwd_kernel, ofa._ofa_bwd_kernel, ofa._fwd_config, ofa._bwd_config,
-                            contiguous={"ALIGN": 4}, strided={"ALIGN": 1})
+    # the backward's builds as the other logit losses'; the forward's two launches (issue 15) at the same shapes
+    builds = [(n, b) for n, b in fwd_bwd_builds(ofa._ofa_partial_kernel, ofa._ofa_bwd_kernel, ofa._partial_config,
+                                                ofa._bwd_config, contiguous={"ALIGN": 4}, strided={"ALIGN": 1})
+              if n.startswith("bwd")]
+    fp32, mixed = dict.fromkeys("st", torch.float32), {"s": torch.bfloat16, "t": torch.float32}
+    for arch in (90, 80):
+        builds += _forward_builds("fwd fp32 K=1000", 128, 1000, fp32, arch, 4)
+        builds += _forward_builds("fwd bf16-fp32 K=100 mixed", 128, 100, mixed, arch, 4)
+    builds += _forward_builds("fwd fp16 K=1537 strided", 256, 1537, dict.fromkeys("st", torch.float16), 90, 1,
+                              unit_class_stride=False)
     for name, spec, asm in compile_builds(builds):
-        usage = check_ptx(name, spec, asm, v4_loads="fp32 K=1000" in name, v4_stores=name.startswith("bwd fp32"),
-                          no_atomics=name.startswith("fwd"), widened="bf16" if name.endswith("mixed") else None)
+        streaming = not name.endswith(" merge")  # the merge reads O(B x chunks) statistics and the target logits
+        usage = check_ptx(name, spec, asm, v4_loads="fp32 K=1000" in name and streaming,
+                          v4_stores=name.startswith("bwd fp32"), no_atomics=name.startswith("fwd"),
+                          widened="bf16" if "mixed" in name and streaming else None)
         print(f"{name} sm_{spec['arch']}: {usage}")
 
 
@@ -285,7 +304,7 @@ def test_gpu_large_batch_and_compile_fullgraph():
 
 
 @pytest.mark.gpu
-def test_gpu_one_launch_each_way_and_bitwise_deterministic():
+def test_gpu_two_launches_forward_one_backward_and_bitwise_deterministic():
     s, t = (logits(128, 1000, seed=120 + i, dtype=torch.bfloat16) for i in range(2))
     y = target(128, 1000, seed=122)
     s.requires_grad_()
@@ -295,7 +314,7 @@ def test_gpu_one_launch_each_way_and_bitwise_deterministic():
     torch.cuda.synchronize()
     loss, fwd = cuda_kernel_names(lambda: ofa.ofa_loss(s, t, y))
     _, bwd = cuda_kernel_names(lambda: torch.autograd.grad(loss, (s,), go))
-    assert len(fwd) == 1 and "_ofa_fwd_kernel" in fwd[0], fwd
+    assert len(fwd) == 2 and "_ofa_partial_kernel" in fwd[0] and "_ofa_merge_kernel" in fwd[1], fwd
     assert len(bwd) == 1 and "_ofa_bwd_kernel" in bwd[0], bwd
     big = [logits(4096, 1000, seed=130 + i) for i in range(2)]
     yb = target(4096, 1000, seed=132)
