@@ -296,7 +296,9 @@ E2E_FLAGS=(--img-size 224 --batch-size 128 --steps 10 --warmup 4)
 E2E_OTHER_FLAGS=("${E2E_FLAGS[@]}")
 read -r -a EXTRA_E2E_FLAGS <<<"${GPU_CHECK_E2E_ARGS:-}"   # e.g. GPU_CHECK_E2E_ARGS="--no-split"
 CEILINGS_FLAGS=()
-KERNEL_FLAGS=()
+# The performance model without its compile-only builds: they would spend the kernel steps' short budgets; the
+# compile-only tests give the registers and spills (GPU_CHECK_KERNEL_ARGS can't turn this back on).
+KERNEL_FLAGS=(--no-model-registers)
 read -r -a EXTRA_KERNEL_FLAGS <<<"${GPU_CHECK_KERNEL_ARGS:-}"   # e.g. GPU_CHECK_KERNEL_ARGS="--quick"
 DATA_FLAGS=(--data digits --data-backend all --img-size 224 --batch-size 128 --no-progress)
 read -r -a EXTRA_DATA_FLAGS <<<"${GPU_CHECK_DATA_ARGS:-}"   # e.g. GPU_CHECK_DATA_ARGS="--batches 10"

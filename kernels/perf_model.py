@@ -8,7 +8,8 @@ it runs and how many fit on an SM, and the time floor and estimate that follow (
 The model (stated assumptions, not measurements; the H200 figures are its data sheet's):
     floor     max(bytes / copy bandwidth, dot FLOPs / matmul rate), bytes = what every launch must read and write
               at least once (inputs, outputs, the small statistics passed between launches).
-    estimate  sum over launches of LAUNCH_US + max(bytes / (copy bandwidth * fill), FLOPs / matmul rate), where
+    estimate  sum over launches of LAUNCH_US + max(bytes / (copy bandwidth * fill), waves x serial steps x
+              DRAM_LATENCY_US, FLOPs / matmul rate), where
               fill = min(1, bytes in flight / (copy bandwidth * DRAM_LATENCY_US)) (Little's law: a GPU reaches its
               copy bandwidth only with about bandwidth x latency bytes outstanding, ~3 MB on an H200) and bytes in
               flight = the programs resident at once (min(programs, SMs * resident per SM)) x the bytes one program
