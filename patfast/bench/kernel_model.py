@@ -42,13 +42,12 @@ def model_gpu(cuda: bool) -> perf_model.GPU:
                           arch=props.major * 10 + props.minor)
 
 
-def model(cases: list, dtype: torch.dtype, ceilings: dict | None, cuda: bool, rows: list[dict] | None = None,
+def model(cases: list, modes, dtype: torch.dtype, ceilings: dict | None, cuda: bool, rows: list[dict] | None = None,
           registers: bool = True) -> dict:
-    """{"about": what it models, "rows": one entry per (case, mode)}: the model of the Triton provider, beside the
-    measured Triton row of ``rows`` where there is one (its time and the fraction of the floor reached).
-    ``registers``: read registers / spills from compile-only builds (about a second per kernel configuration)."""
-    from patfast.bench.kernels import MODES
-
+    """{"about": what it models, "rows": one entry per (case, mode)}: the model of the Triton provider for each
+    bench Case in each of ``modes`` ("fwd", "fwd+bwd"), beside the measured Triton row of ``rows`` where there is
+    one (its time and the fraction of the floor reached). ``registers``: read registers / spills from compile-only
+    builds (about a second per kernel configuration)."""
     gpu = model_gpu(cuda)
     ceilings = ceilings or {}
     measured = bool(cuda and ceilings.get("copy_gbps") and ceilings.get("bf16_tflops"))
@@ -56,7 +55,7 @@ def model(cases: list, dtype: torch.dtype, ceilings: dict | None, cuda: bool, ro
                                                                                    ASSUMED["bf16_tflops"])
     triton_rows = {(r["op"], str(r["case"]), r["batch"], r["mode"]): r for r in rows or []
                    if r["provider"] == "triton"}
-    plans = [(c, mode, case_launches(c, mode, dtype)) for c in cases for mode in MODES]
+    plans = [(c, mode, case_launches(c, mode, dtype)) for c in cases for mode in modes]
     note = None
     if registers:
         flat = [x for _, _, launches in plans if launches for x in launches]

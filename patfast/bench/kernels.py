@@ -726,7 +726,7 @@ def main(args) -> int:
     model_cases = cases if cuda else build_cases(args.op, teachers, classes,
                                                  _int_list(args.batch, "--batch") if args.batch is not None
                                                  else [128])
-    doc["model"] = kernel_model.model(model_cases, bench.dtype if cuda else torch.bfloat16, ceilings, cuda,
+    doc["model"] = kernel_model.model(model_cases, MODES, bench.dtype if cuda else torch.bfloat16, ceilings, cuda,
                                       rows=doc["kernels"], registers=args.model_registers)
     if args.json:
         write_json(doc, args.json)
