@@ -3,8 +3,9 @@
 Per (case, mode): patfast.kernels.perf_model's floor and estimate for the Triton provider, its programs, registers
 and spills (compile-only builds for the model GPU's arch) and programs resident per SM, and, where the Triton row was
 measured, the fraction of the floor reached (floor / measured time). On a GPU: at the run's own cases, with that
-GPU's SM count and the copy bandwidth and matmul rate measured by the same run. Without one: at the cases a GPU run
-would time (its batches, bf16), on an H200 at ASSUMED figures, and it says so (nothing in it was measured).
+GPU's SM count and the copy bandwidth and matmul rate measured by the same run. Without one: at GPU-sized cases
+(B = 128 unless --batch, bf16; the caller picks them), on an H200 at ASSUMED figures, and it says so (nothing in it
+was measured).
 """
 
 from __future__ import annotations
