@@ -4,7 +4,7 @@ plans at PAT's shapes, and (compile-only, slow) the registers, spills and progra
 import pytest
 import torch
 
-from patfast.bench.kernels import PASSES
+from patfast.bench.kernels import CUDA_BATCHES, PASSES, TEACHERS
 from patfast.kernels import kd, perf_model
 
 PAT_KD = [(256, 100), (256, 1000), (128, 1000)]  # (B, K): the KD target's batch, CIFAR-100 and ImageNet classes
@@ -92,3 +92,10 @@ def test_compile_only_resources_at_pat_shapes():
             assert x.regs <= 128, f"{x.name}: {x.regs} registers"
         if x.name.endswith("fwd: per-chunk statistics"):
             assert per_sm >= 4 and x.regs <= 128, f"{x.name}: {x.regs} registers"
+
+
+@pytest.mark.parametrize("b", CUDA_BATCHES)
+@pytest.mark.parametrize("teacher", sorted(TEACHERS))
+def test_hcl_launches_at_least_4_programs_per_sm_at_the_bench_shapes(teacher, b):
+    launches = perf_model.hcl_launches(list(TEACHERS[teacher]), b, torch.bfloat16)
+    assert min(x.programs for x in launches) >= 4 * perf_model.H200.sms
