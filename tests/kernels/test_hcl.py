@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from patfast import ops
+from patfast.kernels import perf_model
 from patfast.kernels._compile_check import compile_kernels, resource_usage
 from patfast.kernels.reference import hcl_loss_ref
 
@@ -291,33 +292,15 @@ def _build(kernel_name, dtype, shape, config, arch, write_t=True, dtype_t=None):
     x = torch.empty(shape, device="meta")  # tokens (B, L, C) or a contiguous NCHW map
     (b, c, h, w), strides = hcl._as_map(x)
     kernel = getattr(hcl, kernel_name)
-    ptr = "*" + _TRITON_TYPES[dtype]
-    ptr_t = "*" + _TRITON_TYPES[dtype_t or dtype]
+    ptr, ptr_t = _TRITON_TYPES[dtype], _TRITON_TYPES[dtype_t or dtype]
     values = {"C": c, "H": h, "W": w}
     for prefix in ("s", "t", "gs", "gt"):
         values.update({f"{prefix}_s{axis}": st for axis, st in zip("bchw", strides)})
-    pointers = {"s_ptr": ptr, "t_ptr": ptr_t, "gs_ptr": ptr, "gt_ptr": ptr_t, "coef_ptr": "*fp32",
-                "partial_ptr": "*fp32", "gout_ptr": "*fp32"}  # fmt: skip
-    constexprs = {"BLOCK_C": block_c, "BLOCK_W": block_w, "WRITE_S": True, "WRITE_T": write_t}
-    signature, aligned = {}, []
-    for name in kernel.arg_names:
-        if name in pointers:
-            signature[name] = pointers[name]
-            aligned.append(name)
-        elif name in constexprs:
-            signature[name] = "constexpr"
-        elif name.startswith("scale"):
-            signature[name] = "fp32"
-        elif values[name] == 1:
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                aligned.append(name)
-    constexprs = {k: v for k, v in constexprs.items() if k in signature}
-    return {"kernel": kernel, "signature": signature, "constexprs": constexprs, "aligned": aligned, "arch": arch,
-            "num_warps": num_warps}  # fmt: skip
+    pointers = {"s_ptr": ptr, "t_ptr": ptr_t, "gs_ptr": ptr, "gt_ptr": ptr_t}  # the others fp32
+    constexprs = {k: v for k, v in {"BLOCK_C": block_c, "BLOCK_W": block_w, "WRITE_S": True,
+                                    "WRITE_T": write_t}.items() if k in kernel.arg_names}
+    spec = perf_model._hcl_build(kernel, constexprs, num_warps, pointers, values)
+    return {**spec, "arch": arch}
 
 
 def _pat_shape(config):
