@@ -1,6 +1,7 @@
 """Compile-only builds of Triton kernels for a CUDA target on a machine without a GPU (for tests).
 
-``compile_kernels([build, ...])`` -> one ``asm`` dict per build ({"ttir", "ttgir", "llir", "ptx", "cubin", ...}),
+``compile_kernels([build, ...])`` -> one ``asm`` dict per build ({"ttir", "ttgir", "llir", "ptx", "cubin", ...,
+"shared": bytes of shared memory a program is launched with, Triton's dynamic allocation}),
 from ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``.
 ``resource_usage(cubin)`` -> {"REG": registers, "STACK": spill bytes, "SHARED": ..., "LOCAL": ...} per kernel of a
 cubin, from Triton's bundled cuobjdump (None when it is not there).
@@ -56,7 +57,7 @@ def _compile_one(build: dict) -> dict:
     if build.get("maxnreg"):
         options["maxnreg"] = build["maxnreg"]
     compiled = triton.compile(src, target=GPUTarget("cuda", build.get("arch", 90), 32), options=options)
-    return dict(compiled.asm)
+    return {**compiled.asm, "shared": compiled.metadata.shared}
 
 
 def compile_kernels(builds: Sequence[dict]) -> list[dict]:

@@ -35,6 +35,21 @@ _NUM_COEFS = 21  # per plane: 16 bins of level 4, 4 of level 2, 1 of level 1
 
 
 @triton.jit
+def _strides(sb, sc, sh, sw, LAYOUT: tl.constexpr):
+    """A tensor's (b, c, h, w) strides in elements from the launcher's encoding (``_layout``): LAYOUT = 4 A + unit,
+    unit 1 = channels contiguous, 2 = columns contiguous, 0 = neither; every other stride was passed divided by A
+    (a power of two), so the compiler knows each row starts A elements aligned and can vectorise its loads."""
+    A: tl.constexpr = LAYOUT // 4
+    UNIT: tl.constexpr = LAYOUT % 4
+    if UNIT == 1:
+        return sb * A, 1, sh * A, sw * A
+    elif UNIT == 2:
+        return sb * A, sc * A, sh * A, 1
+    else:
+        return sb * A, sc * A, sh * A, sw * A
+
+
+@triton.jit
 def _hcl_fwd_kernel(
     s_ptr,  # [B, C, H, W] student map (tokens: (B, L, C) seen through strides), fp32 / fp16 / bf16
     t_ptr,  # [B, C, H, W] teacher map, same shape as s_ptr, its own dtype (fp32 / fp16 / bf16) and strides
@@ -42,8 +57,8 @@ def _hcl_fwd_kernel(
     partial_ptr,  # [B * cdiv(C, BLOCK_C)] fp32 out: this program's weighted share of the loss
     C,
     H,
-    W,
-    s_sb,
+    W,  # divided by W_ALIGN
+    s_sb,  # strides as encoded by the launcher's _layout (see _strides)
     s_sc,
     s_sh,
     s_sw,
@@ -55,14 +70,21 @@ def _hcl_fwd_kernel(
     scale4,  # w_4 / (N_4 * total), 0 when level 4 is skipped (4 >= H)
     scale2,  # w_2 / (N_2 * total), 0 when skipped
     scale1,  # w_1 / (N_1 * total), 0 when skipped
+    S_LAYOUT: tl.constexpr,
+    T_LAYOUT: tl.constexpr,
+    W_ALIGN: tl.constexpr,  # the largest power of two <= 16 dividing W: column masks constant over W_ALIGN columns
     BLOCK_C: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # rows of loads in flight (software-pipelined through shared memory on sm_80+)
 ):
+    W = W * W_ALIGN
     pid = tl.program_id(0)
     n_cblk = tl.cdiv(C, BLOCK_C)
     b = (pid // n_cblk).to(tl.int64)
     c_offs = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
+    s_sb, s_sc, s_sh, s_sw = _strides(s_sb, s_sc, s_sh, s_sw, S_LAYOUT)
+    t_sb, t_sc, t_sh, t_sw = _strides(t_sb, t_sc, t_sh, t_sw, T_LAYOUT)
     s_plane = s_ptr + b * s_sb  # scalar pointers to sample b; the tiles hold int32 offsets, not 64-bit pointers
     t_plane = t_ptr + b * t_sb
 
@@ -102,7 +124,7 @@ def _hcl_fwd_kernel(
         m20 = (w_offs < (W + 1) // 2).to(tl.float32)[None, :]
         m21 = (w_offs >= W // 2).to(tl.float32)[None, :]
         seg = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)  # sum of d over the rows of the current segment
-        for h in range(0, H):
+        for h in tl.range(0, H, num_stages=NUM_STAGES):
             x = tl.load(s_plane + h * s_sh + s_off, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(t_plane + h * t_sh + t_off, mask=mask, other=0.0).to(tl.float32)
             d = x - y
@@ -146,8 +168,8 @@ def _hcl_bwd_kernel(
     gout_ptr,  # [] fp32: grad_output of the loss
     C,
     H,
-    W,
-    s_sb,
+    W,  # divided by W_ALIGN
+    s_sb,  # strides as encoded by the launcher's _layout (see _strides)
     s_sc,
     s_sh,
     s_sw,
@@ -164,16 +186,27 @@ def _hcl_bwd_kernel(
     gt_sh,
     gt_sw,
     scale_full,  # 1 / (N * total)
+    S_LAYOUT: tl.constexpr,
+    T_LAYOUT: tl.constexpr,
+    GS_LAYOUT: tl.constexpr,
+    GT_LAYOUT: tl.constexpr,
+    W_ALIGN: tl.constexpr,
     WRITE_S: tl.constexpr,
     WRITE_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
+    W = W * W_ALIGN
     pid = tl.program_id(0)
     n_cblk = tl.cdiv(C, BLOCK_C)
     b = (pid // n_cblk).to(tl.int64)
     c_offs = (pid % n_cblk) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
+    s_sb, s_sc, s_sh, s_sw = _strides(s_sb, s_sc, s_sh, s_sw, S_LAYOUT)
+    t_sb, t_sc, t_sh, t_sw = _strides(t_sb, t_sc, t_sh, t_sw, T_LAYOUT)
+    gs_sb, gs_sc, gs_sh, gs_sw = _strides(gs_sb, gs_sc, gs_sh, gs_sw, GS_LAYOUT)
+    gt_sb, gt_sc, gt_sh, gt_sw = _strides(gt_sb, gt_sc, gt_sh, gt_sw, GT_LAYOUT)
     s_plane = s_ptr + b * s_sb
     t_plane = t_ptr + b * t_sb
     gs_plane = gs_ptr + b * gs_sb
@@ -205,7 +238,7 @@ def _hcl_bwd_kernel(
         lo4 = mask & (j4_lo > 0)
         lo2 = mask & (j2_lo > 0)
         extra = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)  # g * sum of the coefficients of the element's bins
-        for h in range(0, H):
+        for h in tl.range(0, H, num_stages=NUM_STAGES):
             if (h == 0) | (h == e1) | (h == e2) | (h == e3) | (h == e4) | (h == e5) | (h == e6):
                 # a new segment of rows: the row bins holding row h are i in [i_lo, i_hi], at most 2 at a used
                 # level (l < H; a skipped level's coefficients are all 0)
@@ -242,9 +275,11 @@ def _hcl_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _launch_config(b: int, c: int, w: int, channel_contiguous: bool, fill: bool = True) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_W, num_warps): a tile of up to 2048 elements, wide along the contiguous axis; with ``fill``
-    (a GPU), made narrower in channels while that leaves fewer than 4 programs per SM of a 132-SM H100 / H200."""
+def _launch_config(b: int, c: int, w: int, channel_contiguous: bool, fill: bool = True) -> tuple[int, int, int, int]:
+    """(BLOCK_C, BLOCK_W, NUM_STAGES, num_warps): a tile of up to 2048 elements, wide along the contiguous axis;
+    with ``fill`` (a GPU), made narrower in channels while that leaves fewer than 4 programs per SM of a 132-SM
+    H100 / H200. The row loop is software-pipelined NUM_STAGES deep (loads of the next rows in flight, through
+    shared memory), fewer stages for wide tiles so a program's buffers stay small."""
     pc, pw = triton.next_power_of_2(c), triton.next_power_of_2(w)
     if channel_contiguous:  # tokens, channels_last: a row of W pixels is W runs of C channels
         block_w = min(pw, 64)
@@ -257,16 +292,32 @@ def _launch_config(b: int, c: int, w: int, channel_contiguous: bool, fill: bool 
     while fill and block_c > min_c and b * triton.cdiv(c, block_c) < _MIN_PROGRAMS:
         block_c //= 2
     num_warps = max(1, min(8, block_c * block_w // 128))
-    return block_c, block_w, num_warps
+    return block_c, block_w, _NUM_STAGES, num_warps
 
 
-_TILE = 2048
+def _w_align(w: int) -> int:
+    return math.gcd(w, 16)
+
+
+def fwd_maxnreg(block_c: int, num_warps: int) -> int | None:
+    """The forward's register cap: 128 when its [BLOCK_C, 32] bin table alone takes >= 16 registers a thread (the
+    7-wide last stages). Uncapped, ptxas 12.x under triton 3.6 then picks 64 registers and spills 16 bytes to keep
+    4 programs an SM (Swin-T's (B, 49, 768) at B = 128); capped, it takes 121 and spills nothing."""
+    return MAX_REGISTERS if block_c // num_warps >= 16 else None
+
+
+MAX_REGISTERS = 128
+
+
+_TILE = 2048  # elements of a row tile
+_NUM_STAGES = 4  # the row loop's pipeline depth
 _MIN_PROGRAMS = 4 * 132  # was 512: 3.9 per SM (ResNet-50's stages at B = 64 launched exactly 512)
 
 
-# The (C, W) of the four PAT stages at 224 (Swin-T tokens, ConvNeXt-T maps), at batch 128.
+# The (C, H = W) of the four PAT stages at 224 (Swin-T tokens, ConvNeXt-T maps), at batch 128.
 _PAT_STAGES = [(96, 56), (192, 28), (384, 14), (768, 7)]
-# Every (BLOCK_C, BLOCK_W, num_warps, channel_contiguous) those stages launch with; the compile-only test builds each.
+# Every (BLOCK_C, BLOCK_W, NUM_STAGES, num_warps, channel_contiguous) those stages launch with; the compile-only test
+# builds each.
 COMPILE_CONFIGS = sorted({(*_launch_config(128, c, w, cc), cc) for c, w in _PAT_STAGES for cc in (True, False)})
 
 
@@ -281,8 +332,18 @@ def _as_map(x: torch.Tensor) -> tuple[tuple[int, int, int, int], tuple[int, int,
     return (b, c, h, w), (sb, sc, w * sl, sl)
 
 
-def _strides(x: torch.Tensor) -> tuple[int, int, int, int]:
-    return _as_map(x)[1]
+def _layout(x: torch.Tensor) -> tuple[tuple[int, int, int, int], int]:
+    """``x``'s (b, c, h, w) strides as the kernels take them, and its LAYOUT constexpr (see the kernels'
+    _strides): 4 A + unit, unit 1 if channels are contiguous, 2 if columns are, else 0; every other stride divided
+    by A, the largest power of two <= 16 bytes / element size that divides them all (so a row of 56 bf16 pixels
+    is known to start 16-byte aligned: vector loads)."""
+    strides = _as_map(x)[1]
+    unit = 1 if strides[1] == 1 else 2 if strides[3] == 1 else 0
+    skip = {1: 1, 2: 3}.get(unit)  # the unit axis: passed as 1, a constexpr to the JIT
+    a = 16 // x.element_size()
+    while a > 1 and any(s % a for i, s in enumerate(strides) if i != skip):
+        a //= 2
+    return tuple(1 if i == skip else s // a for i, s in enumerate(strides)), 4 * a + unit
 
 
 def _check(name: str, feat_s: torch.Tensor, feat_t: torch.Tensor) -> None:
@@ -316,44 +377,49 @@ def _scales(b: int, c: int, h: int, w: int) -> tuple[float, float, float, float]
     return (full, *(weights.get(level, 0.0) / (b * c * level * level * total) for level in HCL_LEVELS))
 
 
-def _plan(feat_s: torch.Tensor) -> tuple:
+def _plan(feat_s: torch.Tensor, fill: bool | None = None) -> tuple:
     """Launch parameters of one stage (plain ints, floats: torch.compile keeps them as constants on ctx):
-    (programs, C, H, W, BLOCK_C, BLOCK_W, num_warps, scales)."""
+    (programs, C, H, W, BLOCK_C, BLOCK_W, NUM_STAGES, num_warps, scales). ``fill``: as on a GPU (default: on
+    CUDA)."""
     (b, c, h, w), strides = _as_map(feat_s)
-    block_c, block_w, num_warps = _launch_config(b, c, w, strides[1] == 1, fill=feat_s.is_cuda)
-    return (b * triton.cdiv(c, block_c), c, h, w, block_c, block_w, num_warps, _scales(b, c, h, w))
+    fill = feat_s.is_cuda if fill is None else fill
+    block_c, block_w, stages, num_warps = _launch_config(b, c, w, strides[1] == 1, fill=fill)
+    return (b * triton.cdiv(c, block_c), c, h, w, block_c, block_w, stages, num_warps, _scales(b, c, h, w))
 
 
 def _forward(plan: tuple, fs: torch.Tensor, ft: torch.Tensor, coef: torch.Tensor, partials: torch.Tensor) -> None:
-    programs, c, h, w, block_c, block_w, num_warps, scales = plan
+    programs, c, h, w, block_c, block_w, stages, num_warps, scales = plan
+    (s_strides, s_layout), (t_strides, t_layout) = _layout(fs), _layout(ft)
     _hcl_fwd_kernel[(programs,)](
         fs, ft, coef, partials,
-        c, h, w,
-        *_strides(fs),
-        *_strides(ft),
+        c, h, w // _w_align(w),
+        *s_strides,
+        *t_strides,
         *scales,
-        BLOCK_C=block_c, BLOCK_W=block_w, num_warps=num_warps,
+        S_LAYOUT=s_layout, T_LAYOUT=t_layout, W_ALIGN=_w_align(w),
+        BLOCK_C=block_c, BLOCK_W=block_w, NUM_STAGES=stages, num_warps=num_warps,
+        maxnreg=fwd_maxnreg(block_c, num_warps),
     )  # fmt: skip
 
 
 def _backward(
     plan: tuple, fs: torch.Tensor, ft: torch.Tensor, coef: torch.Tensor, g: torch.Tensor, need_s: bool, need_t: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    programs, c, h, w, block_c, block_w, num_warps, scales = plan
+    programs, c, h, w, block_c, block_w, stages, num_warps, scales = plan
     grad_s = torch.empty_like(fs) if need_s else None  # same layout as the input where it is dense
     grad_t = torch.empty_like(ft) if need_t else None
     gs = grad_s if need_s else grad_t  # a gradient not asked for is not written: any valid pointer will do
     gt = grad_t if need_t else grad_s
+    layouts = [_layout(x) for x in (fs, ft, gs, gt)]
     _hcl_bwd_kernel[(programs,)](
         fs, ft, gs, gt, coef, g,
-        c, h, w,
-        *_strides(fs),
-        *_strides(ft),
-        *_strides(gs),
-        *_strides(gt),
+        c, h, w // _w_align(w),
+        *(s for strides, _ in layouts for s in strides),
         scales[0],
+        S_LAYOUT=layouts[0][1], T_LAYOUT=layouts[1][1], GS_LAYOUT=layouts[2][1], GT_LAYOUT=layouts[3][1],
+        W_ALIGN=_w_align(w),
         WRITE_S=need_s, WRITE_T=need_t,
-        BLOCK_C=block_c, BLOCK_W=block_w, num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_W=block_w, NUM_STAGES=stages, num_warps=num_warps,
     )  # fmt: skip
     return grad_s, grad_t
 

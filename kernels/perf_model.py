@@ -8,12 +8,13 @@ it runs and how many fit on an SM, and the time floor and estimate that follow (
 The model (stated assumptions, not measurements; the H200 figures are its data sheet's):
     floor     max(bytes / copy bandwidth, dot FLOPs / matmul rate), bytes = what every launch must read and write
               at least once (inputs, outputs, the small statistics passed between launches).
-    estimate  sum over launches of LAUNCH_US + max(bytes / (copy bandwidth * fill), waves x serial steps x
-              DRAM_LATENCY_US, FLOPs / matmul rate), where
+    estimate  sum over launches of LAUNCH_US + max(bytes / (copy bandwidth * fill), waves x serial steps / depth x
+              DRAM_LATENCY_US, FLOPs / matmul rate) (depth: the loop iterations whose loads a software pipeline
+              keeps in flight at once; 1 without one), where
               fill = min(1, bytes in flight / (copy bandwidth * DRAM_LATENCY_US)) (Little's law: a GPU reaches its
               copy bandwidth only with about bandwidth x latency bytes outstanding, ~3 MB on an H200) and bytes in
               flight = the programs resident at once (min(programs, SMs * resident per SM)) x the bytes one program
-              has outstanding (one tile of loads per serial step of its loop).
+              has outstanding (depth tiles of loads).
     resident per SM  min(by registers: 65536 per SM, allocated per warp in units of 256; by threads: 2048; by
               shared memory: 228 KiB, 1 KiB reserved per block; 32 blocks).
 """
@@ -30,7 +31,7 @@ import triton
 from . import dkd, hcl, kd, ofa, raa
 
 __all__ = ["GPU", "H200", "Launch", "resident_per_sm", "kd_launches", "single_program_forward", "logit_launches",
-           "hcl_launches", "raa_core_launches", "with_resources", "report"]
+           "hcl_launches", "hcl_launches_for", "hcl_build", "raa_core_launches", "with_resources", "report"]
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,9 @@ class Launch:
     num_warps: int
     read_bytes: int
     write_bytes: int
-    inflight_bytes: int  # per program and serial step (the loads of one loop iteration)
+    inflight_bytes: int  # per program: the loads it has outstanding at once (depth loop iterations' worth)
     steps: int = 1  # serial loop iterations per program
+    depth: int = 1  # loop iterations whose loads are in flight at once (a software pipeline's stages - 1)
     flops: int = 0  # tl.dot FLOPs
     build: dict | None = field(default=None, compare=False, repr=False)  # a kernels._compile_check build
     regs: int | None = None  # per thread, from the compile-only build
@@ -81,9 +83,9 @@ def _estimate_us(launch: Launch, copy_gbps: float, matmul_tflops: float, gpu: GP
     bw = copy_gbps * 1e3  # bytes per us
     fill = min(1.0, in_flight / (bw * DRAM_LATENCY_US))
     memory_us = (launch.read_bytes + launch.write_bytes) / (bw * fill)
-    # a program's serial steps each wait at least one latency, however few programs there are
+    # a program's serial steps wait at least one latency per ``depth`` of them, however few programs there are
     waves = math.ceil(launch.programs / (gpu.sms * resident))
-    serial_us = waves * launch.steps * DRAM_LATENCY_US
+    serial_us = waves * math.ceil(launch.steps / launch.depth) * DRAM_LATENCY_US
     return LAUNCH_US + max(memory_us, serial_us, launch.flops / (matmul_tflops * 1e6))
 
 
@@ -223,39 +225,53 @@ def _two_stage_launches(op: str, b: int, k: int, dtype: torch.dtype) -> list[Lau
     ]
 
 def hcl_launches(stages: list[tuple[int, ...]], b: int, dtype: torch.dtype) -> list[Launch]:
-    """hcl_loss_stages over ``stages`` (per sample: (L, C) tokens or (C, H, W) NCHW maps) at batch ``b``, both
-    gradients: per stage one forward and one backward launch (plus the sum of the partials, not modelled: one tiny
-    launch). Each program walks its planes row by row, one BLOCK_C x BLOCK_W tile of each input per step."""
-    isz = dtype.itemsize
-    ptr = _TRITON_TYPE[dtype]
+    """hcl_loss_stages over ``stages`` (per sample: (L, C) tokens or (C, H, W) NCHW maps), both sides contiguous in
+    ``dtype``, at batch ``b``: see hcl_launches_for."""
+    feats = [torch.empty((b, *shape), device="meta", dtype=dtype) for shape in stages]
+    return hcl_launches_for(feats, feats)
+
+
+def hcl_launches_for(feats_s: list[torch.Tensor], feats_t: list[torch.Tensor]) -> list[Launch]:
+    """hcl_loss_stages(feats_s, feats_t) (tensors of any strides and dtypes; device="meta" will do) as on a GPU,
+    both gradients: per stage one forward and one backward launch (plus the sum of the partials, not modelled: one
+    tiny launch). Each program walks its planes row by row, one [BLOCK_C, BLOCK_W] tile of each input per step, the
+    loads of NUM_STAGES - 1 rows ahead in flight; each gradient is written in its input's layout."""
     out = []
-    for shape in stages:
-        x = torch.empty((b, *shape), device="meta")
-        (_, c, h, w), strides = hcl._as_map(x)
-        tokens = len(shape) == 2
-        block_c, block_w, warps = hcl._launch_config(b, c, w, tokens)
-        programs = b * triton.cdiv(c, block_c)
-        elems = b * c * h * w
-        coef = b * hcl._NUM_COEFS * c * 4
-        steps = h * triton.cdiv(w, block_w)
-        tile = block_c * block_w * isz
-        name = f"hcl {'tokens' if tokens else 'map'} {tuple(shape)}"
-        values = {"C": c, "H": h, "W": w}
-        for prefix in ("s", "t", "gs", "gt"):
-            values.update({f"{prefix}_s{axis}": st for axis, st in zip("bchw", strides)})
-        ptrs = {"s_ptr": ptr, "t_ptr": ptr, "gs_ptr": ptr, "gt_ptr": ptr}
-        cx = {"BLOCK_C": block_c, "BLOCK_W": block_w}
-        out += [Launch(f"{name} fwd", programs, warps, 2 * elems * isz, coef + programs * 4, 2 * tile, steps=steps,
-                       build=_hcl_build(hcl._hcl_fwd_kernel, cx, warps, ptrs, values)),
-                Launch(f"{name} bwd", programs, warps, 2 * elems * isz + coef, 2 * elems * isz, 2 * tile,
-                       steps=steps, build=_hcl_build(hcl._hcl_bwd_kernel, {**cx, "WRITE_S": True, "WRITE_T": True},
-                                                     warps, ptrs, values))]
+    for fs, ft in zip(feats_s, feats_t):
+        programs, c, h, w, block_c, block_w, stages, warps, _ = hcl._plan(fs, fill=True)
+        elems = fs.numel()
+        isz = fs.element_size() + ft.element_size()
+        coef = fs.shape[0] * hcl._NUM_COEFS * c * 4
+        steps = triton.cdiv(w, block_w) * h
+        depth = max(1, min(stages - 1, h))  # rows whose loads the pipelined row loop has in flight
+        tile = depth * block_c * block_w * isz
+        same = fs.stride() == ft.stride() and fs.dtype == ft.dtype
+        kind = "tokens" if fs.dim() == 3 else "map"
+        name = f"hcl {kind} {tuple(fs.shape[1:])}" + ("" if same else " (mixed)")
+        out += [Launch(f"{name} fwd", programs, warps, elems * isz, coef + programs * 4, tile, steps=steps,
+                       depth=depth, build=hcl_build("_hcl_fwd_kernel", fs, ft)),
+                Launch(f"{name} bwd", programs, warps, elems * isz + coef, elems * isz, tile, steps=steps,
+                       depth=depth, build=hcl_build("_hcl_bwd_kernel", fs, ft))]
     return out
 
 
-def _hcl_build(kernel, constexprs: dict, num_warps: int, pointer_types: dict, values: dict) -> dict:
-    """As the JIT specialises an HCL kernel: int arguments equal to 1 constexpr, multiples of 16 marked aligned."""
-    constexprs = dict(constexprs)
+def hcl_build(kernel_name: str, fs: torch.Tensor, ft: torch.Tensor, write_s: bool = True, write_t: bool = True,
+              arch: int = 90) -> dict:
+    """A compile-only build of an HCL kernel as the launcher specialises it for ``fs``, ``ft`` on a GPU (their
+    dtypes, strides, the tile of hcl._plan; gradients in the inputs' layouts) and as the JIT does: int arguments
+    equal to 1 become constexprs, multiples of 16 (and every pointer) are marked 16-divisible."""
+    kernel = getattr(hcl, kernel_name)
+    _, c, h, w, block_c, block_w, stages, warps, _ = hcl._plan(fs, fill=True)
+    layouts = {p: hcl._layout(x) for p, x in (("s", fs), ("t", ft), ("gs", fs), ("gt", ft))}
+    values = {"C": c, "H": h, "W": w // hcl._w_align(w)}
+    constexprs = {"BLOCK_C": block_c, "BLOCK_W": block_w, "NUM_STAGES": stages, "WRITE_S": write_s, "WRITE_T": write_t,
+                  "W_ALIGN": hcl._w_align(w)}
+    for prefix, (strides, layout) in layouts.items():
+        values.update({f"{prefix}_s{axis}": st for axis, st in zip("bchw", strides)})
+        constexprs[f"{prefix.upper()}_LAYOUT"] = layout
+    types = {"s_ptr": fs.dtype, "t_ptr": ft.dtype, "gs_ptr": fs.dtype, "gt_ptr": ft.dtype}
+    pointer_types = {k: _TRITON_TYPE[v] for k, v in types.items()}
+    constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     signature, aligned = {}, []
     for name in kernel.arg_names:
         if name.endswith("_ptr"):
@@ -272,8 +288,9 @@ def _hcl_build(kernel, constexprs: dict, num_warps: int, pointer_types: dict, va
             signature[name] = "i32"
             if values[name] % 16 == 0:
                 aligned.append(name)
-    return dict(kernel=kernel, signature=signature, constexprs=constexprs, arch=90, num_warps=num_warps,
-                aligned=aligned)
+    maxnreg = hcl.fwd_maxnreg(block_c, warps) if kernel_name == "_hcl_fwd_kernel" else None
+    return dict(kernel=kernel, signature=signature, constexprs=constexprs, arch=arch, num_warps=warps,
+                aligned=aligned, maxnreg=maxnreg)
 
 
 def raa_core_launches(b: int, heads: int, n: int, head_dim: int, dtype: torch.dtype) -> list[Launch]:
@@ -304,7 +321,8 @@ def raa_core_launches(b: int, heads: int, n: int, head_dim: int, dtype: torch.dt
 
 def with_resources(launches: list[Launch]) -> list[Launch]:
     """The launches with ``regs`` / ``spills`` / ``smem`` read from compile-only builds of their kernels for the
-    model GPU's arch (launches without a build, or where Triton's cuobjdump is missing, keep None)."""
+    model GPU's arch (launches without a build, or where Triton's cuobjdump is missing, keep None), and ``depth``
+    1 where the build's PTX has no cp.async (the loop the launch plan assumed pipelined was not)."""
     from ._compile_check import compile_kernels, resource_usage
 
     todo = [i for i, x in enumerate(launches) if x.build is not None]
@@ -313,5 +331,8 @@ def with_resources(launches: list[Launch]) -> list[Launch]:
         usage = resource_usage(asm["cubin"])
         if usage:
             u = usage[0]
-            out[i] = dataclasses.replace(out[i], regs=u["REG"], spills=u["STACK"], smem=u.get("SHARED", 0))
+            smem = max(u.get("SHARED", 0), asm.get("shared", 0))  # Triton launches with its dynamic allocation
+            out[i] = dataclasses.replace(out[i], regs=u["REG"], spills=u["STACK"], smem=smem)
+        if out[i].depth > 1 and "cp.async" not in asm["ptx"]:  # the compiler did not pipeline the loop
+            out[i] = dataclasses.replace(out[i], depth=1, inflight_bytes=out[i].inflight_bytes // out[i].depth)
     return out

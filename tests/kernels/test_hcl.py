@@ -193,6 +193,27 @@ def test_non_contiguous_inputs(layout, seed):
         assert gs.is_contiguous(memory_format=torch.channels_last)  # gradients keep a dense input's layout
 
 
+@pytest.mark.parametrize("case", ["tokens", "nchw", "channels_last_vs_nchw", "nchw_7x7_fp16"])
+def test_gpu_tile_configurations(case, monkeypatch, seed):
+    # The tiles a GPU launches with (narrowed to >= 4 x 132 programs, the row loop pipelined), run here in the
+    # interpreter: every program owns fewer channels than on the CPU, every layout its own aligned strides.
+    monkeypatch.setattr(hcl, "_plan", lambda feat_s, fill=None, plan=hcl._plan: plan(feat_s, fill=True))
+    dtype = torch.float16 if case.endswith("fp16") else torch.float32
+    shape = {"tokens": (2, 784, 24), "nchw": (2, 12, 28, 28), "channels_last_vs_nchw": (2, 32, 14, 14),
+             "nchw_7x7_fp16": (2, 40, 7, 7)}[case]
+    fs, ft = _pair(shape, seed, dtype)
+    if case == "channels_last_vs_nchw":
+        fs = fs.to(memory_format=torch.channels_last)
+    block_c = hcl._plan(fs)[4]
+    assert block_c < triton.next_power_of_2(fs.shape[-1] if fs.dim() == 3 else fs.shape[1])  # narrowed
+    scale = _scalar(seed)
+    got = _run(_triton_hcl, fs, ft, scale)
+    if dtype == torch.float32:
+        _assert_f32_close(*got, _truth(fs, ft, scale))
+    else:
+        _assert_within_2x_torch(dtype, fs, ft, scale, *got)
+
+
 def test_inputs_are_read_in_place(monkeypatch, seed):
     # No reshaping copy: the forward kernel gets the caller's storage (class token sliced off, channels_last).
     seen = []
@@ -281,81 +302,101 @@ def test_input_checks_raise_clear_value_errors(call, match):
 # Compile-only: every kernel and configuration for sm_80 and sm_90, no GPU needed
 # ----------------------------------------------------------------------------------------------------------------
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+def _meta(shape, dtype, layout="contiguous"):
+    """A meta tensor of ``shape`` (tokens (B, L, C) or an NCHW-shaped map) in ``dtype`` and ``layout``."""
+    x = torch.empty(shape, device="meta", dtype=dtype)
+    return x.to(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-def _build(kernel_name, dtype, shape, config, arch, write_t=True, dtype_t=None):
-    """A compile_kernels build mirroring what the JIT would specialise for real tensors of ``shape``: ints equal to
-    1 become constexprs, ints that are multiples of 16 (and every pointer) are marked 16-divisible. The student
-    (and its gradient) in ``dtype``, the teacher (and its gradient) in ``dtype_t`` (default: the same)."""
-    block_c, block_w, num_warps = config[:3]
-    x = torch.empty(shape, device="meta")  # tokens (B, L, C) or a contiguous NCHW map
-    (b, c, h, w), strides = hcl._as_map(x)
-    kernel = getattr(hcl, kernel_name)
-    ptr, ptr_t = _TRITON_TYPES[dtype], _TRITON_TYPES[dtype_t or dtype]
-    values = {"C": c, "H": h, "W": w}
-    for prefix in ("s", "t", "gs", "gt"):
-        values.update({f"{prefix}_s{axis}": st for axis, st in zip("bchw", strides)})
-    pointers = {"s_ptr": ptr, "t_ptr": ptr_t, "gs_ptr": ptr, "gt_ptr": ptr_t}  # the others fp32
-    constexprs = {k: v for k, v in {"BLOCK_C": block_c, "BLOCK_W": block_w, "WRITE_S": True,
-                                    "WRITE_T": write_t}.items() if k in kernel.arg_names}
-    spec = perf_model._hcl_build(kernel, constexprs, num_warps, pointers, values)
-    return {**spec, "arch": arch}
+def _build(kernel_name, fs, ft, arch, write_t=True):
+    """A compile_kernels build mirroring what the launcher and the JIT would specialise on a GPU for real tensors
+    like ``fs``, ``ft`` (perf_model.hcl_build: the same rules the performance model compiles with)."""
+    return perf_model.hcl_build(kernel_name, fs, ft, write_t=write_t, arch=arch)
 
 
 def _pat_shape(config):
     """A batch-128 PAT stage shape that launches with ``config`` (tokens when channel-contiguous, else NCHW)."""
     for c, w in hcl._PAT_STAGES:
-        channel_contiguous = config[3]
+        channel_contiguous = config[-1]
         if (*hcl._launch_config(128, c, w, channel_contiguous), channel_contiguous) == config:
             return (128, w * w, c) if channel_contiguous else (128, c, w, w)
     raise AssertionError(f"no PAT stage launches with {config}")
 
 
+def _vector_rows(fs) -> bool:
+    """Whether the streaming loads of ``fs`` can be 8- or 16-byte vectors: its contiguous axis is channels, or
+    columns, whose runs are a multiple of 8 bytes long."""
+    (_, c, _, w), strides = hcl._as_map(fs)
+    return any(strides[axis] == 1 and n * fs.element_size() % 8 == 0 for axis, n in ((1, c), (3, w)))
+
+
 def _compile_cases():
-    """(id, build, expect vectorised global loads). Every configuration of both kernels: the token (channel-
-    contiguous) ones in bf16 for sm_90, the NCHW ones in fp16 for sm_80. Then the Swin stage-1 configuration in fp32
-    for sm_80 and sm_90 and in fp16 for sm_80, and an aligned fp32 NCHW map (32x32), whose streaming loads must be
-    vectorised; the grad_s-only variant of the backward; mixed student / teacher dtypes (bf16 tokens against fp32,
-    an fp32 map against bf16, an fp16 student's grad_s alone against fp32); a 1x1x1x1 map (every int argument
-    becomes a constexpr)."""
+    """(id, build, expect vectorised global loads). Every configuration of both kernels at the PAT stage shapes
+    that launch it: the token (channel-contiguous) ones in bf16 for sm_90, the NCHW ones in fp16 for sm_80 and in
+    bf16 for sm_90 (rows of 56 and 28 pixels: vector loads, from the layout's alignment). Then the Swin stage-1
+    tokens in fp32 for sm_80 and sm_90 and in fp16 for sm_80, and an aligned fp32 NCHW map (32x32); the
+    grad_s-only variant of the backward; mixed student / teacher dtypes (bf16 tokens against fp32, an fp32 map
+    against bf16, an fp16 student's grad_s alone against fp32); mixed layouts as PAT feeds them (a channels_last
+    bf16 aligner output against an NCHW fp32 / bf16 teacher map; against Swin tokens); a 1x1x1x1 map (every int
+    argument becomes a constexpr)."""
     kernels = ("_hcl_fwd_kernel", "_hcl_bwd_kernel")
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    short = {fp32: "fp32", fp16: "fp16", bf16: "bf16"}
     cases = []
 
-    def add(kernel, dtype, shape, config, arch, vectorised, **kw):
-        types = _TRITON_TYPES[dtype] + (f"-{_TRITON_TYPES[kw['dtype_t']]}" if "dtype_t" in kw else "")
-        flags = "".join(f"-{k}" for k in kw if k != "dtype_t")
-        cases.append((f"{kernel[5:8]}-{_id(shape)}-{types}-sm{arch}{flags}",
-                      _build(kernel, dtype, shape, config, arch, **kw), vectorised))
+    def add(kernel, fs, ft, arch, tag="", **kw):
+        types = short[fs.dtype] + ("" if ft.dtype == fs.dtype else f"-{short[ft.dtype]}")
+        layout = "".join("c" if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous() else "" for x in (fs, ft))
+        name = f"{kernel[5:8]}-{_id(fs.shape)}-{types}-sm{arch}{tag}{'-cl' * bool(layout)}"
+        name += "".join(f"-{k}" for k in kw)
+        cases.append((name, _build(kernel, fs, ft, arch, **kw), _vector_rows(fs) and _vector_rows(ft)))
 
     for config in hcl.COMPILE_CONFIGS:
-        dtype, arch = (torch.bfloat16, 90) if config[3] else (torch.float16, 80)
+        shape = _pat_shape(config)
+        for dtype, arch in ((bf16, 90),) if config[-1] else ((fp16, 80), (bf16, 90)):
+            for kernel in kernels:
+                add(kernel, _meta(shape, dtype), _meta(shape, dtype), arch)
+    stage1 = (128, 3136, 96)
+    for dtype, arch in ((fp32, 90), (fp32, 80), (fp16, 80)):
         for kernel in kernels:
-            add(kernel, dtype, _pat_shape(config), config, arch, vectorised=config[3])
-    stage1 = hcl._launch_config(128, 96, 56, True)
-    for dtype, arch in ((torch.float32, 90), (torch.float32, 80), (torch.float16, 80)):
-        for kernel in kernels:
-            add(kernel, dtype, (128, 3136, 96), stage1, arch, vectorised=True)
-    nchw = hcl._launch_config(128, 96, 32, False)
+            add(kernel, _meta(stage1, dtype), _meta(stage1, dtype), arch)
+    nchw = (128, 96, 32, 32)
     for kernel in kernels:
-        add(kernel, torch.float32, (128, 96, 32, 32), nchw, 90, vectorised=True)
-    add("_hcl_bwd_kernel", torch.bfloat16, (128, 3136, 96), stage1, 90, vectorised=True, write_t=False)
+        add(kernel, _meta(nchw, fp32), _meta(nchw, fp32), 90)
+    add("_hcl_bwd_kernel", _meta(stage1, bf16), _meta(stage1, bf16), 90, write_t=False)
     # Mixed dtypes (issue #11): a bf16 student against an fp32 teacher (tokens, the Swin stage-1 configuration) and
     # the reverse on an NCHW map, each pointer loaded and stored in its own dtype
     for arch in (80, 90):
         for kernel in kernels:
-            add(kernel, torch.bfloat16, (128, 3136, 96), stage1, arch, vectorised=True, dtype_t=torch.float32)
-            add(kernel, torch.float32, (128, 96, 32, 32), nchw, arch, vectorised=True, dtype_t=torch.bfloat16)
-    add("_hcl_bwd_kernel", torch.float16, (128, 3136, 96), stage1, 80, vectorised=True, write_t=False,
-        dtype_t=torch.float32)
-    # C = H = W = 1 and every stride 1: the JIT turns all of them into constexprs (plain Python ints in the kernel)
-    tiny = hcl._launch_config(1, 1, 1, True)
+            add(kernel, _meta(stage1, bf16), _meta(stage1, fp32), arch)
+            add(kernel, _meta(nchw, fp32), _meta(nchw, bf16), arch)
+    add("_hcl_bwd_kernel", _meta(stage1, fp16), _meta(stage1, fp32), 80, write_t=False)
+    # Mixed layouts, as a PAT step on a GPU feeds them: the aligners' channels_last bf16 maps against a ConvNeXt /
+    # ResNet teacher's NCHW maps (fp32 or bf16) at the stage-1 and stage-2 shapes, and against Swin-T's tokens
     for kernel in kernels:
-        add(kernel, torch.float32, (1, 1, 1, 1), tiny, 90, vectorised=False)
+        for shape in ((128, 96, 56, 56), (128, 192, 28, 28)):
+            for dtype_t in (fp32, bf16):
+                add(kernel, _meta(shape, bf16, "channels_last"), _meta(shape, dtype_t), 90)
+        add(kernel, _meta((128, 96, 56, 56), bf16, "channels_last"),
+            _meta((128, 96, 56, 56), bf16, "channels_last"), 90)
+    # C = H = W = 1 and every stride 1: the JIT turns all of them into constexprs (plain Python ints in the kernel)
+    for kernel in kernels:
+        add(kernel, _meta((1, 1, 1, 1), fp32), _meta((1, 1, 1, 1), fp32), 90)
     return cases
 
 
 COMPILE_CASES = _compile_cases()
+
+
+def _copy_widths(ptx: str) -> set[int]:
+    """Bytes per thread of the global loads in ``ptx``: cp.async copies (global -> shared, the pipelined loads) and
+    the vector loads (ld.global.v2 / .v4 of 32-bit words)."""
+    widths = {int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*,\s*(0x[0-9a-f]+|\d+)\s*[,;]", ptx)}
+    return widths | {4 * int(n) for n in re.findall(r"ld\.global[.\w]*\.v([24])\.b32", ptx)}
+
+
+MAX_REGISTERS = 128  # per thread: at 8 warps, 2 programs resident per SM (65536 registers)
 
 
 @pytest.fixture(scope="module")
@@ -371,26 +412,28 @@ def test_compiles_for_sm80_and_sm90(name, build, vectorised, compiled):
     ptx = asm["ptx"]
     assert f".target sm_{build['arch']}" in ptx and ".entry" in ptx
     assert len(asm["cubin"]) > 0
-    loads = set(re.findall(r"ld\.global[.\w]*", ptx))
-    if vectorised:  # the streaming loads of a contiguous input are 8- or 16-byte vector loads
-        assert any(re.search(r"\.v[24]\.", ld) for ld in loads), sorted(loads)
+    if vectorised:  # the streaming loads of the inputs are pipelined 8- or 16-byte vector copies
+        assert _copy_widths(ptx) & {8, 16}, sorted(set(re.findall(r"ld\.global[.\w]*", ptx)))
+        assert "cp.async.commit_group" in ptx, "the row loop is not software-pipelined"
     if vectorised and name.startswith("bwd"):
         assert re.search(r"st\.global[.\w]*\.v[24]\.", ptx), "gradient stores are not vectorised"
     mixed = re.search(r"-(bf16|fp16)-fp32-|-fp32-(bf16|fp16)-", name)
-    if mixed:  # the 16-bit side is widened in registers, its gradient rounded to nearest even; nothing spills
+    if mixed:  # the 16-bit side is widened in registers, its gradient rounded to nearest even
         half = (mixed.group(1) or mixed.group(2)).replace("fp", "f")
         assert f"cvt.f32.{half}" in ptx
         if name.startswith("bwd"):
             assert re.search(rf"cvt\.rn\.{half}(x2)?\.f32", ptx), "16-bit gradient not rounded to nearest"
-        usage = resource_usage(asm["cubin"])
-        assert usage is None or max(u["STACK"] for u in usage) == 0, f"register spills: {usage}"
+    usage = resource_usage(asm["cubin"])
+    if usage is not None:  # every build: nothing spills, registers within the bound
+        assert max(u["STACK"] for u in usage) == 0, f"register spills: {usage}"
+        assert max(u["REG"] for u in usage) <= MAX_REGISTERS, f"registers: {usage}"
 
 
 def test_compile_configs_cover_the_pat_stages():
     # The compile-only tests build exactly the configurations the PAT stages launch with at batch 128.
     launched = {(*hcl._launch_config(128, c, w, cc), cc) for c, w in hcl._PAT_STAGES for cc in (True, False)}
     assert launched == set(hcl.COMPILE_CONFIGS)
-    assert all(math.prod(cfg[:2]) <= hcl._TILE for cfg in hcl.COMPILE_CONFIGS)
+    assert all(math.prod(cfg[:2]) <= hcl._TILE for cfg in launched)
 
 
 # ----------------------------------------------------------------------------------------------------------------
