@@ -31,7 +31,9 @@ def assert_user_error(code, err, needle):
 
 def test_cases_cover_pat_shapes_and_the_traffic_model():
     cases = K.build_cases("all", list(K.TEACHERS), list(K.KD_CLASSES), [64, 128, 256])
-    assert len(cases) == 3 * 3 + 5 * 2 * 3 + 2 * 3  # HCL, the logit losses (PAT's two, DKD, DIST, OFA), RAA
+    # HCL same layout and as in the step (the 3 recorded pairs of these teachers), the logit losses (PAT's two,
+    # DKD, DIST, OFA; the KD pair as in the step), RAA
+    assert len(cases) == 3 * 3 + 3 * 3 + 5 * 2 * 3 + 1 * 3 + 2 * 3
     assert {c.op for c in K.build_cases("kd", [], [100], [64])} == set(K.KD_OPS)  # --op kd: PAT's KL ops
     swin = K.hcl_case("swin_t", 128)
     assert swin.shapes == ((128, 3136, 96), (128, 784, 192), (128, 196, 384), (128, 49, 768))
@@ -236,6 +238,7 @@ def test_an_interpreter_run_that_raises_is_failed_and_the_bench_exits_1(tmp_path
     out = capsys.readouterr().out
     assert code == 1
     rows = {(r["op"], r["mode"], r["provider"]): r for r in json.loads(path.read_text())["kernels"]}
+    assert {r["case"] for r in rows.values()} == {"K=41"}  # the KD pair as in the step has K = 100: not selected
     for mode in K.MODES:
         failed = rows[("kd_loss", mode, "triton")]
         assert failed["error"] == "interpreter check: RuntimeError: injected: the Triton KD kernel broke"
@@ -313,7 +316,9 @@ def test_bench_kernels_quick_on_cpu_is_reference_only(tmp_path, capsys):
     for row in doc["kernels"]:
         assert ROW_KEYS <= set(row), row
         assert (row["ms"] is None) == (row["gbps"] is None), row
-    assert {r["case"] for r in doc["kernels"] if r["op"] == "hcl_loss_stages"} == {"swin_t"}
+    assert {r["case"] for r in doc["kernels"] if r["op"] == "hcl_loss_stages"} == {
+        "swin_t", "swin_t->resnet18 (as in the step)"}  # --quick: the first teacher, both layouts
+    assert "cases as in the step: K=100 (as in the step), swin_t->resnet18 (as in the step)" in out
     assert {r["batch"] for r in doc["kernels"]} == {1}
     for r in doc["kernels"]:
         assert (r["ms"] is not None) == (r["provider"] == "eager"), r
