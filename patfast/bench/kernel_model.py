@@ -6,6 +6,11 @@ measured, the fraction of the floor reached (floor / measured time). On a GPU: a
 GPU's SM count and the copy bandwidth and matmul rate measured by the same run. Without one: at GPU-sized cases
 (B = 128 unless --batch, bf16; the caller picks them), on an H200 at ASSUMED figures, and it says so (nothing in it
 was measured).
+Cases as in the step (inputs in a recorded PAT step's dtypes and layouts, patfast/bench/step_layouts.py) bring their
+own dtypes: HCL through perf_model.hcl_launches_for on meta tensors of the recorded strides and dtypes (where
+perf_model has it; else hcl_launches, contiguous, both sides in the student's dtype), the KD pair through
+kd_launches in the student logits' dtype (it models contiguous logits, which the recorded ones are). Each such row
+says which in "model_form".
 """
 
 from __future__ import annotations
@@ -18,14 +23,34 @@ ASSUMED = {"copy_gbps": 4300.0, "bf16_tflops": 700.0}  # H200: the issue's measu
 NO_MODEL = {"raa_block": "a block of PyTorch ops (LayerNorm, Linear) around raa_core: no single-kernel model"}
 
 
-def case_launches(case, mode: str, dtype: torch.dtype) -> list[perf_model.Launch] | None:
-    """The launches of the Triton provider for a bench Case (patfast.bench.kernels) in ``mode``; None: no model."""
+def step_form(case) -> str | None:
+    """How the model takes a case as in the step (its inputs' recorded layouts); None for a same-layout case."""
+    if getattr(case, "inputs", None) is None:
+        return None
     if case.op == "hcl_loss_stages":
+        return ("perf_model.hcl_launches_for on the recorded strides and dtypes" if hasattr(perf_model,
+                "hcl_launches_for") else "perf_model.hcl_launches: contiguous, both sides in the student's dtype")
+    return "perf_model.kd_launches: contiguous logits in the student's dtype"
+
+
+def case_launches(case, mode: str, dtype: torch.dtype) -> list[perf_model.Launch] | None:
+    """The launches of the Triton provider for a bench Case (patfast.bench.kernels) in ``mode``; None: no model.
+    ``dtype``: the inputs' dtype of a same-layout case; a case as in the step brings its own (see step_form)."""
+    inputs = getattr(case, "inputs", None)
+    if case.op == "hcl_loss_stages" and inputs is not None:
+        n = len(inputs) // 2
+        if hasattr(perf_model, "hcl_launches_for"):
+            feats = [x.empty(case.batch, "meta") for x in inputs]
+            launches = perf_model.hcl_launches_for(feats[:n], feats[n:])
+        else:
+            launches = perf_model.hcl_launches([s[1:] for s in case.shapes], case.batch, inputs[0].torch_dtype)
+    elif case.op == "hcl_loss_stages":
         launches = perf_model.hcl_launches([s[1:] for s in case.shapes], case.batch, dtype)
     elif case.op in ("kd_loss_pair", "kd_loss"):
         b, k = case.shapes[0]
         pair = case.op == "kd_loss_pair"
-        launches = perf_model.kd_launches(b, k, dtype, pair=pair, grads=2 if pair else 1)
+        launches = perf_model.kd_launches(b, k, dtype if inputs is None else inputs[0].torch_dtype, pair=pair,
+                                          grads=2 if pair else 1)
     elif case.op in ("dkd_loss", "dist_loss", "ofa_loss"):
         launches = perf_model.logit_launches(case.op, *case.shapes[0], dtype)
     elif case.op == "raa_core":
@@ -68,7 +93,10 @@ def model(cases: list, modes, dtype: torch.dtype, ceilings: dict | None, cuda: b
             note = f"not read (compile-only build failed: {type(e).__name__}: {str(e)[:200]})"
     out = []
     for c, mode, launches in plans:
-        entry = {"op": c.op, "case": c.name, "batch": c.batch, "mode": mode, "dtype": str(dtype).removeprefix("torch.")}
+        entry = {"op": c.op, "case": c.name, "batch": c.batch, "mode": mode,
+                 "dtype": c.dtype_name(dtype) if hasattr(c, "dtype_name") else str(dtype).removeprefix("torch.")}
+        if step_form(c):
+            entry["model_form"] = step_form(c)
         row = triton_rows.get((c.op, str(c.name), c.batch, mode))
         ms = row.get("ms") if row else None
         if launches is None:
@@ -84,7 +112,8 @@ def model(cases: list, modes, dtype: torch.dtype, ceilings: dict | None, cuda: b
     what = "the model of this GPU" if cuda else "a MODEL of an H200, nothing in it measured"
     regs = note or ("from compile-only builds" if registers else "not read (--no-model-registers)")
     about = (f"Performance model (kernels/perf_model.py), {what}: {gpu.name}, {gpu.sms} SMs, {source}, "
-             f"{str(dtype).removeprefix('torch.')} inputs; registers {regs}.")
+             f"{str(dtype).removeprefix('torch.')} inputs (cases as in the step: their recorded dtypes and layouts); "
+             f"registers {regs}.")
     return {"about": about, "gpu": gpu.name, "copy_gbps": copy, "matmul_tflops": mm, "assumed": not measured,
             "rows": out}
 

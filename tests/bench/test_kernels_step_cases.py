@@ -1,9 +1,10 @@
 """The kernel bench's cases built from the recorded step (patfast.bench.kernels, "as in the step", beside the
-"same layout" ones): their inputs, rows and interpreter check."""
+"same layout" ones): their inputs, rows, interpreter check and performance model."""
 
 import pytest
 import torch
 
+from patfast.bench import kernel_model
 from patfast.bench import kernels as K
 from patfast.bench import step_layouts as S
 
@@ -76,3 +77,25 @@ def test_the_interpreter_checks_a_case_as_in_the_step_against_the_fp32_reference
     assert "error" not in rows[("fwd+bwd", "triton")]
     assert K.interpret_tolerance(torch.float32) == K.INTERPRET_TOLERANCE
     assert K.interpret_tolerance(torch.bfloat16) == 2.0**-7
+
+
+def test_the_model_takes_a_case_as_in_the_step_with_its_recorded_layouts(monkeypatch):
+    case = K.hcl_step_case("swin_t->resnet18", 128)
+    kd = K.kd_step_cases(["swin_t->resnet18"], 128)[0]
+    doc = kernel_model.model([case, kd], K.MODES, torch.bfloat16, None, cuda=False, registers=False)
+    hcl_row, kd_row = doc["rows"][1], doc["rows"][3]
+    assert hcl_row["dtype"] == "bfloat16+float32" and hcl_row["estimate_ms"] >= hcl_row["floor_ms"] > 0
+    # the recorded strides and dtypes where perf_model has hcl_launches_for
+    assert ("hcl_launches_for" in hcl_row["model_form"]) == hasattr(kernel_model.perf_model, "hcl_launches_for")
+    assert kd_row["model_form"] == "perf_model.kd_launches: contiguous logits in the student's dtype"
+    assert len(kd_row["launches"]) == 3
+    # a perf_model without hcl_launches_for: hcl_launches, contiguous, in the student's dtype (bf16)
+    stages = [(3136, 96), (784, 192), (196, 384), (49, 768)]
+    launches = kernel_model.perf_model.hcl_launches(stages, 128, torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(kernel_model.perf_model, "hcl_launches",
+                        lambda stages, b, dtype: calls.append((stages, b, dtype)) or launches)
+    monkeypatch.delattr(kernel_model.perf_model, "hcl_launches_for", raising=False)
+    doc = kernel_model.model([case], ["fwd"], torch.float32, None, cuda=False, registers=False)
+    assert calls == [(stages, 128, torch.bfloat16)] and doc["rows"][0]["estimate_ms"] > 0
+    assert doc["rows"][0]["model_form"] == "perf_model.hcl_launches: contiguous, both sides in the student's dtype"
