@@ -14,9 +14,10 @@ from patfast.distill.build import DistillSettings, build_distiller
 from patfast.models.create import create_model
 
 PAIRS = [("vit_small_patch16_224", "resnet18"), ("convnext_atto", "deit_tiny_patch16_224")]  # token -> CNN, CNN -> ViT
-# the modules whose kernels launch (DKD's forward starts with kd.py's per-chunk kernel over the non-target classes)
+# the modules whose kernels launch (DKD's forward starts with kd.py's per-chunk kernel over the non-target classes,
+# DIST's with the same kernel over all classes)
 KERNELS = {"ofa": {"patfast.kernels.ofa"}, "dkd": {"patfast.kernels.kd", "patfast.kernels.dkd"},
-           "dist": {"patfast.kernels.dist"},
+           "dist": {"patfast.kernels.kd", "patfast.kernels.dist"},
            "fitnet": set()}
 IMG, BATCH, CLASSES = 224, 4, 100
 

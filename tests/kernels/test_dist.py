@@ -1,8 +1,9 @@
 """The fused Triton DIST kernels (patfast.kernels.dist) and ops.dist_loss's Triton backend.
 
 On a machine without a GPU these run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
-the compile-only test builds the same kernels for sm_80 / sm_90 and reads the PTX; tests marked ``gpu`` run only on
-a CUDA machine (torch.compile, CUDA graphs, launch count, bitwise determinism at a large batch).
+the compile-only test builds the same kernels (the six forward launches of dist.forward_plan and the backward) for
+sm_80 / sm_90 and reads the PTX; tests marked ``gpu`` run only on a CUDA machine (torch.compile, CUDA graphs, the
+launches listed, bitwise determinism at a large batch).
 
 Truth: patfast.kernels.reference.dist_loss_ref evaluated in float64 on the same (rounded) input values. fp32: a
 max-norm relative error of at most max(1e-5, 2x eager PyTorch's own fp32 error on the same inputs): the gradient of a
@@ -14,17 +15,20 @@ is its weight times T^2 and has no gradient, as in the reference.
 The helpers are logit_cases.py's, shared with test_kd.py, test_dkd.py and test_ofa.py.
 """
 
+import math
+
 import pytest
 import torch
 
 from patfast import ops
-from patfast.kernels import dist, reference
+from patfast.kernels import dist, perf_model, reference
 from tests.kernels.logit_cases import (
     CUDA,
     DEV,
     FP32_RTOL,
     GRAD_OUT,
     assert_close_rel,
+    build,
     check_compiled,
     check_dtypes,
     check_ptx,
@@ -32,14 +36,13 @@ from tests.kernels.logit_cases import (
     compile_builds,
     cuda_graph_replay,
     cuda_kernel_names,
-    fwd_bwd_builds,
     grad_run,
     logits,
     rel_err,
     transposed_slice,
 )
 
-CLASSES = (2, 41, 100, 1000, 1537)  # 1537 > MAX_BLOCK_K: the forward's second walk and the backward's two passes
+CLASSES = (2, 41, 100, 1000, 1537)  # 1537 > MAX_BLOCK_K: the backward's two passes
 SMALL = [(b, k) for b in (1, 3, 8) for k in CLASSES if (b, k) != (1, 2)]  # (1, 2): no gradient, tested apart
 TEMPERATURES = (1.0, 4.0)
 LARGE = [(256, 100, 1.0), (256, 100, 4.0), (256, 1000, 4.0), (24, 1537, 1.0)]  # few: the interpreter is slow
@@ -203,11 +206,64 @@ def test_extreme_logits_give_finite_exact_gradients(temperature):
     _check_fp32(s, t, 1.0, 2.0, temperature)
 
 
-@pytest.mark.parametrize("k", [1000, 1537])
-def test_forward_is_deterministic(k):
-    s, t = logits(24, k, seed=41), logits(24, k, seed=42)
-    first = dist.dist_loss(s, t, 1.0, 2.0, 4.0)
-    assert torch.equal(first, dist.dist_loss(s, t, 1.0, 2.0, 4.0))
+@pytest.mark.parametrize(("b", "k"), [(9, 300), (5, 1537)])
+def test_forward_and_backward_are_deterministic(b, k):
+    # several row tiles and class chunks in every launch: two calls give the same bits (fixed-order merges, no
+    # atomics), in the loss, the statistics saved for the backward and the gradients
+    s, t = logits(b, k, seed=41), logits(b, k, seed=42)
+    plan = dist._plan(b, k)
+    assert plan["n_row_tiles"] > 1 and plan["n_chunks"] > 1 and plan["n_part"] > 1
+    first, second = dist._forward(s, t, 1.0, 2.0, 4.0), dist._forward(s, t, 1.0, 2.0, 4.0)
+    g = torch.tensor(GRAD_OUT, device=s.device)
+    grads = [dist._backward(s, t, *out[1:], g, 4.0, True, True) for out in (first, second)]
+    for x, y in zip([*first, *grads[0]], [*second, *grads[1]]):
+        assert torch.equal(x, y)
+    assert_close_rel(first[0], _ref64(s, t, 1.0, 2.0, 4.0), FP32_RTOL, "loss")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forward's launches (dist.forward_plan, for the performance model)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    """Stands in for a kernel: records (kernel, grid, keyword arguments) of each launch, then launches it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.kernel, grid, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize(("b", "k", "dtype"), [(5, 41, torch.float32), (4, 1537, torch.float32),
+                                               (6, 100, torch.bfloat16)])
+def test_forward_plan_is_what_the_forward_launches(monkeypatch, b, k, dtype):
+    plan = dist.forward_plan(b, k, dtype)
+    log = []
+    for name in {launch["kernel"].fn.__name__ for launch in plan}:
+        monkeypatch.setattr(dist, name, _Recorder(getattr(dist, name), log))
+    s, t = logits(b, k, seed=51, dtype=dtype), logits(b, k, seed=52, dtype=dtype)
+    dist.dist_loss(s, t, 1.0, 2.0, 4.0)
+    assert [kernel for kernel, _, _ in log] == [launch["kernel"] for launch in plan]
+    for (_, grid, kwargs), launch in zip(log, plan):
+        assert math.prod(grid) == launch["programs"], launch["name"]
+        assert kwargs.pop("num_warps") == launch["num_warps"], launch["name"]
+        assert kwargs == launch["constexprs"], launch["name"]
+    assert sum(launch["read_bytes_per_elem_pass"] for launch in plan) == 3  # launches 1, 2 and 4 read the logits
+
+
+@pytest.mark.parametrize(("b", "k"), [(256, 1000), (128, 1000), (4096, 100)])
+def test_forward_launches_over_the_logits_have_four_programs_per_sm(b, k):
+    # issue 15: the launches that stream the logits run >= 4 programs per SM of an H200 where the shape has the
+    # elements for it (the two-axis tiles stop at MIN_TILE elements), every one a single step
+    for launch in dist.forward_plan(b, k):
+        if launch["read_bytes_per_elem_pass"]:
+            assert launch["programs"] >= 4 * perf_model.H200.sms and launch["steps"] == 1, launch["name"]
+    assert dist.forward_plan(64, 100)[1]["tile"] == dist.MIN_TILE  # too few elements: the smallest tile
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,17 +316,55 @@ def test_registered_in_ops():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _forward_builds(name, b, k, dtypes, arch, plan_dtype, unit_class_stride=True):
+    """Every forward launch of dist.forward_plan(b, k) as the launcher specialises it: "<name> <i> <kernel>"."""
+    dtypes = {**dtypes, "p": dtypes["s"]}  # kd's per-chunk kernel's p_ptr: the student's logits again
+    return [(f"{name} {i + 1} {launch['kernel'].fn.__name__}",
+             build(launch["kernel"], {"num_warps": launch["num_warps"]}, dtypes, arch, launch["constexprs"],
+                   unit_class_stride))
+            for i, launch in enumerate(dist.forward_plan(b, k, plan_dtype))]
+
+
+def _compile_only_builds():
+    bwd = dist._dist_bwd_kernel
+    grads = {"GRAD_S": True, "GRAD_T": True}
+    fp32 = dict.fromkeys("st", torch.float32)
+    mixed = {"s": torch.bfloat16, "t": torch.float32}
+    fp16 = dict.fromkeys("st", torch.float16)
+    builds = []
+    for arch in (90, 80):
+        # ImageNet-1k at the KD target's batch, fp32
+        builds += _forward_builds("fwd fp32 K=1000", 256, 1000, fp32, arch, torch.float32)
+        builds += [("bwd fp32 K=1000", build(bwd, dist._bwd_config(128, 1000), fp32, arch,
+                                             {"ONE_CHUNK": True, "ALIGN": 4, **grads}))]
+        # bf16 student logits against fp32 teacher logits (under bf16 autocast): ALIGN 4, as for fp32 rows
+        builds += _forward_builds("fwd bf16-fp32 K=100 mixed", 128, 100, mixed, arch, torch.float32)
+        builds += [("bwd bf16-fp32 K=100 mixed", build(bwd, dist._bwd_config(128, 100), mixed, arch,
+                                                       {"ONE_CHUNK": True, "ALIGN": 4, "GRAD_S": True,
+                                                        "GRAD_T": False}))]
+    # any class stride, K > MAX_BLOCK_K (odd: ALIGN 1)
+    builds += _forward_builds("fwd fp16 K=1537 strided", 256, 1537, fp16, 90, torch.float16,
+                              unit_class_stride=False)
+    builds += [("bwd fp16 K=1537 strided", build(bwd, dist._bwd_config(256, 1537), fp16, 90,
+                                                 {"ONE_CHUNK": False, "ALIGN": 1, **grads},
+                                                 unit_class_stride=False))]
+    return builds
+
+
 @pytest.mark.slow
 def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
     pytest.importorskip("triton.backends.nvidia")
 
-    builds = fwd_bwd_builds(dist._dist_fwd_kernel, dist._dist_bwd_kernel, dist._fwd_config, dist._bwd_config,
-                            contiguous={"ONE_CHUNK": True, "ALIGN": 4}, strided={"ONE_CHUNK": False, "ALIGN": 1})
-    for name, spec, asm in compile_builds(builds):
-        check_ptx(name, spec, asm, v4_loads="fp32 K=1000" in name, v4_stores=name.startswith("bwd fp32"),
-                  no_atomics=True, widened="bf16" if name.endswith("mixed") else None)
-        if name.endswith("strided") and name.startswith("fwd"):  # the barrier between the two walks
-            assert "bar.sync" in asm["ptx"] or "barrier.sync" in asm["ptx"], f"{name}: no barrier before the class walk"
+    streaming = ("_kl_partial_kernel", "_dist_probs_kernel", "_dist_moments_kernel")  # the launches reading logits
+    for name, spec, asm in compile_builds(_compile_only_builds()):
+        logit_loads = name.startswith("bwd") or name.endswith(streaming)
+        # contiguous fp32 rows, K = 1000 = 4 * 250: 16-byte row loads; bf16 logits widened in registers, their
+        # gradient rounded to nearest; no atomics anywhere (the same bits every run)
+        usage = check_ptx(name, spec, asm, v4_loads="fp32 K=1000" in name and logit_loads,
+                          v4_stores=name.startswith("bwd fp32"), no_atomics=True,
+                          widened="bf16" if "mixed" in name and logit_loads else None)
+        if usage is not None and name.startswith("fwd"):  # registers: >= 4 programs per SM can be resident
+            assert perf_model.resident_per_sm(usage[0]["REG"], spec["num_warps"]) >= 4, f"{name}: {usage}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,7 +375,7 @@ def test_compile_only_sm80_sm90_ptx_with_vectorised_loads():
 @pytest.mark.gpu
 @pytest.mark.parametrize(("b", "k"), [(512, 1000), (300, 1537)])
 def test_gpu_large_batches_match_float64(b, k):
-    # On hardware: the class walk after the barrier (K = 1537) and many row tiles, against the float64 truth
+    # On hardware: many row tiles and class chunks in every launch (K = 1537: > MAX_BLOCK_K), against float64
     s, t = logits(b, k, seed=140), logits(b, k, seed=141, scale=3.0)
     _check_fp32(s, t, 1.0, 2.0, 4.0)
     _check_dtypes(torch.bfloat16, torch.float32, b, k, 1.0, seed=142)
@@ -319,7 +413,7 @@ def test_gpu_cuda_graph_capture_forward_backward():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [1000, 1537])
-def test_gpu_one_launch_forward_one_launch_backward(k):
+def test_gpu_six_launches_forward_one_launch_backward(k):
     s, t = (logits(128, k, seed=120 + i, dtype=torch.bfloat16) for i in range(2))
     s.requires_grad_()
     t.requires_grad_()
@@ -329,14 +423,17 @@ def test_gpu_one_launch_forward_one_launch_backward(k):
     torch.cuda.synchronize()
     loss, fwd = cuda_kernel_names(lambda: dist.dist_loss(s, t))
     _, bwd = cuda_kernel_names(lambda: torch.autograd.grad(loss, (s, t), go))
-    assert len(fwd) == 1 and "_dist_fwd_kernel" in fwd[0], fwd
+    want = [launch["kernel"].fn.__name__ for launch in dist.forward_plan(128, k, torch.bfloat16)]
+    assert want[0] == "_kl_partial_kernel" and want[-1] == "_dist_loss_kernel" and len(want) == 6, want
+    assert len(fwd) == len(want) and all(w in f for w, f in zip(want, fwd)), fwd
     assert len(bwd) == 1 and "_dist_bwd_kernel" in bwd[0], bwd
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("k", [1537])  # the two walks with the barrier between them
+@pytest.mark.parametrize("k", [1537])  # every launch over many programs, K > MAX_BLOCK_K
 def test_gpu_forward_is_bitwise_deterministic(k):
     s, t = logits(4096, k, seed=130), logits(4096, k, seed=131)
-    first = dist.dist_loss(s, t, 1.0, 2.0, 4.0)
+    first = dist._forward(s, t, 1.0, 2.0, 4.0)
     for _ in range(3):
-        assert torch.equal(dist.dist_loss(s, t, 1.0, 2.0, 4.0), first)
+        for x, y in zip(dist._forward(s, t, 1.0, 2.0, 4.0), first):
+            assert torch.equal(x, y)
