@@ -4,8 +4,11 @@
 stages (PAT's loss_fd), one kernel per stage into one partials buffer. Inputs: (B, C, H, W) maps of any strides or
 (B, L, C) tokens read in place, each fp32/fp16/bf16 in its own dtype; fp32 arithmetic; gradients in each input's
 dtype.
-Grid: B * cdiv(C, BLOCK_C) programs, each owning whole (b, c) planes (rows in bin-aligned segments, a 21-bin table per
-plane); no atomics; the loss is the deterministic sum of per-program partials.
+Grid: B * cdiv(C, BLOCK_C) programs (>= 4 per SM of an H200 on a GPU), each owning whole (b, c) planes (rows in
+bin-aligned segments, a 21-bin table per plane); the row loop software-pipelined NUM_STAGES deep (cp.async copies of
+the next rows in flight on sm_80+); every stride passed with its power-of-two alignment (``_layout``), so rows of
+56 or 28 pixels of an NCHW map load as vectors too; no atomics; the loss is the deterministic sum of per-program
+partials.
 Traffic: forward reads fs and ft once, backward reads both (and 21 fp32 coefficients per plane) and writes both
 gradients: 6 passes, e.g. 867 MB in bf16 for Swin-T's four stages at B = 128.
 Derivation, launch counts and the byte model: docs/kernels.md#hcl.
@@ -276,10 +279,10 @@ def _hcl_bwd_kernel(
 
 
 def _launch_config(b: int, c: int, w: int, channel_contiguous: bool, fill: bool = True) -> tuple[int, int, int, int]:
-    """(BLOCK_C, BLOCK_W, NUM_STAGES, num_warps): a tile of up to 2048 elements, wide along the contiguous axis;
-    with ``fill`` (a GPU), made narrower in channels while that leaves fewer than 4 programs per SM of a 132-SM
-    H100 / H200. The row loop is software-pipelined NUM_STAGES deep (loads of the next rows in flight, through
-    shared memory), fewer stages for wide tiles so a program's buffers stay small."""
+    """(BLOCK_C, BLOCK_W, NUM_STAGES, num_warps): a tile of up to 2048 elements and 128 channels, wide along the
+    contiguous axis; with ``fill`` (a GPU), made narrower in channels while that leaves fewer than 4 programs per
+    SM of a 132-SM H100 / H200. The row loop is software-pipelined NUM_STAGES deep (the loads of the next rows in
+    flight, through shared memory)."""
     pc, pw = triton.next_power_of_2(c), triton.next_power_of_2(w)
     if channel_contiguous:  # tokens, channels_last: a row of W pixels is W runs of C channels
         block_w = min(pw, 64)
@@ -289,6 +292,7 @@ def _launch_config(b: int, c: int, w: int, channel_contiguous: bool, fill: bool 
         block_w = min(pw, 128)
         block_c = min(pc, max(1, _TILE // block_w))
         min_c = 1
+    block_c = min(block_c, _MAX_BLOCK_C)
     while fill and block_c > min_c and b * triton.cdiv(c, block_c) < _MIN_PROGRAMS:
         block_c //= 2
     num_warps = max(1, min(8, block_c * block_w // 128))
@@ -311,6 +315,9 @@ MAX_REGISTERS = 128
 
 _TILE = 2048  # elements of a row tile
 _NUM_STAGES = 4  # the row loop's pipeline depth
+# The forward's [BLOCK_C, 32] fp32 bin table is 16 registers a thread at 128 channels and 8 warps; 256 (ResNet-50's
+# 2048 x 7 x 7 stage) spilled 8 bytes under the forward's 128-register cap
+_MAX_BLOCK_C = 128
 _MIN_PROGRAMS = 4 * 132  # was 512: 3.9 per SM (ResNet-50's stages at B = 64 launched exactly 512)
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from patfast import ops
+from patfast.bench import step_layouts
 from patfast.kernels import perf_model
 from patfast.kernels._compile_check import compile_kernels, resource_usage
 from patfast.kernels.reference import hcl_loss_ref
@@ -338,7 +339,7 @@ def _compile_cases():
     grad_s-only variant of the backward; mixed student / teacher dtypes (bf16 tokens against fp32, an fp32 map
     against bf16, an fp16 student's grad_s alone against fp32); mixed layouts as PAT feeds them (a channels_last
     bf16 aligner output against an NCHW fp32 / bf16 teacher map; against Swin tokens); a 1x1x1x1 map (every int
-    argument becomes a constexpr)."""
+    argument becomes a constexpr); every stage of every benchmark pair with the layouts a recorded PAT step gives it."""
     kernels = ("_hcl_fwd_kernel", "_hcl_bwd_kernel")
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     short = {fp32: "fp32", fp16: "fp16", bf16: "bf16"}
@@ -383,6 +384,12 @@ def _compile_cases():
     # C = H = W = 1 and every stride 1: the JIT turns all of them into constexprs (plain Python ints in the kernel)
     for kernel in kernels:
         add(kernel, _meta((1, 1, 1, 1), fp32), _meta((1, 1, 1, 1), fp32), 90)
+    # Every stage of every benchmark pair as a recorded PAT step feeds it (patfast/bench/step_layouts.json: dtypes,
+    # strides, offsets), at batch 128 on sm_90
+    for pair, layouts in step_layouts.load().items():
+        for i, (s, t) in enumerate(layouts.hcl):
+            for kernel in kernels:
+                add(kernel, s.empty(128, "meta"), t.empty(128, "meta"), 90, tag=f"-{pair}-stage{i + 1}")
     return cases
 
 
