@@ -21,7 +21,6 @@ from .checks import KERNEL_DTYPES
 __all__ = ["kd_loss", "pat_kl_pair"]
 
 MAX_BLOCK_K = 1024  # classes per chunk; larger K loops over chunks (online softmax in the forward)
-FWD_TILE = 4096  # elements per input per forward loop iteration (the single-program forwards of dkd / dist / ofa)
 MAX_PARTIAL_TILE = 2048  # elements per input of one first-stage forward program ...
 MIN_PARTIAL_TILE = 32  # ... shrunk down to this while there are fewer than PARTIAL_PROGRAMS programs
 PARTIAL_PROGRAMS = 4 * 132  # 4 programs per SM of an H200
@@ -268,14 +267,6 @@ def _kl_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 # Launch configuration (no autotuning: plain functions of the shape, also used by the compile-only tests)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _fwd_config(b: int, k: int) -> dict:
-    """Tile of the single-program forwards of dkd.py / dist.py / ofa.py: BLOCK_K classes per chunk, BLOCK_B rows per
-    loop iteration."""
-    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
-    block_b = max(1, min(FWD_TILE // block_k, triton.next_power_of_2(b)))
-    return {"BLOCK_B": block_b, "BLOCK_K": block_k, "num_warps": max(1, min(16, block_b * block_k // 256))}
 
 
 def _partial_config(b: int, k: int) -> dict:

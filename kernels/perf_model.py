@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from . import dkd, hcl, kd, ofa, raa
+from . import dist, dkd, hcl, kd, ofa, raa
 
 __all__ = ["GPU", "H200", "Launch", "resident_per_sm", "kd_launches", "single_program_forward", "logit_launches",
            "hcl_launches", "hcl_launches_for", "hcl_build", "raa_core_launches", "with_resources", "report"]
@@ -162,27 +162,52 @@ def kd_launches(b: int, k: int, dtype: torch.dtype, pair: bool = True, temperatu
 
 
 def single_program_forward(name: str, b: int, k: int, dtype: torch.dtype, n_in: int = 2, walks: int = 1) -> Launch:
-    """A forward of ONE program walking the batch in kd._fwd_config tiles (dkd.py, ofa.py; dist.py walks twice;
-    kd.py's forward before issue 15)."""
-    cfg = kd._fwd_config(b, k)
-    tiles = triton.cdiv(b, cfg["BLOCK_B"]) * triton.cdiv(k, cfg["BLOCK_K"])
-    return Launch(name, 1, cfg["num_warps"], walks * n_in * b * k * dtype.itemsize, 4 * 5 * b,
-                  n_in * cfg["BLOCK_B"] * cfg["BLOCK_K"] * dtype.itemsize, steps=walks * tiles)
+    """The forward every logit loss had before issue 15, for comparison: ONE program walking the batch (dist.py's
+    twice) in tiles of up to 4096 elements per input, BLOCK_K = min(next_pow2(K), kd.MAX_BLOCK_K) classes."""
+    block_k = min(triton.next_power_of_2(k), kd.MAX_BLOCK_K)
+    block_b = max(1, min(4096 // block_k, triton.next_power_of_2(b)))
+    tiles = triton.cdiv(b, block_b) * triton.cdiv(k, block_k)
+    return Launch(name, 1, max(1, min(16, block_b * block_k // 256)), walks * n_in * b * k * dtype.itemsize, 4 * 5 * b,
+                  n_in * block_b * block_k * dtype.itemsize, steps=walks * tiles)
 
 
 def logit_launches(op: str, b: int, k: int, dtype: torch.dtype) -> list[Launch]:
     """dkd_loss / dist_loss / ofa_loss on (B, K) logits of ``dtype``, gradient to the student. DKD, OFA: a per-chunk
-    launch, a one-program merge, the backward. DIST: ONE forward program walking the batch twice, the backward a 2-D
-    grid of kd._bwd_config tiles (walking class chunks twice per row tile; modelled as the same grid); no
-    compile-only builds for DIST (registers unknown)."""
+    launch, a one-program merge, the backward. DIST: the six forward launches of dist.forward_plan, the backward a
+    1-D grid over row tiles, each program walking its rows' class chunks (twice when K is over one chunk)."""
     if op in ("dkd_loss", "ofa_loss"):
         return _two_stage_launches(op, b, k, dtype)
-    cfg = kd._bwd_config(b, k)
-    grid = triton.cdiv(b, cfg["BLOCK_B"]) * triton.cdiv(k, cfg["BLOCK_K"])
+    if op != "dist_loss":
+        raise ValueError(f"logit_launches: unknown op {op!r}")
+    return _dist_launches(b, k, dtype)
+
+
+def _dist_launches(b: int, k: int, dtype: torch.dtype) -> list[Launch]:
     isz = dtype.itemsize
-    return [single_program_forward(f"{op} fwd (one program)", b, k, dtype, walks=2 if op == "dist_loss" else 1),
-            Launch(f"{op} bwd", grid, cfg["num_warps"], 2 * b * k * isz + 4 * 5 * b, b * k * isz,
-                   2 * cfg["BLOCK_B"] * cfg["BLOCK_K"] * isz)]
+    ptrs = dict.fromkeys(("s_ptr", "t_ptr", "p_ptr", "ds_ptr", "dt_ptr"), _TRITON_TYPE[dtype])
+    floats = ("temperature", "beta", "gamma", "eps")
+    unit = {"s_stride_k": 1, "t_stride_k": 1, "p_stride_k": 1}
+    out = []
+    for plan in dist.forward_plan(b, k, dtype):
+        logits = plan["read_bytes_per_elem_pass"] * 2 * b * k * isz
+        tile_bytes = plan["tile"] * (2 * isz if plan["read_bytes_per_elem_pass"] else 4)
+        out.append(Launch(plan["name"], plan["programs"], plan["num_warps"], logits + plan["stat_read_bytes"],
+                          plan["stat_write_bytes"], tile_bytes, steps=plan["steps"],
+                          build=_build(plan["kernel"], {**unit, **plan["constexprs"]}, plan["num_warps"], ptrs,
+                                       floats=floats)))
+    cfg = kd._bwd_config(b, k)
+    one_chunk = dist._one_chunk(k)
+    walks = 1 if one_chunk else 2
+    align = 16 // isz if k % (16 // isz) == 0 else 1
+    stats = 4 * (dist._NROW * b + dist._NCOL * k)
+    out.append(Launch("dist bwd (row tiles, whole rows)", triton.cdiv(b, cfg["BLOCK_B"]), cfg["num_warps"],
+                      walks * 2 * b * k * isz + stats, b * k * isz, 2 * cfg["BLOCK_B"] * cfg["BLOCK_K"] * isz,
+                      steps=walks * triton.cdiv(k, cfg["BLOCK_K"]),
+                      build=_build(dist._dist_bwd_kernel, {**unit, "ONE_CHUNK": one_chunk, "GRAD_S": True,
+                                                           "GRAD_T": False, "ALIGN": align,
+                                                           "BLOCK_B": cfg["BLOCK_B"], "BLOCK_K": cfg["BLOCK_K"]},
+                                   cfg["num_warps"], ptrs, floats=floats)))
+    return out
 
 
 def _two_stage_launches(op: str, b: int, k: int, dtype: torch.dtype) -> list[Launch]:

@@ -76,7 +76,8 @@ def test_the_single_program_forward_it_replaced_walks_serially():
 def test_compile_only_resources_at_pat_shapes():
     pytest.importorskip("triton.backends.nvidia")
     cases = [perf_model.kd_launches(b, k, torch.bfloat16, pair=True, grads=2) for b, k in PAT_KD]
-    cases += [perf_model.logit_launches(op, b, k, torch.bfloat16) for b, k in PAT_KD for op in ("dkd_loss", "ofa_loss")]
+    cases += [perf_model.logit_launches(op, b, k, torch.bfloat16) for b, k in PAT_KD
+              for op in ("dkd_loss", "ofa_loss", "dist_loss")]
     cases.append(perf_model.raa_core_launches(128, 8, 64, 64, torch.bfloat16))
     flat = [x for launches in cases for x in launches]
     resolved = perf_model.with_resources(flat)
@@ -99,3 +100,16 @@ def test_compile_only_resources_at_pat_shapes():
 def test_hcl_launches_at_least_4_programs_per_sm_at_the_bench_shapes(teacher, b):
     launches = perf_model.hcl_launches(list(TEACHERS[teacher]), b, torch.bfloat16)
     assert min(x.programs for x in launches) >= 4 * perf_model.H200.sms
+
+
+def test_dist_launches_follow_its_forward_plan():
+    from patfast.kernels import dist
+
+    launches = perf_model.logit_launches("dist_loss", 256, 1000, torch.bfloat16)
+    plan = dist.forward_plan(256, 1000, torch.bfloat16)
+    assert [x.name for x in launches[:-1]] == [p["name"] for p in plan] and launches[-1].name.startswith("dist bwd")
+    streaming = [x for x, p in zip(launches, plan) if p["read_bytes_per_elem_pass"]]
+    assert len(streaming) == 3 and all(x.programs >= 4 * perf_model.H200.sms and x.steps == 1 for x in streaming)
+    old = perf_model.single_program_forward("before", 256, 1000, torch.bfloat16, walks=2)
+    new_fwd = perf_model.report(launches[:-1], 4300, 700)["estimate_us"]
+    assert new_fwd < perf_model.report([old], 4300, 700)["estimate_us"] / 3
