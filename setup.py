@@ -9,7 +9,7 @@ setup(
     packages=["patfast", "patfast.models", "patfast.distill", "patfast.data", "patfast.train",
               "patfast.bench", "patfast.kernels"],
     package_dir={"patfast": "patfast", "patfast.kernels": "kernels"},
-    package_data={"patfast": ["recipes/*.yaml"]},
+    package_data={"patfast": ["recipes/*.yaml", "bench/step_layouts.json"]},
     install_requires=[
         "torch>=2.5",  # torch.serialization.safe_globals (timm 0.6.5 teacher files)
         "timm>=1.0.9",

@@ -51,7 +51,8 @@ def add_kernel_options(parser) -> None:
     parser.add_argument("--batch", default=None, metavar="B[,B...]",
                         help="batch sizes (default 64,128,256 on CUDA, 128 with --quick; 1 on the CPU)")
     parser.add_argument("--teacher", default=None, metavar="NAME[,NAME...]",
-                        help="HCL teacher stage shapes: swin_t, convnext_t, resnet50 (default all three)")
+                        help="HCL teachers: swin_t, convnext_t, resnet50, vit_s (default: all), each also as in its "
+                             "recorded PAT step")
     parser.add_argument("--classes", default=None, metavar="K[,K...]", help="KD classes (default 100,1000)")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: Swin-T stages only, one class count, one batch, fewer repeats")

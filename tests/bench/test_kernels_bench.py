@@ -51,6 +51,11 @@ def test_cases_cover_pat_shapes_and_the_traffic_model():
     first = K.target_first(cases)[:3]
     assert first == [swin, K.kd_case("kd_loss_pair", 100, 256), pair]
     assert K.target_first(cases)[3:5] == [K.raa_case("raa_block", 128), K.raa_case("raa_core", 128)]
+    # then their counterparts as in the recorded step, before every other case
+    twins = K.target_first(cases)[5:7]
+    assert [(c.op, c.batch, c.layout) for c in twins] == [("hcl_loss_stages", 128, K.STEP_LAYOUT),
+                                                           ("kd_loss_pair", 256, K.STEP_LAYOUT)]
+    assert twins[0].name.startswith("swin_t->")
 
 
 def test_raa_cases_and_traffic_model():
