@@ -12,8 +12,13 @@ reduction across programs done by a later launch in a fixed order (no atomics: t
   4 per tile: the centred class values p - mean, q - mean and the tile's share of their moments;
   5 merge: the class correlations (centring residual removed) with their gradient coefficients;
   6 one program: the loss from the correlation sums.
-forward_plan(b, k) lists them (grid, tiles, passes) for the performance model. Backward a 1-D grid over row tiles,
-each owning whole rows (the softmax backward needs a sum over the row): one pass when K fits one chunk, else two.
+Grids sized for the device (as hcl.py's): on a GPU (CUDA tensors) the tiles of launches 1, 2 and 4 shrink until
+there are >= 4 x 132 programs (PARTIAL_PROGRAMS, where the shape has the elements) and the merges take MERGE_LANES
+lanes a program; for CPU tensors (the Triton interpreter, which pays per program) the tiles keep their largest size
+and the merges take up to MERGE_TILE lanes: the fewest programs. The same kernels and rule otherwise.
+forward_plan(b, k) lists the GPU's launches (grid, tiles, passes) for the performance model, forward_plan(b, k,
+fill=False) the interpreter's. Backward a 1-D grid over row tiles, each owning whole rows (the softmax backward needs
+a sum over the row): one pass when K fits one chunk, else two.
 Each input fp32/fp16/bf16 in its own dtype, any row/class strides; fp32 arithmetic.
 Traffic: forward reads each logit tensor 3 times (launches 1, 2, 4) plus fp32 partials of the order of
 B K (3 / BLOCK_K + 7 / BLOCK_B) floats each way; backward once (twice for K > MAX_BLOCK_K) and writes the gradients
@@ -44,7 +49,7 @@ _NROW = 7  # per row: m_s, 1/z_s, m_t, 1/z_t, then the row correlation's gradien
 _NCOL = 7  # per class: batch means of p and q, their centring residuals, the class correlation's c1, c2s, c2t
 MIN_TILE = 128  # elements per input of one program of launches 2 and 4 at least (kd's go down to 32) ...
 MIN_BLOCK_K = 32  # ... and classes at least (where K has them)
-MERGE_LANES = 32  # classes (rows) per program of the merge launches 3 and 5 ...
+MERGE_LANES = 32  # classes (rows) per program of the merge launches 3 and 5 on a GPU (MERGE_TILE without fill) ...
 MERGE_TILE = 1024  # ... and partials x lanes per step
 MERGE_WARPS = 4
 LOSS_BLOCK = 1024  # partial sums per step of the one-program launch 6
@@ -466,35 +471,50 @@ def _tile_shape(b: int, k: int, tile: int) -> tuple[int, int]:
     return block_b, min(k2, MAX_BLOCK_K, max(block_k, tile // block_b))
 
 
-def _tile_config(b: int, k: int) -> dict:
+def _part_config(b: int, k: int, fill: bool = True) -> dict:
+    """Tile of one program of launch 1 (kd's per-chunk kernel). ``fill`` (a GPU): kd._partial_config's, shrunk
+    until there are PARTIAL_PROGRAMS programs; else (the interpreter, which pays per program) the same rule without
+    the shrinking: MAX_PARTIAL_TILE elements, chunks of up to MAX_BLOCK_K classes (what _partial_config gives where
+    the shape has the elements for PARTIAL_PROGRAMS such tiles)."""
+    if fill:
+        return _partial_config(b, k)
+    block_k = min(triton.next_power_of_2(k), MAX_BLOCK_K)
+    block_b = max(1, min(MAX_PARTIAL_TILE // block_k, triton.next_power_of_2(b)))
+    return {"BLOCK_B": block_b, "BLOCK_K": block_k, "num_warps": max(1, min(4, block_b * block_k // 256))}
+
+
+def _tile_config(b: int, k: int, fill: bool = True) -> dict:
     """Tile of one program of launches 2 and 4; the grid is (cdiv(B, BLOCK_B), cdiv(K, BLOCK_K)).
 
     kd._partial_config's rule for the size (2048 elements, halved while the grid has fewer than PARTIAL_PROGRAMS
-    programs) but down to MIN_TILE only, and square-ish rather than one row wide: these launches reduce along both
-    axes, and their partials are B K (3 / BLOCK_K + 2 / BLOCK_B) floats (launch 2: row moments per class chunk,
-    column sums per row tile) and 5 B K / BLOCK_B (launch 4): one-row tiles would write 2.5 times as many floats as
-    they read logits."""
+    programs, with ``fill`` only: a GPU; the interpreter keeps 2048) but down to MIN_TILE only, and square-ish
+    rather than one row wide: these launches reduce along both axes, and their partials are
+    B K (3 / BLOCK_K + 2 / BLOCK_B) floats (launch 2: row moments per class chunk, column sums per row tile) and
+    5 B K / BLOCK_B (launch 4): one-row tiles would write 2.5 times as many floats as they read logits."""
     tile = MAX_PARTIAL_TILE
     block_b, block_k = _tile_shape(b, k, tile)
-    while tile > MIN_TILE and triton.cdiv(b, block_b) * triton.cdiv(k, block_k) < PARTIAL_PROGRAMS:
+    while fill and tile > MIN_TILE and triton.cdiv(b, block_b) * triton.cdiv(k, block_k) < PARTIAL_PROGRAMS:
         tile //= 2
         block_b, block_k = _tile_shape(b, k, tile)
     return {"BLOCK_B": block_b, "BLOCK_K": block_k, "num_warps": max(1, min(4, block_b * block_k // 256))}
 
 
-def _merge_blocks(n_parts: int, n_lanes: int) -> tuple[int, int]:
-    """(lanes per merge program, partials per step) for a sum of n_parts partials of each of n_lanes lanes."""
-    lanes = min(triton.next_power_of_2(n_lanes), MERGE_LANES)
+def _merge_blocks(n_parts: int, n_lanes: int, fill: bool = True) -> tuple[int, int]:
+    """(lanes per merge program, partials per step) for a sum of n_parts partials of each of n_lanes lanes; with
+    ``fill`` (a GPU) MERGE_LANES lanes a program, for many programs, else (the interpreter) up to MERGE_TILE."""
+    lanes = min(triton.next_power_of_2(n_lanes), MERGE_LANES if fill else MERGE_TILE)
     return lanes, min(triton.next_power_of_2(n_parts), max(1, MERGE_TILE // lanes))
 
 
-def _plan(b: int, k: int) -> dict:
-    """Every forward launch's tiles and grid at (B, K) (the launcher, forward_plan and the tests read this)."""
-    part, tile = _partial_config(b, k), _tile_config(b, k)
+def _plan(b: int, k: int, fill: bool = True) -> dict:
+    """Every forward launch's tiles and grid at (B, K) (the launcher, forward_plan and the tests read this).
+    ``fill``: tiles shrunk for >= PARTIAL_PROGRAMS programs in each launch over the logits (a GPU); without it
+    the largest tiles, the fewest programs (the interpreter: CPU tensors)."""
+    part, tile = _part_config(b, k, fill), _tile_config(b, k, fill)
     n_part = triton.cdiv(k, part["BLOCK_K"])
     n_row_tiles, n_chunks = triton.cdiv(b, tile["BLOCK_B"]), triton.cdiv(k, tile["BLOCK_K"])
-    block_c, block_t = _merge_blocks(n_row_tiles, k)
-    block_r, block_n = _merge_blocks(n_chunks, b)
+    block_c, block_t = _merge_blocks(n_row_tiles, k, fill)
+    block_r, block_n = _merge_blocks(n_chunks, b, fill)
     n_col_programs, n_row_programs = triton.cdiv(k, block_c), triton.cdiv(b, block_r)
     return {
         "part": part, "n_part": n_part, "part_block": min(triton.next_power_of_2(n_part),
@@ -506,9 +526,10 @@ def _plan(b: int, k: int) -> dict:
     }
 
 
-def forward_plan(b: int, k: int, dtype: torch.dtype = torch.float32) -> list[dict]:
+def forward_plan(b: int, k: int, dtype: torch.dtype = torch.float32, fill: bool = True) -> list[dict]:
     """The forward's launches at contiguous (B, K) logits of ``dtype`` (both inputs), in launch order, for the
-    performance model: one dict per launch,
+    performance model (``fill``: as on a GPU, the default; False: as for CPU tensors, the interpreter's larger
+    tiles): one dict per launch,
 
         kernel       the @triton.jit function launched
         name         what it does
@@ -521,7 +542,7 @@ def forward_plan(b: int, k: int, dtype: torch.dtype = torch.float32) -> list[dic
         stat_read_bytes, stat_write_bytes   its fp32 traffic besides the logits (statistics and partials; launch 2's
                      per-row merge of launch 1's chunks is counted once per program that does it)
     """
-    pl = _plan(b, k)
+    pl = _plan(b, k, fill)
     x = torch.empty((b, k), device="meta", dtype=dtype)
     align = _layout((x, x))[0]
     part, tile, mg = pl["part"], pl["tile"], pl["merge"]
@@ -568,10 +589,10 @@ def forward_plan(b: int, k: int, dtype: torch.dtype = torch.float32) -> list[dic
     ]
 
 
-def _forward(s, t, beta: float, gamma: float, temperature: float):
+def _forward(s, t, beta: float, gamma: float, temperature: float, fill: bool | None = None):
     b, k = s.shape
     align, row_q, col = _layout((s, t))
-    pl = _plan(b, k)
+    pl = _plan(b, k, s.is_cuda if fill is None else fill)
     part, tile, mg = pl["part"], pl["tile"], pl["merge"]
     rt, nc, n_part = pl["n_row_tiles"], pl["n_chunks"], pl["n_part"]
     ncp, nrp = pl["n_col_programs"], pl["n_row_programs"]
@@ -634,8 +655,9 @@ def _backward(s, t, row_stats, col_stats, g, temperature: float, grad_s: bool, g
 
 class _DISTLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_s, logits_t, beta, gamma, temperature):
-        loss, row_stats, col_stats = _forward(logits_s, logits_t, beta, gamma, temperature)
+    def forward(ctx, logits_s, logits_t, beta, gamma, temperature, fill=None):
+        # fill: the GPU's tiles (True) or the interpreter's (False); default: by the device (_plan)
+        loss, row_stats, col_stats = _forward(logits_s, logits_t, beta, gamma, temperature, fill)
         ctx.save_for_backward(logits_s, logits_t, row_stats, col_stats)
         ctx.temperature = temperature
         return loss
@@ -645,9 +667,9 @@ class _DISTLoss(torch.autograd.Function):
         s, t, row_stats, col_stats = ctx.saved_tensors
         grad_s, grad_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (grad_s or grad_t):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         ds, dt = _backward(s, t, row_stats, col_stats, grad_loss, ctx.temperature, grad_s, grad_t)
-        return ds, dt, None, None, None
+        return ds, dt, None, None, None, None
 
 
 def dist_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, beta: float = 1.0, gamma: float = 1.0,

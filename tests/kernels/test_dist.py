@@ -13,6 +13,14 @@ where two centred values are always parallel, ~1e-4). Everywhere else the 1e-5 b
 K = 1 and B = 1 are allowed: a correlation of vectors with no variance is 0 (the eps in the divisor), so the term
 is its weight times T^2 and has no gradient, as in the reference.
 The helpers are logit_cases.py's, shared with test_kd.py, test_dkd.py and test_ofa.py.
+
+Tiles: CPU tensors get the interpreter's launches (dist.forward_plan(..., fill=False): the largest tiles, the
+fewest programs; the interpreter pays per program), CUDA tensors the GPU's (fill=True: tiles shrunk for >= 4 x 132
+programs). The same kernels and rule either way; the GPU's tiles also run here, in the interpreter against float64
+(dist._DISTLoss.apply(..., fill=True)): where the plan is checked against the launches, with strides, for
+determinism, and with the merges' step sizes shrunk so that their multi-step loops run at small shapes. The shapes
+are chosen for the paths they reach under the interpreter's tiles (several row tiles, class chunks and launch-1
+chunks, ragged edges), not for size: the interpreter is slow.
 """
 
 import math
@@ -45,7 +53,9 @@ from tests.kernels.logit_cases import (
 CLASSES = (2, 41, 100, 1000, 1537)  # 1537 > MAX_BLOCK_K: the backward's two passes
 SMALL = [(b, k) for b in (1, 3, 8) for k in CLASSES if (b, k) != (1, 2)]  # (1, 2): no gradient, tested apart
 TEMPERATURES = (1.0, 4.0)
-LARGE = [(256, 100, 1.0), (256, 100, 4.0), (256, 1000, 4.0), (24, 1537, 1.0)]  # few: the interpreter is slow
+# few: the interpreter is slow. Under its tiles (32 x 64 at these shapes) 8, 3 and 2 row tiles (40: a ragged one),
+# 2, 16 and 25 class chunks; K = 1537: 2 chunks of launch 1 and the backward's two passes
+LARGE = [(256, 100, 1.0), (256, 100, 4.0), (96, 1000, 4.0), (40, 1537, 1.0)]
 WEIGHTS = (1.0, 2.0)  # beta, gamma: the two terms with different weights
 
 
@@ -82,6 +92,8 @@ def test_dist_loss_fp32_matches_float64(b, k, temperature):
 @pytest.mark.parametrize(("b", "k", "temperature"), LARGE)
 def test_dist_loss_fp32_matches_float64_large_batch(b, k, temperature):
     s, t = logits(b, k, seed=k + 1, scale=2.0), logits(b, k, seed=k + 2, scale=3.0)
+    plan = dist._plan(b, k, s.is_cuda)
+    assert plan["n_row_tiles"] > 1 and plan["n_chunks"] > 1
     _check_fp32(s, t, *WEIGHTS, temperature)
 
 
@@ -170,12 +182,12 @@ def test_dist_loss_mixed_dtypes(ds, dt, temperature):
 
 @pytest.mark.parametrize(("make_s", "make_t"), [(column_slice, transposed_slice), (transposed_slice, column_slice)],
                          ids=["slice-s", "transposed-s"])
-@pytest.mark.parametrize("k", [41, 1537])
-def test_non_contiguous_inputs(make_s, make_t, k):
+@pytest.mark.parametrize(("k", "fill"), [(41, None), (1537, None), (41, True)], ids=["41", "1537", "41-gpu-tiles"])
+def test_non_contiguous_inputs(make_s, make_t, k, fill):
     b = 5
     s, t = make_s(b, k, seed=21), make_t(b, k, seed=22)
     assert not s.is_contiguous() and not t.is_contiguous()
-    _check_fp32(s, t, 0.5, 2.0, 4.0)
+    _check_fp32(s, t, 0.5, 2.0, 4.0, fn=lambda a, c: dist._DISTLoss.apply(a, c, 0.5, 2.0, 4.0, fill))
 
 
 def test_broadcast_class_axis_and_expanded_rows():
@@ -206,14 +218,14 @@ def test_extreme_logits_give_finite_exact_gradients(temperature):
     _check_fp32(s, t, 1.0, 2.0, temperature)
 
 
-@pytest.mark.parametrize(("b", "k"), [(9, 300), (5, 1537)])
-def test_forward_and_backward_are_deterministic(b, k):
+@pytest.mark.parametrize(("b", "k", "fill"), [(5, 300, True), (34, 1100, None)], ids=["gpu-tiles", "by-device"])
+def test_forward_and_backward_are_deterministic(b, k, fill):
     # several row tiles and class chunks in every launch: two calls give the same bits (fixed-order merges, no
     # atomics), in the loss, the statistics saved for the backward and the gradients
     s, t = logits(b, k, seed=41), logits(b, k, seed=42)
-    plan = dist._plan(b, k)
+    plan = dist._plan(b, k, s.is_cuda if fill is None else fill)
     assert plan["n_row_tiles"] > 1 and plan["n_chunks"] > 1 and plan["n_part"] > 1
-    first, second = dist._forward(s, t, 1.0, 2.0, 4.0), dist._forward(s, t, 1.0, 2.0, 4.0)
+    first, second = (dist._forward(s, t, 1.0, 2.0, 4.0, fill) for _ in range(2))
     g = torch.tensor(GRAD_OUT, device=s.device)
     grads = [dist._backward(s, t, *out[1:], g, 4.0, True, True) for out in (first, second)]
     for x, y in zip([*first, *grads[0]], [*second, *grads[1]]):
@@ -239,15 +251,24 @@ class _Recorder:
         return launch
 
 
+@pytest.mark.parametrize("fill", [None, True], ids=["by-device", "gpu-tiles"])
 @pytest.mark.parametrize(("b", "k", "dtype"), [(5, 41, torch.float32), (4, 1537, torch.float32),
                                                (6, 100, torch.bfloat16)])
-def test_forward_plan_is_what_the_forward_launches(monkeypatch, b, k, dtype):
-    plan = dist.forward_plan(b, k, dtype)
+def test_forward_plan_is_what_the_forward_launches(monkeypatch, b, k, dtype, fill):
+    # dist_loss launches forward_plan(fill=False) for CPU tensors, fill=True for CUDA ones; fill=True forces the
+    # GPU's launches (here in the interpreter). Either way the result is judged against float64.
+    plan = dist.forward_plan(b, k, dtype, fill=CUDA if fill is None else fill)
     log = []
     for name in {launch["kernel"].fn.__name__ for launch in plan}:
         monkeypatch.setattr(dist, name, _Recorder(getattr(dist, name), log))
-    s, t = logits(b, k, seed=51, dtype=dtype), logits(b, k, seed=52, dtype=dtype)
-    dist.dist_loss(s, t, 1.0, 2.0, 4.0)
+
+    def loss(a, c):
+        return dist.dist_loss(a, c, 1.0, 2.0, 4.0) if fill is None else dist._DISTLoss.apply(a, c, 1.0, 2.0, 4.0, fill)
+
+    if dtype == torch.float32:
+        _check_fp32(logits(b, k, seed=51), logits(b, k, seed=52, scale=3.0), 1.0, 2.0, 4.0, fn=loss)
+    else:
+        check_dtypes(loss, lambda a, c: reference.dist_loss_ref(a, c, 1.0, 2.0, 4.0), dtype, dtype, b, k, seed=51)
     assert [kernel for kernel, _, _ in log] == [launch["kernel"] for launch in plan]
     for (_, grid, kwargs), launch in zip(log, plan):
         assert math.prod(grid) == launch["programs"], launch["name"]
@@ -264,6 +285,48 @@ def test_forward_launches_over_the_logits_have_four_programs_per_sm(b, k):
         if launch["read_bytes_per_elem_pass"]:
             assert launch["programs"] >= 4 * perf_model.H200.sms and launch["steps"] == 1, launch["name"]
     assert dist.forward_plan(64, 100)[1]["tile"] == dist.MIN_TILE  # too few elements: the smallest tile
+
+
+@pytest.mark.parametrize(("b", "k", "filled"), [(4096, 1000, True), (2048, 1537, True), (64, 100, False),
+                                                (8, 1537, False), (256, 1000, False)])
+def test_interpreter_launches_are_the_gpu_rule_without_the_filling(b, k, filled):
+    # fill=False (CPU tensors): the launches over the logits keep the largest tiles, the GPU's wherever the shape
+    # ("filled") has the elements for >= 4 x 132 such programs, else fewer, larger ones; the merges take up to
+    # MERGE_TILE lanes a program (the GPU's MERGE_LANES): fewer programs
+    cpu, gpu = dist.forward_plan(b, k, fill=False), dist.forward_plan(b, k)
+    assert [launch["kernel"] for launch in cpu] == [launch["kernel"] for launch in gpu]
+    for c, g in zip(cpu, gpu):
+        if c["read_bytes_per_elem_pass"] and filled:
+            assert c == g, c["name"]
+        elif c["read_bytes_per_elem_pass"]:
+            assert c["tile"] == dist.MAX_PARTIAL_TILE > g["tile"] and c["programs"] < g["programs"], c["name"]
+        else:
+            assert c["programs"] <= g["programs"], c["name"]
+
+
+@pytest.mark.parametrize(("b", "k", "fill", "merge_tile", "several"), [
+    (9, 90, True, 64, {"class merge steps", "loss steps", "class programs"}),
+    (5, 90, True, 8, {"class merge steps", "row merge steps", "launch-1 chunk groups", "loss steps", "class programs"}),
+    (96, 150, False, 64, {"class merge steps", "row merge steps", "loss steps", "class programs", "row programs"}),
+], ids=["gpu-tiles-rows", "gpu-tiles-chunks", "cpu-tiles"])
+def test_merges_in_several_steps(monkeypatch, b, k, fill, merge_tile, several):
+    # The fixed-order merges sum MERGE_TILE partials x lanes a step and the loss LOSS_BLOCK a step. At the real
+    # sizes more than one step needs > 32 row tiles or class chunks under the GPU's tiles (B > 128 or K > 1024;
+    # the interpreter's, with up to MERGE_TILE lanes a program, reach them at B = 96, K = 1000), and launch 2's
+    # groups of launch-1 chunks or the loss's loop K or B in the tens of thousands. Shrunk step sizes reach each of
+    # those loops (a ragged last step included), and several programs of each merge, at small shapes.
+    monkeypatch.setattr(dist, "MERGE_TILE", merge_tile)
+    monkeypatch.setattr(dist, "LOSS_BLOCK", 2)
+    pl = dist._plan(b, k, fill)
+    counts = {"class merge steps": (pl["n_row_tiles"], pl["merge"]["BLOCK_T"]),
+              "row merge steps": (pl["n_chunks"], pl["merge"]["BLOCK_N"]),
+              "launch-1 chunk groups": (pl["n_part"], pl["part_block"]),
+              "loss steps": (max(pl["n_col_programs"], pl["n_row_programs"]), pl["loss_block"]),
+              "class programs": (pl["n_col_programs"], 1), "row programs": (pl["n_row_programs"], 1)}
+    assert {name for name, (n, per) in counts.items() if n > per} == several, counts
+    assert any(n % per for n, per in counts.values()), counts
+    s, t = logits(b, k, seed=61, scale=2.0), logits(b, k, seed=62, scale=3.0)
+    _check_fp32(s, t, 1.0, 2.0, 4.0, fn=lambda a, c: dist._DISTLoss.apply(a, c, 1.0, 2.0, 4.0, fill))
 
 
 # ----------------------------------------------------------------------------------------------------------------
